@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests never read or write the user's cache, except the converted SmolLM2 (slow to make)."""
+    monkeypatch.setenv("WINDQUANT_TEST_TMP", str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    import windquant_gym as wq
+
+    return wq.load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_problem(tiny, tmp_path_factory):
+    import windquant_gym as wq
+
+    model, tokenizer = tiny
+    cache = tmp_path_factory.mktemp("cache")
+    return wq.QuantProblem.build(
+        model, tokenizer, "wiki-sample", wq.QuantConfig(chunk_size=48), n_samples=8, seq_len=64, cache=cache, progress=False
+    )

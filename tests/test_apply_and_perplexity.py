@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+import windquant_gym as wq
+from windquant_gym.calibration import calibrate
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_bitwise_equal(model, saved):
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), saved[name]), name
+
+
+def test_apply_then_restore_is_bitwise_exact(tiny_problem):
+    model, table = tiny_problem.model, tiny_problem.table
+    saved = snapshot(model)
+    plan = [4] * len(table.units)
+    with wq.quantized_weights(model, table, plan):
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, saved[n])]
+        assert len(changed) == 14  # every decoder Linear, nothing else
+    assert_bitwise_equal(model, saved)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_restore_after_an_exception_inside(tiny_problem, error):
+    model, table = tiny_problem.model, tiny_problem.table
+    saved = snapshot(model)
+    with pytest.raises(error):
+        with wq.quantized_weights(model, table, [6] * len(table.units)):
+            wq.mean_nll(model, tiny_problem.blocks[:2])
+            raise error("interrupted mid-episode")
+    assert_bitwise_equal(model, saved)
+
+
+def test_proxy_nll_sees_the_plan_and_model_returns(tiny_problem):
+    """On random weights perplexity need not rise with fewer bits (the expensive test on
+    SmolLM2 checks that); here: 16 and 8 bit are near-lossless, 1 bit is not."""
+    saved = snapshot(tiny_problem.model)
+    n = len(tiny_problem.units)
+    nll = {a: tiny_problem.proxy_nll([a] * n) for a in (0, 1, 6)}
+    assert nll[0] == pytest.approx(tiny_problem.calibration.nll, abs=1e-3)  # FP16 rounding only
+    assert nll[1] == pytest.approx(nll[0], abs=1e-3)
+    assert abs(nll[6] - nll[1]) > 5e-3
+    assert_bitwise_equal(tiny_problem.model, saved)
+
+
+def test_chunked_nll_equals_full_logits(tiny):
+    model, _ = tiny
+    blocks = torch.randint(0, 257, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=blocks, labels=blocks).loss.item()
+    assert wq.mean_nll(model, blocks, batch_size=2, logits_chunk=7) == pytest.approx(reference, rel=1e-5)
+    assert wq.perplexity(model, blocks) == pytest.approx(math.exp(reference), rel=1e-5)
+
+
+def test_calibration_scales_are_mean_absolute_inputs(tiny):
+    model, _ = tiny
+    units = wq.find_units(model, 64)
+    blocks = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(1))
+    name = units[-1].module  # a down_proj: its input is the MLP's hidden activation
+    captured = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, i: captured.append(i[0].detach().clone()))
+    try:
+        result = calibrate(model, units, blocks, batch_size=3, progress=False)
+    finally:
+        handle.remove()
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
+    torch.testing.assert_close(result.act_scales[name], x.abs().mean(0))
+    assert set(result.act_scales) == {u.module for u in units}
+    assert result.nll == pytest.approx(wq.mean_nll(model, blocks), rel=1e-6)
+    assert not model.get_submodule(name)._forward_pre_hooks  # our hooks are gone

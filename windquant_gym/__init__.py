@@ -1,0 +1,36 @@
+"""windquant_gym: learned mixed-precision quantization of LLMs (WINDQuant) as a Gymnasium env."""
+
+from .calibration import Calibration, calibrate
+from .data import load_texts, sample_token_blocks
+from .errors import (
+    ConfigError,
+    DataError,
+    MissingDependencyError,
+    ModelStructureError,
+    TableMismatchError,
+    UnknownNameError,
+    WindQuantError,
+)
+from .eval import mean_nll, perplexity
+from .models import load_model
+from .problem import QuantProblem
+from .quant import (
+    ACTION_BITS,
+    QuantConfig,
+    QuantTable,
+    Unit,
+    WeightAssembler,
+    build_table,
+    find_units,
+    quantized_weights,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTION_BITS", "QuantConfig", "QuantTable", "QuantProblem", "Unit", "WeightAssembler",
+    "build_table", "calibrate", "Calibration", "find_units", "quantized_weights",
+    "load_model", "load_texts", "sample_token_blocks", "mean_nll", "perplexity",
+    "WindQuantError", "ConfigError", "DataError", "MissingDependencyError", "ModelStructureError",
+    "TableMismatchError", "UnknownNameError",
+]

@@ -1,0 +1,38 @@
+"""Named errors. Every message states the offending value and how to fix it.
+
+Modelled on ``gymnasium.error``: one base class so users can catch everything we raise,
+and subclasses of the matching builtin so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class WindQuantError(Exception):
+    """Base class of every error raised on purpose by windquant_gym."""
+
+
+class ConfigError(WindQuantError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class UnknownNameError(WindQuantError, KeyError):
+    """A preset model or corpus name that windquant_gym does not know."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(WindQuantError, ImportError):
+    """An optional package is needed; the message names the pip command."""
+
+
+class ModelStructureError(WindQuantError, ValueError):
+    """The model has no quantizable Linear layers in decoder blocks, or bad weights."""
+
+
+class DataError(WindQuantError, ValueError):
+    """Text is missing, empty, or too short for the requested token blocks."""
+
+
+class TableMismatchError(WindQuantError, ValueError):
+    """A plan or cached table does not belong to this model or configuration."""

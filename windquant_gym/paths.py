@@ -1,0 +1,18 @@
+"""Where windquant_gym keeps converted models, calibration statistics and tables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir(*parts: str) -> Path:
+    """The cache folder (``$WINDQUANT_CACHE``, else ``$XDG_CACHE_HOME/windquant_gym``,
+    else ``~/.cache/windquant_gym``), created on demand, with ``parts`` appended."""
+    root = os.environ.get("WINDQUANT_CACHE")
+    if root is None:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+        root = os.path.join(xdg, "windquant_gym")
+    path = Path(root, *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

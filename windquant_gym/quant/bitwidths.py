@@ -1,0 +1,91 @@
+"""Per-bit-width behaviour as lookup tables (the hqq way), indexed by action.
+
+Every non-skip action's quantizer is written in one form::
+
+    k = clamp(round(clip(W / alpha) * divisor - shift), code_min, code_max)   (integer code)
+    Q = alpha * (k + shift) / divisor                                         (dequantized)
+
+so fitting, dequantizing and packing share one code path and differ only by the numbers
+in :data:`BIT_WIDTHS`. Formulas follow ParetoQ (``models/utils_quant.py``):
+
+* 1 bit, elastic binarization: ``alpha * sign(W)``, init ``mean(|W|)``.
+* 1.58 bit, SEQ n=1.5 shift 0: levels ``{-2/3, 0, 2/3} * alpha``, init ``max(|W|)``.
+* 2 bit, SEQ n=2 shift 0.5: levels ``{+-0.25, +-0.75} * alpha``, init ``max(|W|)``.
+* 3, 4, 8 bit, signed LSQ: ``alpha * clamp(round(W/alpha), -2^(b-1), 2^(b-1)-1)``,
+  init ``max(|W|) / (2^(b-1) - 1)``.
+
+``bits`` is what the paper's effective-bit formula charges; ``stored_bits`` is what a
+packed file spends per code (ternary packs 5 trits per byte: 8/5 = 1.6 bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+#: Bits per weight of each action, in action-index order. Index 0 is "skip" (kept in FP16).
+ACTION_BITS: Tuple[float, ...] = (16, 8, 4, 3, 2, 1.58, 1)
+SKIP_ACTION = 0
+N_ACTIONS = len(ACTION_BITS)
+
+
+@dataclass(frozen=True)
+class BitWidth:
+    """How one action quantizes a row of a unit."""
+
+    bits: float
+    """Nominal bits per quantized weight (paper eq. 6)."""
+    stored_bits: float
+    """Bits per code in a packed file."""
+    operator: str
+    """'lsq', 'seq' or 'binary' (names from ParetoQ)."""
+    divisor: float
+    shift: float
+    code_min: int
+    code_max: int
+    clip: Optional[float]
+    """SEQ clamps ``W/alpha`` to +-clip before scaling; None for the others."""
+    init: str
+    """'mean_abs' or 'max_abs'; LSQ divides max_abs by ``code_max``."""
+
+    @property
+    def levels(self) -> Tuple[float, ...]:
+        """The values ``Q / alpha`` can take, ascending."""
+        codes = range(self.code_min, self.code_max + 1)
+        if self.operator == "binary":
+            codes = (-1, 1)
+        return tuple((k + self.shift) / self.divisor for k in codes)
+
+
+def _lsq(bits: int) -> BitWidth:
+    top = 2 ** (bits - 1) - 1
+    return BitWidth(bits, bits, "lsq", 1.0, 0.0, -top - 1, top, None, "max_abs")
+
+
+#: Indexed like ACTION_BITS; entry 0 (skip) is None.
+BIT_WIDTHS: Tuple[Optional[BitWidth], ...] = (
+    None,
+    _lsq(8),
+    _lsq(4),
+    _lsq(3),
+    BitWidth(2, 2, "seq", 2.0, 0.5, -2, 1, 0.99, "max_abs"),
+    BitWidth(1.58, 1.6, "seq", 1.5, 0.0, -1, 1, 0.99, "max_abs"),
+    BitWidth(1, 1, "binary", 1.0, 0.0, -1, 1, None, "mean_abs"),
+)
+
+#: Bits of one stored scale (per row of a unit, and per unit for its INT8 outliers).
+SCALE_BITS = 16
+#: Bits of one protected (salient) weight.
+OUTLIER_BITS = 8
+#: Bits of a skipped weight.
+SKIP_BITS = 16
+
+
+def action_index(bits: float) -> int:
+    """The action index whose nominal bit width is ``bits`` (1.58 for ternary)."""
+    for index, value in enumerate(ACTION_BITS):
+        if abs(value - bits) < 1e-9:
+            return index
+    from ..errors import ConfigError
+
+    raise ConfigError(f"No action has {bits} bits; choose one of {list(ACTION_BITS)}.")

@@ -1,0 +1,89 @@
+"""QuantConfig: everything that determines the quantization table, frozen and versioned."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Tuple
+
+from ..errors import ConfigError
+from .bitwidths import ACTION_BITS, N_ACTIONS
+
+#: Relative (activation-weighted) reconstruction error above which an action falls back to
+#: the next higher precision, per action index. Chosen from the error distribution of all
+#: 720 units of SmolLM2-135M at chunk 256 with 3% protection (see README, "Fallback"): each
+#: sits well above that bit width's worst unit there, so on healthy weights nothing falls
+#: back and only pathological units (constant rows, extreme outliers) do.
+DEFAULT_FALLBACK_THRESHOLDS: Tuple[float, ...] = (math.inf, 0.01, 0.08, 0.25, 0.6, 0.8, 1.0)
+
+_LOSSES = ("activation", "plain")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How units are cut and fitted. Part of every table's and plan's fingerprint."""
+
+    chunk_size: int = 256
+    """Input columns per unit (G). A last, narrower chunk is allowed."""
+    salient_rate: float = 0.03
+    """Fraction of each unit's weights, by ``|W_ij| * s_j``, kept in INT8 and left out of the fit."""
+    fit_steps: int = 10
+    """Adam steps on each row's scale multiplier (paper C.2: 10). 0 keeps the initial scale."""
+    fit_lr: float = 0.1
+    """Adam learning rate of the scale multiplier ``r`` (alpha = alpha0 * r, r starts at 1)."""
+    fit_loss: str = "activation"
+    """'activation': ``||(W - Q) diag(s)||^2`` (AWQ-style); 'plain': ``||W - Q||^2``."""
+    fallback_thresholds: Tuple[float, ...] = DEFAULT_FALLBACK_THRESHOLDS
+    """Per action index: relative error (in ``fit_loss``'s metric) above which the unit takes
+    the next higher precision. Index 0 (skip) must be inf."""
+    version: int = 1
+    """Bumped when what the table holds for the same fields changes."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be a positive integer, got {self.chunk_size!r}; the paper uses 256.")
+        if not (0.0 <= float(self.salient_rate) < 0.5):
+            raise ConfigError(
+                f"salient_rate must lie in [0, 0.5), got {self.salient_rate!r}; the paper uses 0.03 (3%)."
+            )
+        if not isinstance(self.fit_steps, int) or self.fit_steps < 0:
+            raise ConfigError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}; the paper uses 10.")
+        if not (self.fit_lr > 0 and math.isfinite(self.fit_lr)):
+            raise ConfigError(f"fit_lr must be a positive finite number, got {self.fit_lr!r}; the default is 0.1.")
+        if self.fit_loss not in _LOSSES:
+            raise ConfigError(f"fit_loss must be one of {_LOSSES}, got {self.fit_loss!r}.")
+        thresholds = tuple(float(t) for t in self.fallback_thresholds)
+        if len(thresholds) != N_ACTIONS or thresholds[0] != math.inf or any(t <= 0 for t in thresholds):
+            raise ConfigError(
+                f"fallback_thresholds needs {N_ACTIONS} positive values, one per action {list(ACTION_BITS)}, "
+                f"the first (skip) inf; got {self.fallback_thresholds!r}. Use math.inf to disable fallback."
+            )
+        object.__setattr__(self, "fallback_thresholds", thresholds)
+        object.__setattr__(self, "salient_rate", float(self.salient_rate))
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        # JSON has no inf; keep it readable and round-trippable.
+        data["fallback_thresholds"] = [("inf" if math.isinf(t) else t) for t in self.fallback_thresholds]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"Unknown QuantConfig fields {sorted(unknown)}; known fields are {sorted(known)}.")
+        data = dict(data)
+        if data.get("version", 1) != 1:
+            raise ConfigError(f"QuantConfig version {data['version']} is newer than this windquant_gym understands (1).")
+        if "fallback_thresholds" in data:
+            data["fallback_thresholds"] = tuple(float(t) for t in data["fallback_thresholds"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,174 @@
+"""Batched quantizer fitting (paper C.2), many units and rows at once.
+
+Tensors are ``[U, O, G]``: U units of the same shape, O output rows, G input columns.
+One scale ``alpha`` per row of a unit is fitted as ``alpha = alpha0 * r`` with ``r``
+starting at 1, by a few ``torch.optim.Adam`` steps on the (optionally activation-weighted)
+reconstruction loss with straight-through rounding. Adam is element-wise, so the rows
+are fitted independently even though they share one optimizer: batching changes nothing
+but speed. Each row keeps its best step, so a fit never ends worse than its start.
+
+The straight-through gradient is written out instead of built by autograd (it is short,
+see :func:`scale_gradient`, and saves the graph's memory and time); a test checks it
+against autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .bitwidths import BitWidth
+
+#: fp16 range: scales are stored in 16 bits, so fitted scales are rounded to fp16 and
+#: clamped into its normal range before codes are computed from them.
+_FP16_MAX = 65504.0
+_FP16_TINY = 6.1035e-05
+_INT8_MAX = 127
+
+
+def to_fp16_scale(alpha: torch.Tensor) -> torch.Tensor:
+    """Round scales to what a packed file stores (fp16), kept in float32 for arithmetic.
+    Zero stays zero (an all-zero or all-protected row), anything else is clamped into
+    fp16's normal range so that it neither overflows nor flushes to zero."""
+    clamped = alpha.clamp(min=_FP16_TINY, max=_FP16_MAX)
+    return torch.where(alpha > 0, clamped, torch.zeros_like(alpha)).half().float()
+
+
+def quantize_codes(w: torch.Tensor, alpha: torch.Tensor, spec: BitWidth) -> torch.Tensor:
+    """Integer codes ``k`` of ``w`` at scale ``alpha`` (zero scale gives code for 0.0)."""
+    safe = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    x = w / safe
+    if spec.operator == "binary":
+        return torch.where(x >= 0, 1, -1).to(torch.int8)
+    if spec.clip is not None:
+        x = x.clamp(-spec.clip, spec.clip)
+    return torch.round(x * spec.divisor - spec.shift).clamp_(spec.code_min, spec.code_max).to(torch.int8)
+
+
+def dequantize_codes(codes: torch.Tensor, alpha: torch.Tensor, spec: BitWidth) -> torch.Tensor:
+    """``alpha * (k + shift) / divisor`` as float32."""
+    return (codes.float() + spec.shift) * (alpha / spec.divisor)
+
+
+def fake_quantize(w: torch.Tensor, alpha: torch.Tensor, spec: BitWidth) -> torch.Tensor:
+    """Quantize-dequantize ``w`` at scale ``alpha`` (the operator's forward)."""
+    return dequantize_codes(quantize_codes(w, alpha, spec), alpha, spec)
+
+
+def scale_gradient(w: torch.Tensor, alpha: torch.Tensor, spec: BitWidth, loss_weight: torch.Tensor):
+    """Loss ``sum(loss_weight * (Q - w)^2)`` per row and its straight-through gradient
+    with respect to ``alpha``. With ``x = w/alpha`` and ``q`` the level ``(k+shift)/divisor``:
+    ``dQ/dalpha = q - x`` where the rounding is passed straight through and no clamp is
+    active (LSQ, SEQ), and ``q`` where a clamp holds or for sign (binarization)."""
+    x = w / alpha
+    if spec.operator == "binary":
+        level = torch.where(x >= 0, 1.0, -1.0)
+        dq = level
+    else:
+        clipped = x if spec.clip is None else x.clamp(-spec.clip, spec.clip)
+        codes = torch.round(clipped * spec.divisor - spec.shift).clamp_(spec.code_min, spec.code_max)
+        level = (codes + spec.shift) / spec.divisor
+        if spec.clip is not None:
+            active = x.abs() < spec.clip
+        else:
+            active = (x >= spec.code_min) & (x <= spec.code_max)
+        dq = torch.where(active, level - x, level)
+    residual = level * alpha - w
+    weighted = loss_weight * residual
+    loss = (weighted * residual).sum(dim=-1, keepdim=True)
+    grad = 2.0 * (weighted * dq).sum(dim=-1, keepdim=True)
+    return loss, grad
+
+
+def initial_scale(w: torch.Tensor, keep: torch.Tensor, spec: BitWidth) -> torch.Tensor:
+    """Per-row ``alpha0`` over the unprotected weights (``keep``), ``[..., 1]``."""
+    magnitude = w.abs() * keep
+    if spec.init == "mean_abs":
+        count = keep.sum(dim=-1, keepdim=True).clamp(min=1)
+        return magnitude.sum(dim=-1, keepdim=True) / count
+    top = magnitude.amax(dim=-1, keepdim=True)
+    return top / spec.code_max if spec.operator == "lsq" else top
+
+
+@dataclass
+class FitResult:
+    alpha: torch.Tensor
+    """``[U, O, 1]`` fitted scales, rounded to fp16 values (float32 dtype)."""
+    codes: torch.Tensor
+    """``[U, O, G]`` int8 codes (protected positions hold the code of their value too)."""
+    initial_loss: torch.Tensor
+    """``[U, O, 1]`` loss at the fp16-rounded ``alpha0``."""
+    loss: torch.Tensor
+    """``[U, O, 1]`` loss at the returned ``alpha``; never above ``initial_loss``."""
+
+
+def fit_scales(
+    w: torch.Tensor,
+    keep: torch.Tensor,
+    loss_weight: torch.Tensor,
+    spec: BitWidth,
+    steps: int = 10,
+    lr: float = 0.1,
+) -> FitResult:
+    """Fit one scale per row of ``w [U, O, G]`` for ``spec``.
+
+    ``keep`` marks the weights the low-bit quantizer represents (not protected);
+    ``loss_weight`` broadcasts against ``w`` (``s_j^2`` for the activation-weighted loss,
+    1 for the plain one) and is multiplied by ``keep`` here.
+    """
+    weight = loss_weight * keep
+    alpha0 = initial_scale(w, keep, spec)
+    # A row with nothing to quantize (all zero or all protected) keeps alpha 0: its codes
+    # are irrelevant and its loss 0. Give it a harmless positive scale while fitting.
+    fit_alpha0 = torch.where(alpha0 > 0, alpha0, torch.ones_like(alpha0))
+    multiplier = torch.ones_like(alpha0, requires_grad=True)
+    optimizer = torch.optim.Adam([multiplier], lr=lr)
+    best_multiplier = torch.ones_like(alpha0)
+    best_loss = None
+    for step in range(steps + 1):
+        with torch.no_grad():
+            loss, grad_alpha = scale_gradient(w, fit_alpha0 * multiplier, spec, weight)
+            if best_loss is None:
+                best_loss = loss
+            else:
+                better = loss < best_loss
+                best_loss = torch.where(better, loss, best_loss)
+                best_multiplier = torch.where(better, multiplier, best_multiplier)
+        if step == steps:
+            break
+        multiplier.grad = grad_alpha * fit_alpha0
+        optimizer.step()
+        with torch.no_grad():
+            multiplier.clamp_(min=1e-3)  # a scale must stay positive
+    # Scales are stored in fp16: compare the rounded fit with the rounded start, so the
+    # stored result is never worse than the initialization (rounding can reorder them).
+    start = to_fp16_scale(alpha0)
+    fitted = to_fp16_scale(torch.where(alpha0 > 0, alpha0 * best_multiplier, alpha0))
+    start_loss, _ = scale_gradient(w, torch.where(start > 0, start, fit_alpha0), spec, weight)
+    fitted_loss, _ = scale_gradient(w, torch.where(fitted > 0, fitted, fit_alpha0), spec, weight)
+    alpha = torch.where(fitted_loss <= start_loss, fitted, start)
+    codes = quantize_codes(w, alpha, spec)
+    return FitResult(alpha=alpha, codes=codes, initial_loss=start_loss, loss=torch.minimum(fitted_loss, start_loss))
+
+
+def protect_salient(w: torch.Tensor, act_scale: torch.Tensor, n_protected: int) -> torch.Tensor:
+    """Boolean mask ``[U, O, G]`` of the ``n_protected`` weights of each unit with the
+    largest ``|W_ij| * s_j`` (AWQ saliency)."""
+    mask = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    if n_protected <= 0:
+        return mask
+    saliency = (w.abs() * act_scale).flatten(1)
+    index = saliency.topk(n_protected, dim=1, sorted=False).indices
+    mask.view(w.shape[0], -1).scatter_(1, index, True)
+    return mask
+
+
+def int8_outliers(w: torch.Tensor, protected: torch.Tensor):
+    """Per-unit symmetric INT8 of the protected weights: ``(scale [U,1,1], codes int8 [U,O,G])``
+    (codes are zero where not protected). The scale is stored in fp16."""
+    top = (w.abs() * protected).amax(dim=(1, 2), keepdim=True)
+    scale = to_fp16_scale(top / _INT8_MAX)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(w / safe).clamp_(-_INT8_MAX, _INT8_MAX) * protected
+    return scale, codes.to(torch.int8)
