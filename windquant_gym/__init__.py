@@ -11,6 +11,7 @@ from .errors import (
     UnknownNameError,
     WindQuantError,
 )
+from .envs import ENV_ID, CurriculumWrapper, PrecisionRules, RewardConfig, WindQuantEnv
 from .eval import mean_nll, perplexity
 from .models import load_model
 from .problem import QuantProblem
@@ -33,4 +34,5 @@ __all__ = [
     "load_model", "load_texts", "sample_token_blocks", "mean_nll", "perplexity",
     "WindQuantError", "ConfigError", "DataError", "MissingDependencyError", "ModelStructureError",
     "TableMismatchError", "UnknownNameError",
+    "ENV_ID", "CurriculumWrapper", "WindQuantEnv", "RewardConfig", "PrecisionRules",
 ]

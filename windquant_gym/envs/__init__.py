@@ -1,0 +1,15 @@
+"""The env, its reward and mask pieces, and the curriculum; registers ``WindQuant-v0``."""
+
+from gymnasium.envs.registration import register, registry
+
+from .curriculum import CurriculumWrapper
+from .rewards import RewardConfig
+from .rules import PrecisionRules
+from .windquant import WindQuantEnv
+
+ENV_ID = "WindQuant-v0"
+
+if ENV_ID not in registry:
+    register(id=ENV_ID, entry_point="windquant_gym.envs.windquant:WindQuantEnv")
+
+__all__ = ["ENV_ID", "CurriculumWrapper", "WindQuantEnv", "RewardConfig", "PrecisionRules"]

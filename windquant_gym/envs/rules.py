@@ -1,0 +1,54 @@
+"""Minimum-precision rules (paper 3.2.2): masks that keep early layers, attention
+projections and MLP gates at or above a bit width."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import List
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..quant.bitwidths import ACTION_BITS
+from ..quant.units import Unit
+
+
+@dataclass(frozen=True)
+class PrecisionRules:
+    """Lowest bit width allowed per kind of unit. 1.0 everywhere means no rule."""
+
+    early_layers: int = 0
+    """How many first decoder layers count as early."""
+    early_min_bits: float = 2.0
+    """Minimum bits in the early layers."""
+    attention_min_bits: float = 1.0
+    """Minimum bits of attention projections."""
+    mlp_gate_min_bits: float = 1.0
+    """Minimum bits of MLP gate projections (modules whose name contains 'gate')."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.early_layers, int) or self.early_layers < 0:
+            raise ConfigError(f"early_layers must be an integer >= 0, got {self.early_layers!r}.")
+        for name in ("early_min_bits", "attention_min_bits", "mlp_gate_min_bits"):
+            value = getattr(self, name)
+            if not 1.0 <= value <= 16.0:
+                raise ConfigError(f"PrecisionRules.{name} must lie in [1, 16], got {value!r}.")
+
+    def unit_minimum(self, unit: Unit) -> float:
+        minimum = 1.0
+        if unit.layer < self.early_layers:
+            minimum = max(minimum, self.early_min_bits)
+        if unit.is_attention:
+            minimum = max(minimum, self.attention_min_bits)
+        if unit.is_mlp and "gate" in unit.module.rsplit(".", 1)[-1]:
+            minimum = max(minimum, self.mlp_gate_min_bits)
+        return minimum
+
+    def allowed(self, units: List[Unit]) -> np.ndarray:
+        """``[N, 7]`` bool: actions whose nominal bits meet each unit's minimum (skip always)."""
+        bits = np.asarray(ACTION_BITS, dtype=float)
+        minimum = np.array([self.unit_minimum(u) for u in units])
+        return bits[None, :] >= minimum[:, None] - 1e-9
+
+    def to_dict(self) -> dict:
+        return asdict(self)

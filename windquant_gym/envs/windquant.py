@@ -1,0 +1,297 @@
+"""WindQuant-v0: assign a precision to every column chunk of an LLM under a bit budget."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch.nn as nn
+from gymnasium import spaces
+
+from ..errors import ConfigError
+from ..models.loading import load_model
+from ..problem import QuantProblem
+from ..quant.bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION
+from ..quant.config import QuantConfig
+from .features import unit_features
+from .rewards import RewardConfig, final_reward, step_reward, update_lambda
+from .rules import PrecisionRules
+
+_BITS = np.asarray(ACTION_BITS, dtype=np.float64)
+_TOLERANCE = 1e-6  # bits; guards float sums at the exact budget
+
+
+class WindQuantEnv(gym.Env):
+    """
+    ## Description
+
+    WINDQuant (Nguyen et al., 2026) as an env. A causal LM's decoder Linear weights are cut
+    into units: ``chunk_size`` consecutive input columns of one Linear, all output rows. An
+    episode visits every unit once, layer by layer, and the agent picks each unit's
+    precision. At the end the plan is applied to the model, the proxy perplexity on the
+    calibration blocks is measured, the model gets its own weights back, and the episode-end
+    reward scores the plan. Each (unit, action) is quantized once, when the env is built
+    (the quantization table, cached on disk): an episode costs N cheap steps and one forward
+    pass.
+
+    ## Action Space
+
+    ``Discrete(7)``: the bits of the current unit, ``ACTION_BITS = (16, 8, 4, 3, 2, 1.58, 1)``
+    in index order; 0 keeps the unit in FP16 (skip). ``action_masks()`` returns the allowed
+    actions: those meeting the minimum-precision rules after which the remaining units
+    could still meet the budget at their cheapest allowed action (exact, from the table's
+    per-unit costs). It is never all false: when the target cannot be met at all, the
+    cheapest allowed actions stay open. A masked action (from an algorithm that ignores
+    masks) is projected to the allowed action nearest in bits (ties to more bits) and
+    ``info["action_projected"]`` is True.
+
+    ## Observation Space
+
+    ``Box(-inf, inf, (15,), float32)``, paper Table 1 in order: 0 mean, 1 std, 2 abs_mean,
+    3 sparsity (``|W| < 1e-6``), 4 outlier_frac (``|W| > 0.5 P99``) of the current unit's
+    weights; 5 progress ``t/N``; 6 bits_used_ratio ``B_used / (32 sum n)``; 7
+    budget_remaining ``(B_target - B_used) / B_target``; 8 urgency
+    ``max(0, 1 - B_r / (b_target n_r))``; 9-11 mean, std, max of the unit's activation
+    scales; 12 is_attention; 13 is_mlp; 14 ``b_target / 8``. Bits are effective bits
+    (paper eq. 6). After the last step the observation repeats the last unit's features.
+
+    ## Rewards
+
+    Every step: dense shaping (``RewardConfig.step_*``; a skip costs a little, a unit at
+    or under the target earns in proportion to the bits it saves, one over it loses a
+    little; each step carries 1/N of those weights). Last step, added: paper eq. 5,
+    ``alpha G_c - P_qual - P_budget - P_ppl - P_skip + B_quality`` (see
+    :class:`RewardConfig`), each term in ``info["reward_terms"]``. After each episode the
+    Lagrange multiplier of ``P_qual`` takes a projected gradient-ascent step.
+
+    ## Starting State
+
+    The first unit, nothing spent. The env itself is deterministic; ``seed`` fixes which
+    calibration blocks are sampled.
+
+    ## Episode End
+
+    Terminates after the last unit (N steps); never truncates. The terminal ``info`` holds
+    ``plan`` (requested actions), ``stored_plan`` (after fallback), ``effective_bits``,
+    ``storage_bits``, ``proxy_ppl``, ``baseline_ppl``, ``ppl_ratio``, ``fallbacks``,
+    ``reward_terms``, ``lagrange_lambda``, ``episode_seconds``.
+
+    ## Arguments
+
+    ``gym.make("WindQuant-v0", model=..., tokenizer=None, calibration="wiki-sample",
+    target_bits=2.0, chunk_size=256, salient_rate=0.03, n_calibration_samples=64,
+    calibration_seq_len=256, device="auto", reward_config=None, precision_rules=None,
+    quant_config=None, seed=0, cache=True, progress=True, problem=None)``
+
+    * ``model``: an ``nn.Module`` causal LM (then ``tokenizer`` is required) or a name for
+      ``load_model`` (``"smollm2-135m"``, ``"tiny-llama"``, a local folder, a hub id). A
+      module is borrowed: its weights are back, bit for bit, after every episode.
+    * ``calibration``: corpus name/path for ``load_texts`` or a list of strings.
+    * ``quant_config``: a full :class:`QuantConfig`; when given it overrides
+      ``chunk_size`` and ``salient_rate``.
+    * ``problem``: a prepared :class:`QuantProblem` to share between envs.
+
+    ## Version History
+
+    * v0: initial version (paper Table 1 observation, 7 actions, eq. 5 reward).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        tokenizer: Any = None,
+        calibration: str | Sequence[str] = "wiki-sample",
+        target_bits: float = 2.0,
+        chunk_size: int = 256,
+        salient_rate: float = 0.03,
+        n_calibration_samples: int = 64,
+        calibration_seq_len: int = 256,
+        device: str = "auto",
+        reward_config: Optional[RewardConfig] = None,
+        precision_rules: Optional[PrecisionRules] = None,
+        quant_config: Optional[QuantConfig] = None,
+        seed: int = 0,
+        cache: bool | str = True,
+        progress: bool = True,
+        problem: Optional[QuantProblem] = None,
+    ):
+        super().__init__()
+        self.reward_config = reward_config or RewardConfig()
+        self.precision_rules = precision_rules or PrecisionRules()
+        if not isinstance(self.reward_config, RewardConfig):
+            raise ConfigError(f"reward_config must be a RewardConfig, got {type(self.reward_config).__name__}.")
+        if problem is None:
+            if isinstance(model, str):
+                model, loaded_tokenizer = load_model(model, device=device)
+                tokenizer = tokenizer or loaded_tokenizer
+            elif not isinstance(model, nn.Module):
+                raise ConfigError(f"model must be an nn.Module or a model name, got {type(model).__name__}.")
+            if tokenizer is None:
+                raise ConfigError(
+                    "WindQuant-v0 got a model module but no tokenizer: pass tokenizer=... (the one that goes "
+                    "with the model), or pass the model by name, e.g. model='smollm2-135m'."
+                )
+            config = quant_config or QuantConfig(chunk_size=chunk_size, salient_rate=salient_rate)
+            problem = QuantProblem.build(
+                model, tokenizer, calibration, config, n_samples=n_calibration_samples,
+                seq_len=calibration_seq_len, seed=seed, cache=cache, progress=progress,
+            )
+        self.problem = problem
+        self.table = problem.table
+        self.units = problem.units
+        self.n_units = len(self.units)
+
+        self._static = unit_features(problem.model, self.units, problem.calibration.act_scales)
+        self._cost = self.table.effective_bits  # [N, 7] bits of each unit per requested action
+        self._n = self.table.n_weights.astype(np.float64)
+        self._total = float(self._n.sum())
+        self._remaining_weights = np.concatenate([np.cumsum(self._n[::-1])[::-1], [0.0]])
+        self._rule_ok = self.precision_rules.allowed(self.units)
+        cheapest = np.where(self._rule_ok, self._cost, np.inf).min(axis=1)
+        self._suffix_min = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0.0]])
+
+        self.action_space = spaces.Discrete(N_ACTIONS)
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(15,), dtype=np.float32)
+        self.lagrange_lambda = self.reward_config.lambda_init
+        self.episode_count = 0
+        self.set_target_bits(target_bits)
+        self._reset_episode()
+
+    # ----- budget -----------------------------------------------------------------------------
+    @property
+    def min_feasible_bits(self) -> float:
+        """Lowest average effective bits the precision rules allow."""
+        return float(self._suffix_min[0] / self._total)
+
+    def set_target_bits(self, target_bits: float) -> None:
+        """Change the budget (takes effect at the next reset; the curriculum uses this)."""
+        target = float(target_bits)
+        if not 1.0 <= target <= 16.0:
+            raise ConfigError(f"target_bits must lie in [1, 16] bits per weight, got {target_bits!r}.")
+        if target < self.min_feasible_bits - _TOLERANCE:
+            raise ConfigError(
+                f"target_bits={target} is below {self.min_feasible_bits:.4f}, the least the minimum-precision "
+                f"rules {self.precision_rules} and {self.table.config.salient_rate:.0%} INT8 protection allow; "
+                "raise target_bits or relax precision_rules / salient_rate."
+            )
+        self.target_bits = target
+
+    # ----- gym API ----------------------------------------------------------------------------
+    def _reset_episode(self) -> None:
+        self._t = 0
+        self._used = 0.0
+        self._budget = self.target_bits * self._total
+        self._plan = np.zeros(self.n_units, dtype=np.int64)
+        self._mask: Optional[np.ndarray] = None
+        self._started = time.perf_counter()
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None):
+        super().reset(seed=seed)
+        if options and "target_bits" in options:
+            self.set_target_bits(options["target_bits"])
+        self._reset_episode()
+        return self._observation(), {"target_bits": self.target_bits, "n_units": self.n_units}
+
+    def action_masks(self) -> np.ndarray:
+        """Allowed actions for the current unit, ``bool[7]``, never all false."""
+        if self._mask is None:
+            t = min(self._t, self.n_units - 1)
+            fits = self._used + self._cost[t] + self._suffix_min[t + 1] <= self._budget + _TOLERANCE
+            mask = self._rule_ok[t] & fits
+            if not mask.any():  # infeasible already: the cheapest allowed action(s) stay open
+                cost = np.where(self._rule_ok[t], self._cost[t], np.inf)
+                mask = cost <= cost.min() + _TOLERANCE
+            self._mask = mask
+        return self._mask.copy()
+
+    def step(self, action):
+        if self._t >= self.n_units:
+            raise gym.error.ResetNeeded("The episode has ended: call reset() before step().")
+        requested = int(action)
+        if not 0 <= requested < N_ACTIONS:
+            raise gym.error.InvalidAction(f"Action {action!r} is outside Discrete({N_ACTIONS}).")
+        mask = self.action_masks()
+        chosen = requested if mask[requested] else self._project(requested, mask)
+        t = self._t
+        cost = float(self._cost[t, chosen])
+        self._used += cost
+        self._plan[t] = chosen
+        stored = int(self.table.stored_action[t, chosen])
+        reward = step_reward(self.reward_config, cost / self._n[t], self.target_bits, stored == SKIP_ACTION, self.n_units)
+        self._t += 1
+        self._mask = None
+        info: Dict[str, Any] = {"action": chosen, "action_projected": chosen != requested, "stored_action": stored}
+        terminated = self._t == self.n_units
+        if terminated:
+            end = self._finish_episode()
+            reward += end["reward_terms"]["total"]
+            info.update(end)
+        return self._observation(), float(reward), terminated, False, info
+
+    def _project(self, requested: int, mask: np.ndarray) -> int:
+        distance = np.abs(_BITS - _BITS[requested]) - _BITS * 1e-9  # ties go to more bits
+        distance[~mask] = np.inf
+        return int(np.argmin(distance))
+
+    def _finish_episode(self) -> Dict[str, Any]:
+        plan = self._plan.copy()
+        nll = self.problem.proxy_nll(plan)
+        base_nll = self.problem.calibration.nll
+        proxy_ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
+        ratio = proxy_ppl / math.exp(base_nll) if math.isfinite(proxy_ppl) else 1e12
+        loss_increase = (nll - base_nll) / base_nll if math.isfinite(nll) else 1e6
+        bits = self.table.plan_bits(plan)
+        stored_plan = self.table.stored_action[np.arange(self.n_units), plan]
+        terms = final_reward(
+            self.reward_config,
+            effective_bits=bits["effective_bits"],
+            target_bits=self.target_bits,
+            loss_increase=loss_increase,
+            ppl_ratio=ratio,
+            skip_fraction=float((stored_plan == SKIP_ACTION).mean()),
+            lagrange_lambda=self.lagrange_lambda,
+        )
+        used_lambda = self.lagrange_lambda
+        self.lagrange_lambda = update_lambda(self.reward_config, self.lagrange_lambda, loss_increase)
+        self.episode_count += 1
+        return {
+            "plan": plan.tolist(),
+            "stored_plan": stored_plan.tolist(),
+            "effective_bits": bits["effective_bits"],
+            "storage_bits": bits["storage_bits"],
+            "target_bits": self.target_bits,
+            "proxy_ppl": proxy_ppl,
+            "baseline_ppl": math.exp(base_nll),
+            "ppl_ratio": ratio,
+            "loss_increase": loss_increase,
+            "fallbacks": bits["fallbacks"],
+            "reward_terms": terms,
+            "lagrange_lambda": used_lambda,
+            "episode_seconds": time.perf_counter() - self._started,
+        }
+
+    def _observation(self) -> np.ndarray:
+        t = min(self._t, self.n_units - 1)
+        static = self._static[t]
+        remaining_budget = self._budget - self._used
+        n_left = self._remaining_weights[self._t]
+        urgency = max(0.0, 1.0 - remaining_budget / (self.target_bits * n_left)) if n_left > 0 else 0.0
+        obs = np.empty(15, dtype=np.float32)
+        obs[0:5] = static[0:5]
+        obs[5] = self._t / self.n_units
+        obs[6] = self._used / (32.0 * self._total)
+        obs[7] = remaining_budget / self._budget
+        obs[8] = urgency
+        obs[9:14] = static[5:10]
+        obs[14] = self.target_bits / 8.0
+        return obs
+
+    def close(self) -> None:
+        # Nothing stays borrowed between episodes; drop the reusable weight buffers.
+        self.problem._assembler = None
+        super().close()
