@@ -24,16 +24,16 @@ def test_effective_bits_hand_computed():
 
 
 def test_storage_bits_hand_computed():
-    # 2-bit codes 2*29, row scales 16*4, outliers (8 value + 3 column bits)*3, their scale 16,
-    # per-row counts ceil(log2(9)) = 4 bits * 4 rows.
-    assert storage_bits(4, 8, 3, 4) == 58 + 64 + 33 + 16 + 16
+    # 2-bit codes 2*29, row scales 16*4, outliers (8 value + 3 column bits)*3, their per-row
+    # scales 16*4, per-row counts ceil(log2(9)) = 4 bits * 4 rows.
+    assert storage_bits(4, 8, 3, 4) == 58 + 64 + 33 + 64 + 16
     # Ternary is stored at 1.6 bits (5 trits per byte).
-    assert storage_bits(4, 8, 3, 5) == pytest.approx(1.6 * 29 + 64 + 33 + 16 + 16)
+    assert storage_bits(4, 8, 3, 5) == pytest.approx(1.6 * 29 + 64 + 33 + 64 + 16)
     # No protection: codes and row scales only.
     assert storage_bits(4, 8, 0, 6) == 32 + 64
     assert storage_bits(4, 8, 3, 0) == 16 * 32
     # A ragged chunk of width 2: one column bit, 2 count bits per row.
-    assert storage_bits(3, 2, 1, 2) == 4 * 5 + 16 * 3 + (8 + 1) * 1 + 16 + 2 * 3
+    assert storage_bits(3, 2, 1, 2) == 4 * 5 + 16 * 3 + (8 + 1) * 1 + 16 * 3 + 2 * 3
 
 
 def test_unit_tables_cover_ragged_chunks():

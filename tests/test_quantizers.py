@@ -106,6 +106,7 @@ def test_int8_outliers_round_trip_within_half_a_step():
     w = gaussian(2, 6, 16) * 5
     mask = protect_salient(w, torch.ones(2, 1, 16), 9)
     scale, codes = int8_outliers(w, mask)
+    assert scale.shape == (2, 6, 1)  # one scale per row of each unit
     assert codes[~mask].eq(0).all() and codes.abs().max() <= 127
     error = (codes.float() * scale - w)[mask].abs()
     assert (error <= scale.expand_as(w)[mask] * 0.5 + 1e-6).all()

@@ -74,6 +74,7 @@ def test_cache_round_trips_and_second_build_loads(tiny, tmp_path, monkeypatch):
         assert torch.equal(first.scales[name], second.scales[name])
         assert torch.equal(first.outlier_index[name], second.outlier_index[name])
         assert torch.equal(first.outlier_codes[name], second.outlier_codes[name])
+        assert torch.equal(first.outlier_scales[name], second.outlier_scales[name])
     np.testing.assert_array_equal(first.fit_error_act, second.fit_error_act)
     np.testing.assert_array_equal(first.stored_action, second.stored_action)
     # A different config or different scales is a different table.

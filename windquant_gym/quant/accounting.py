@@ -4,9 +4,9 @@
 * **storage bits**: what a packed file needs. For a quantized unit of ``O`` rows and ``G``
   columns: ``stored_bits(b) n_q`` for the codes (ternary packs 5 trits per byte, 1.6 bits),
   ``16 O`` for the per-row fp16 scales, and when it has outliers ``8 n_p`` for their INT8
-  values, 16 for their fp16 scale, ``ceil(log2 G)`` bits per outlier for its column inside
-  its row and ``ceil(log2(G+1))`` bits per row for how many outliers the row has (a CSR
-  layout: far cheaper than a flat index into the unit). A skipped unit costs ``16 n``.
+  values, ``16 O`` for their per-row fp16 scales, ``ceil(log2 G)`` bits per outlier for its
+  column inside its row and ``ceil(log2(G+1))`` bits per row for how many outliers the row
+  has (a CSR layout: far cheaper than a flat index into the unit). A skipped unit costs ``16 n``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def storage_bits(out_features: int, width: int, n_salient: int, action: int) -> 
     if n_salient:
         column_bits = max(1, math.ceil(math.log2(width)))
         count_bits = math.ceil(math.log2(width + 1))
-        bits += (OUTLIER_BITS + column_bits) * n_salient + SCALE_BITS + count_bits * out_features
+        bits += (OUTLIER_BITS + column_bits) * n_salient + (SCALE_BITS + count_bits) * out_features
     return float(bits)
 
 

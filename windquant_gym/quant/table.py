@@ -5,8 +5,8 @@ action, never on other units' decisions; so the fitting is done here once per
 (unit, action) and an episode only assembles weights from stored codes.
 
 Stored compactly per module: int8 codes ``[6, out, in]`` (one slice per non-skip action),
-fp16 row scales ``[6, out, chunks]``, and the INT8 outliers (positions, codes, one fp16
-scale per unit), which are the same for every action because saliency does not depend on
+fp16 row scales ``[6, out, chunks]``, and the INT8 outliers (positions, codes, an fp16
+scale per row of each unit), which are the same for every action because saliency does not depend on
 it. Per unit and action: effective and storage bits, reconstruction errors (plain and
 activation-weighted), and the action actually stored after the fallback rule.
 """
@@ -34,7 +34,7 @@ from .config import QuantConfig
 from .quantizers import dequantize_codes, fit_scales, int8_outliers, protect_salient
 from .units import Unit, find_units, module_names
 
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2
 _QUANT_ACTIONS = range(1, N_ACTIONS)
 
 
@@ -53,8 +53,8 @@ class QuantTable:
     outlier_index: Dict[str, torch.Tensor]
     """Flat indices into ``W.view(-1)`` of the module's protected weights."""
     outlier_codes: Dict[str, torch.Tensor]
-    outlier_scale: torch.Tensor
-    """``[N]`` fp16 scale of each unit's INT8 outliers."""
+    outlier_scales: Dict[str, torch.Tensor]
+    """fp16 ``[out, chunks]`` scale of the INT8 outliers of each row of each unit."""
     n_weights: np.ndarray
     n_protected: np.ndarray
     fit_error_plain: np.ndarray
@@ -79,11 +79,14 @@ class QuantTable:
         self._unit_columns = {}
         for unit in self.units:
             self._unit_columns.setdefault(unit.module, []).append(unit)
-        self._outlier_unit = {}
+        # Protection does not depend on the action: dequantize the outliers once.
+        self._outlier_unit, self._outlier_values = {}, {}
         for name, index in self.outlier_index.items():
-            first = self._unit_columns[name][0].index
-            chunk = (index % self._unit_columns[name][0].in_features) // self.config.chunk_size
-            self._outlier_unit[name] = chunk + first
+            in_features = self._unit_columns[name][0].in_features
+            rows, chunk = index // in_features, (index % in_features) // self.config.chunk_size
+            self._outlier_unit[name] = chunk + self._unit_columns[name][0].index
+            scale = self.outlier_scales[name][rows, chunk].float()
+            self._outlier_values[name] = self.outlier_codes[name].float() * scale
 
     # ----- per (unit, action) numbers -------------------------------------------------------
     @property
@@ -156,7 +159,7 @@ class QuantTable:
             mine = self._outlier_unit[unit.module] == unit_index
             rows = index[mine] // unit.in_features
             columns = index[mine] % unit.in_features - unit.col_start
-            result[rows, columns] = self.outlier_codes[unit.module][mine].float() * self.outlier_scale[unit_index].float()
+            result[rows, columns] = self._outlier_values[unit.module][mine]
         return result
 
     def assemble_module(
@@ -180,20 +183,20 @@ class QuantTable:
         if index.numel():
             unit_of = self._outlier_unit[module]
             kept = torch.tensor([a != SKIP_ACTION for a in stored], device=index.device)[unit_of - units[0].index]
-            values = self.outlier_codes[module][kept].float() * self.outlier_scale[unit_of[kept]].float()
-            out.view(-1)[index[kept]] = values.to(out.dtype)
+            out.view(-1)[index[kept]] = self._outlier_values[module][kept].to(out.dtype)
         return out
 
     # ----- persistence ----------------------------------------------------------------------
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        tensors = {"outlier_scale": self.outlier_scale.cpu()}
+        tensors = {}
         for name in self.codes:
             tensors[f"codes:{name}"] = self.codes[name].cpu().contiguous()
             tensors[f"scales:{name}"] = self.scales[name].cpu().contiguous()
             tensors[f"outlier_index:{name}"] = self.outlier_index[name].cpu().contiguous()
             tensors[f"outlier_codes:{name}"] = self.outlier_codes[name].cpu().contiguous()
+            tensors[f"outlier_scales:{name}"] = self.outlier_scales[name].cpu().contiguous()
         for key in ("n_weights", "n_protected", "fit_error_plain", "fit_error_act", "energy_plain", "energy_act", "stored_action"):
             tensors[key] = torch.from_numpy(np.ascontiguousarray(getattr(self, key)))
         meta = {
@@ -234,7 +237,7 @@ class QuantTable:
             scales=per_module["scales"],
             outlier_index=per_module["outlier_index"],
             outlier_codes=per_module["outlier_codes"],
-            outlier_scale=tensors["outlier_scale"],
+            outlier_scales=per_module["outlier_scales"],
             build_seconds=float(meta.get("build_seconds", 0.0)),
             **{key: tensors[key].cpu().numpy() for key in ("n_weights", "n_protected", "fit_error_plain", "fit_error_act", "energy_plain", "energy_act", "stored_action")},
         )
@@ -308,8 +311,7 @@ def _fit_all(model, units, act_scales, config, device, progress, batch_elements,
     err_act = np.zeros((n_units, N_ACTIONS))
     energy_plain = np.zeros(n_units)
     energy_act = np.zeros(n_units)
-    outlier_scale = torch.zeros(n_units, dtype=torch.float16, device=device)
-    codes, scales, protected_masks, outlier_codes = {}, {}, {}, {}
+    codes, scales, protected_masks, outlier_codes, outlier_scales = {}, {}, {}, {}, {}
     for name in module_names(units):
         weight = model.get_submodule(name).weight
         out_f, in_f = weight.shape
@@ -318,6 +320,7 @@ def _fit_all(model, units, act_scales, config, device, progress, batch_elements,
         scales[name] = torch.empty((N_ACTIONS - 1, out_f, n_chunks), dtype=torch.float16, device=device)
         protected_masks[name] = torch.zeros((out_f, in_f), dtype=torch.bool, device=device)
         outlier_codes[name] = torch.zeros((out_f, in_f), dtype=torch.int8, device=device)
+        outlier_scales[name] = torch.zeros((out_f, n_chunks), dtype=torch.float16, device=device)
 
     groups = defaultdict(list)  # same shape -> one batched fit
     for unit in units:
@@ -351,7 +354,7 @@ def _fit_all(model, units, act_scales, config, device, progress, batch_elements,
                 cols = slice(unit.col_start, unit.col_end)
                 protected_masks[unit.module][:, cols] = protected[j]
                 outlier_codes[unit.module][:, cols] = o_codes[j]
-                outlier_scale[unit.index] = o_scale[j, 0, 0].half()
+                outlier_scales[unit.module][:, unit.col_start // config.chunk_size] = o_scale[j, :, 0].half()
             bar.update(len(batch))
     bar.close()
 
@@ -371,7 +374,7 @@ def _fit_all(model, units, act_scales, config, device, progress, batch_elements,
         scales=scales,
         outlier_index=outlier_index,
         outlier_codes=outlier_values,
-        outlier_scale=outlier_scale,
+        outlier_scales=outlier_scales,
         n_weights=n_weights,
         n_protected=n_salient,
         fit_error_plain=err_plain,
