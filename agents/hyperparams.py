@@ -1,0 +1,27 @@
+"""Read ``hyperparams.yml``: one block per env id or preset, merged over ``default``."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from typing import Any, Dict
+
+import yaml
+
+from ..errors import UnknownNameError
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_hyperparams(key: str = "WindQuant-v0", path: str | None = None) -> Dict[str, Any]:
+    """The block ``key`` of the YAML (ours, or ``path``) merged over its ``default`` block."""
+    text = open(path).read() if path else resources.files(__package__).joinpath("hyperparams.yml").read_text()
+    table = yaml.safe_load(text) or {}
+    if key not in table:
+        raise UnknownNameError(f"No hyperparameter block {key!r}; the YAML has {sorted(k for k in table if k != 'default')}.")
+    return _merge(table.get("default", {}), table[key])

@@ -1,0 +1,77 @@
+"""QuantPlan: a saved allocation (one action per unit) with what it was measured to give,
+tied to the table (weights, calibration, config) it was made for."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+from .errors import TableMismatchError
+from .quant.bitwidths import ACTION_BITS
+from .quant.config import QuantConfig
+from .quant.table import QuantTable
+
+PLAN_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    actions: tuple
+    """Requested action index per unit, in unit order (see ``ACTION_BITS``)."""
+    table_fingerprint: str
+    quant_config: QuantConfig
+    model: str = ""
+    """Informational: the model's name or class."""
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    schema: int = PLAN_SCHEMA
+
+    @classmethod
+    def from_table(cls, table: QuantTable, actions: Sequence[int], model: str = "", **metrics) -> "QuantPlan":
+        checked = table.check_plan(actions)
+        return cls(tuple(int(a) for a in checked), table.fingerprint, table.config, model, dict(metrics))
+
+    def check(self, table: QuantTable) -> None:
+        """Refuse a table this plan was not made for."""
+        if self.quant_config != table.config:
+            raise TableMismatchError(
+                f"This plan was made with {self.quant_config}, the table has {table.config}; "
+                "rebuild the env with the plan's quant config."
+            )
+        if self.table_fingerprint != table.fingerprint:
+            raise TableMismatchError(
+                f"This plan belongs to table {self.table_fingerprint}, not {table.fingerprint}: another model, "
+                "other weights or other calibration text. Use the model and calibration the plan was made with."
+            )
+        table.check_plan(self.actions)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "model": self.model,
+            "table_fingerprint": self.table_fingerprint,
+            "quant_config": self.quant_config.to_dict(),
+            "action_bits": list(ACTION_BITS),
+            "actions": list(self.actions),
+            "metrics": self.metrics,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantPlan":
+        data = json.loads(Path(path).read_text())
+        if data.get("schema") != PLAN_SCHEMA:
+            raise TableMismatchError(f"{path}: plan schema {data.get('schema')!r}, this version reads {PLAN_SCHEMA}.")
+        return cls(
+            actions=tuple(data["actions"]),
+            table_fingerprint=data["table_fingerprint"],
+            quant_config=QuantConfig.from_dict(data["quant_config"]),
+            model=data.get("model", ""),
+            metrics=data.get("metrics", {}),
+        )
