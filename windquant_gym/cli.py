@@ -29,7 +29,13 @@ def _train(argv: List[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train}
+def _bench(argv: List[str]) -> int:
+    from .benchmark.bench import main as bench_main
+
+    return bench_main(argv)
+
+
+COMMANDS = {"train": _train, "bench": _bench}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

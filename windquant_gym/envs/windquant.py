@@ -164,6 +164,16 @@ class WindQuantEnv(gym.Env):
 
     # ----- budget -----------------------------------------------------------------------------
     @property
+    def rule_mask(self) -> np.ndarray:
+        """``[N, 7]`` bool: actions the minimum-precision rules allow per unit (no budget)."""
+        return self._rule_ok.copy()
+
+    @property
+    def budget_bits(self) -> float:
+        """Total effective bits the current target allows (``target_bits * sum n``)."""
+        return self.target_bits * self._total
+
+    @property
     def min_feasible_bits(self) -> float:
         """Lowest average effective bits the precision rules allow."""
         return float(self._suffix_min[0] / self._total)

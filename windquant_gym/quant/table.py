@@ -115,6 +115,17 @@ class QuantTable:
         rows = np.arange(len(self.units))[:, None]
         return err[rows, self.stored_action] / np.maximum(energy, 1e-30)[:, None]
 
+    def module_normalized_error(self) -> np.ndarray:
+        """``[N, 7]`` activation-weighted error of what is stored, divided by the full-precision
+        energy ``||W diag(s)||^2`` of the unit's whole module: comparable across layers
+        (a raw error lets late layers' large activations dominate; DESIGN 6)."""
+        module_energy: Dict[str, float] = {}
+        for unit, energy in zip(self.units, self.energy_act):
+            module_energy[unit.module] = module_energy.get(unit.module, 0.0) + float(energy)
+        denominator = np.array([module_energy[u.module] for u in self.units])
+        rows = np.arange(len(self.units))[:, None]
+        return self.fit_error_act[rows, self.stored_action] / np.maximum(denominator, 1e-30)[:, None]
+
     @property
     def fallbacks(self) -> np.ndarray:
         """``[N, 7]`` bool: the requested action fell back to a higher precision."""

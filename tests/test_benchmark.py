@@ -1,0 +1,155 @@
+import itertools
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import windquant_gym as wq
+from windquant_gym.benchmark import (
+    HeuristicAllocator,
+    KnapsackAllocator,
+    RandomAllocator,
+    UniformAllocator,
+    run_allocator,
+    solve_knapsack,
+)
+from windquant_gym.benchmark.bench import main as bench_main
+from windquant_gym.plan import QuantPlan
+
+
+def brute_force(cost, error, allowed, budget):
+    best, best_plan = np.inf, None
+    for plan in itertools.product(*[np.flatnonzero(row) for row in allowed]):
+        rows = np.arange(len(plan))
+        if cost[rows, plan].sum() <= budget and error[rows, plan].sum() < best:
+            best, best_plan = error[rows, plan].sum(), np.array(plan)
+    return best, best_plan
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knapsack_equals_exhaustive_search(seed):
+    rng = np.random.default_rng(seed)
+    n_units, n_actions = 5, 7
+    cost = np.sort(rng.integers(1, 20, size=(n_units, n_actions)), axis=1)[:, ::-1].astype(float)
+    error = np.sort(rng.random((n_units, n_actions)), axis=1)  # more bits, less error
+    allowed = rng.random((n_units, n_actions)) < 0.8
+    allowed[:, -1] = True
+    budget = float(rng.integers(int(cost[:, -1].sum()), int(cost[:, 0].sum())))
+    base = np.where(allowed, cost, np.inf).min(axis=1).sum()
+    plan = solve_knapsack(cost, error, allowed, budget, resolution=int(budget - base))  # 1 bit per quantum: exact
+    expected, _ = brute_force(cost, error, allowed, budget)
+    rows = np.arange(n_units)
+    assert allowed[rows, plan].all()
+    assert cost[rows, plan].sum() <= budget
+    assert error[rows, plan].sum() == pytest.approx(expected)
+
+
+def test_knapsack_never_exceeds_budget_with_coarse_quanta():
+    rng = np.random.default_rng(0)
+    cost = rng.random((30, 7)) * 100
+    error = rng.random((30, 7))
+    plan = solve_knapsack(cost, error, np.ones((30, 7), bool), budget=1500.0, resolution=37)
+    assert cost[np.arange(30), plan].sum() <= 1500.0
+
+
+@pytest.mark.parametrize("target", [1.6, 2.0, 3.0])
+def test_every_baseline_meets_its_budget(tiny_problem, target):
+    env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=target)
+    for allocator in (UniformAllocator(3), UniformAllocator(2), RandomAllocator(0), HeuristicAllocator(), KnapsackAllocator(),
+                      KnapsackAllocator(error="raw")):
+        (result,) = run_allocator(env, allocator)
+        assert result.effective_bits <= target + 1e-9, allocator
+        assert result.storage_bits > result.effective_bits
+
+
+@pytest.mark.parametrize("target, moved", [(2.0, "down"), (2.5, "up")])
+def test_heuristic_follows_appendix_b3(tiny_problem, target, moved):
+    """All start at 2 bit; under a 2.0 budget (2 bit + 3% INT8 is 2.18) the least salient
+    go down to 1.58/1 bit; with slack (2.5) the most salient go up to 4/3 bit."""
+    env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=target).unwrapped
+    plan = HeuristicAllocator().make_plan(env)
+    bits = np.array(wq.ACTION_BITS)[plan]
+    assert set(bits) <= {4, 3, 2, 1.58, 1}
+    assert env.table.plan_bits(plan)["effective_bits"] <= target + 1e-9
+    saliency = np.array([
+        float((tiny_problem.model.get_submodule(u.module).weight.detach()[:, u.col_start:u.col_end].abs()
+               * tiny_problem.calibration.act_scales[u.module][u.col_start:u.col_end]).mean())
+        for u in env.units
+    ])
+    changed = bits > 2 if moved == "up" else bits < 2
+    assert changed.any() and (bits == 2).any()
+    # Greedy by saliency: among units of one shape (same costs), the moved ones are the
+    # most (up) or least (down) salient.
+    shapes = np.array([(u.out_features, u.width) for u in env.units])
+    for shape in {tuple(x) for x in shapes}:
+        same = (shapes == shape).all(axis=1)
+        moved_units, kept = same & changed, same & (bits == 2)
+        if moved_units.any() and kept.any():
+            if moved == "up":
+                assert saliency[moved_units].min() >= saliency[kept].max()
+            else:
+                assert saliency[moved_units].max() <= saliency[kept].min()
+
+
+def test_knapsack_beats_uniform_on_measured_error(tiny_problem):
+    env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.5).unwrapped
+    error = env.table.module_normalized_error()
+    rows = np.arange(env.n_units)
+    knapsack = KnapsackAllocator().make_plan(env)
+    uniform = np.full(env.n_units, wq.quant.action_index(2))
+    assert error[rows, knapsack].sum() < error[rows, uniform].sum()
+
+
+def test_callable_and_sb3_allocators_and_heldout(tiny_problem):
+    from sb3_contrib import MaskablePPO
+
+    env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.0)
+    cheapest = lambda obs, mask: int(np.flatnonzero(mask)[-1])
+    (result,) = run_allocator(env, cheapest, heldout=tiny_problem.blocks[:2], name="cheapest")
+    assert result.allocator == "cheapest" and result.heldout_ppl > 1
+    model = MaskablePPO("MlpPolicy", env, n_steps=env.unwrapped.n_units, device="cpu")
+    (result,) = run_allocator(env, model)
+    assert result.allocator == "MaskablePPO" and result.effective_bits <= 2.0 + 1e-9
+
+
+def test_replayed_plan_reproduces_bits_and_perplexity_exactly(tiny_problem, tmp_path):
+    env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.5)
+    (first,) = run_allocator(env, RandomAllocator(3))
+    plan = QuantPlan.from_table(tiny_problem.table, first.plan, "tiny-llama", target_bits=2.5,
+                                effective_bits=first.effective_bits, storage_bits=first.storage_bits, proxy_ppl=first.proxy_ppl)
+    path = plan.save(tmp_path / "plan.json")
+    (again,) = run_allocator(env, str(path))
+    assert again.plan == first.plan
+    assert (again.effective_bits, again.storage_bits, again.proxy_ppl) == (first.effective_bits, first.storage_bits, first.proxy_ppl)
+    # A plan that the budget no longer admits is refused, naming the unit.
+    env.unwrapped.set_target_bits(1.6)
+    with pytest.raises(wq.TableMismatchError, match="first unit"):
+        run_allocator(env, str(path))
+    # A plan whose recorded perplexity disagrees is refused.
+    env.unwrapped.set_target_bits(2.5)
+    data = json.loads(path.read_text())
+    data["metrics"]["proxy_ppl"] *= 1.01
+    path.write_text(json.dumps(data))
+    with pytest.raises(wq.TableMismatchError, match="proxy_ppl"):
+        run_allocator(env, str(path))
+    data["table_fingerprint"] = "0" * 48
+    path.write_text(json.dumps(data))
+    with pytest.raises(wq.TableMismatchError, match="belongs to table"):
+        run_allocator(env, str(path))
+
+
+def test_bench_leaderboard_on_tiny_llama(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench" / "board.json"
+    assert bench_main(["--model", "tiny-llama", "--preset", "smoke", "--target-bits", "2.5", "--eval-windows", "2",
+                       "--eval-seq-len", "64", "--random-episodes", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    names = [row["allocator"] for row in data["leaderboard"]]
+    assert names == ["unquantized", "uniform-2b", "uniform-3b", "random", "heuristic", "knapsack"]
+    assert [r["episodes"] for r in data["leaderboard"]][3] == 2
+    for row in data["leaderboard"][1:]:
+        assert row["effective_bits"] <= 2.5 + 1e-9 and row["heldout_ppl"] > 1
+    assert out.with_suffix(".csv").read_text().startswith("allocator,target_bits")
+    assert "| knapsack |" in out.with_suffix(".md").read_text()
+    assert "held-out PPL" in capsys.readouterr().out

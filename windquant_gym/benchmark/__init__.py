@@ -1,0 +1,20 @@
+"""Benchmark any allocator on WindQuant-v0: baselines, harness, leaderboard."""
+
+from .allocators import (
+    HeuristicAllocator,
+    KnapsackAllocator,
+    PlannedAllocator,
+    RandomAllocator,
+    UniformAllocator,
+    baseline_allocators,
+    nearest_allowed,
+)
+from .harness import EpisodeResult, as_allocator, heldout_perplexity, run_allocator
+from .knapsack import solve_knapsack
+from .leaderboard import aggregate, format_table, write_leaderboard
+
+__all__ = [
+    "HeuristicAllocator", "KnapsackAllocator", "PlannedAllocator", "RandomAllocator", "UniformAllocator",
+    "baseline_allocators", "nearest_allowed", "EpisodeResult", "as_allocator", "heldout_perplexity",
+    "run_allocator", "solve_knapsack", "aggregate", "format_table", "write_leaderboard",
+]

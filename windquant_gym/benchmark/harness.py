@@ -1,0 +1,155 @@
+"""Run any allocator on a WindQuant env, episode by episode, with honest accounting.
+
+An allocator is a callable ``(observation, action_mask) -> action`` (optionally with
+``begin_episode(env)`` and ``name``), any SB3 model (MaskablePPO gets the masks), or a
+saved plan (:class:`QuantPlan` or a path to one), which is replayed and validated.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..errors import TableMismatchError
+from ..eval.perplexity import perplexity
+from ..plan import QuantPlan
+from ..quant.apply import quantized_weights
+
+
+@dataclass
+class EpisodeResult:
+    allocator: str
+    target_bits: float
+    effective_bits: float
+    storage_bits: float
+    proxy_ppl: float
+    heldout_ppl: Optional[float]
+    seconds: float
+    """Wall time of the episode: every decision plus the proxy evaluation."""
+    fallbacks: int
+    episode: int = 0
+    plan: List[int] = field(default_factory=list, repr=False)
+
+    def row(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data.pop("plan")
+        return data
+
+
+class _SB3Allocator:
+    def __init__(self, model):
+        from sb3_contrib import MaskablePPO
+
+        self.model = model
+        self.masked = isinstance(model, MaskablePPO)
+        self.name = type(model).__name__
+
+    def __call__(self, observation, action_mask) -> int:
+        if self.masked:
+            action, _ = self.model.predict(observation, action_masks=action_mask, deterministic=True)
+        else:
+            action, _ = self.model.predict(observation, deterministic=True)
+        return int(action)
+
+
+class _Replay:
+    """Plays a saved plan; ``check`` refuses a table the plan was not made for."""
+
+    def __init__(self, plan: QuantPlan, name: str):
+        self.saved, self.name, self._t = plan, name, 0
+
+    def begin_episode(self, env) -> None:
+        self.saved.check(env.unwrapped.table)
+        self._t = 0
+
+    def __call__(self, observation, action_mask) -> int:
+        action = self.saved.actions[self._t]
+        self._t += 1
+        return int(action)
+
+
+def as_allocator(allocator: Any) -> Callable:
+    """Wrap SB3 models and saved plans; leave callables as they are."""
+    if isinstance(allocator, (str, Path)):
+        return _Replay(QuantPlan.load(allocator), f"plan:{Path(allocator).name}")
+    if isinstance(allocator, QuantPlan):
+        return _Replay(allocator, "plan")
+    if hasattr(allocator, "predict") and hasattr(allocator, "policy"):
+        return _SB3Allocator(allocator)
+    if callable(allocator):
+        return allocator
+    raise TypeError(f"An allocator must be callable(obs, mask), an SB3 model or a plan; got {type(allocator).__name__}.")
+
+
+def heldout_perplexity(env, plan, blocks: torch.Tensor) -> float:
+    """Perplexity of ``blocks`` with ``plan`` applied to the env's model (restored after)."""
+    problem = env.unwrapped.problem
+    with quantized_weights(problem.model, problem.table, plan):
+        return perplexity(problem.model, blocks, batch_size=problem.batch_size)
+
+
+def run_allocator(
+    env,
+    allocator: Any,
+    episodes: int = 1,
+    heldout: Optional[torch.Tensor] = None,
+    name: Optional[str] = None,
+    seed: Optional[int] = None,
+) -> List[EpisodeResult]:
+    """Run ``allocator`` for ``episodes`` episodes of ``env`` (any wrapper of WindQuant-v0);
+    held-out perplexity of each plan when ``heldout`` blocks are given."""
+    policy = as_allocator(allocator)
+    label = name or getattr(policy, "name", None) or getattr(allocator, "__name__", type(allocator).__name__)
+    results = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=None if seed is None else seed + episode)
+        started = time.perf_counter()
+        if hasattr(policy, "begin_episode"):
+            policy.begin_episode(env)
+        mask_of = env.get_wrapper_attr("action_masks")
+        done = False
+        while not done:
+            obs, _, done, _, info = env.step(policy(obs, mask_of()))
+        seconds = time.perf_counter() - started
+        if isinstance(policy, _Replay):
+            _validate_replay(env, policy.saved, info)
+        results.append(EpisodeResult(
+            allocator=label,
+            target_bits=info["target_bits"],
+            effective_bits=info["effective_bits"],
+            storage_bits=info["storage_bits"],
+            proxy_ppl=info["proxy_ppl"],
+            heldout_ppl=heldout_perplexity(env, info["plan"], heldout) if heldout is not None else None,
+            seconds=seconds,
+            fallbacks=info["fallbacks"],
+            episode=episode,
+            plan=list(info["plan"]),
+        ))
+    return results
+
+
+def _validate_replay(env, saved: QuantPlan, info: Dict[str, Any]) -> None:
+    played = np.asarray(info["plan"])
+    wanted = np.asarray(saved.actions)
+    differ = np.flatnonzero(played != wanted)
+    if differ.size:
+        i = int(differ[0])
+        unit = env.unwrapped.units[i]
+        raise TableMismatchError(
+            f"Replaying the plan changed {differ.size} units, first unit {i} ({unit.module} columns "
+            f"{unit.col_start}:{unit.col_end}): action {wanted[i]} was masked and became {played[i]}. "
+            f"The plan does not fit this env's budget ({info['target_bits']} bits) or rules; use its target."
+        )
+    for key in ("effective_bits", "storage_bits", "proxy_ppl"):
+        expected = saved.metrics.get(key)
+        if expected is not None and not math.isclose(info[key], expected, rel_tol=1e-6):
+            raise TableMismatchError(
+                f"Replayed plan gives {key} {info[key]!r}, the plan file says {expected!r}: the env's model, "
+                "calibration or evaluation differs from the one the plan was measured on."
+            )
