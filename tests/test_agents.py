@@ -51,6 +51,10 @@ def test_maskable_ppo_trains_two_episodes(tmp_path, monkeypatch):
     assert results["unquantized"]["effective_bits"] == 16.0
     assert results["policy (deterministic)"]["heldout_ppl"] > 1
     assert json.loads((run / "summary.json").read_text())["episodes"] == 2
+    from windquant_gym.cli import main
+
+    assert main(["plot", str(run)]) == 0
+    assert (run / "training_curves.png").stat().st_size > 1000
 
 
 def test_policy_is_layernorm_mlp(tiny_problem):

@@ -35,7 +35,39 @@ def _bench(argv: List[str]) -> int:
     return bench_main(argv)
 
 
-COMMANDS = {"train": _train, "bench": _bench}
+def _plot(argv: List[str]) -> int:
+    from . import plots
+
+    parser = argparse.ArgumentParser(prog="windquant plot", description="Plots of a run folder or of a saved plan.")
+    parser.add_argument("target", help="a run folder (training curves) or a plan JSON (allocation heatmap)")
+    parser.add_argument("--out", help="PNG path (default: beside the input)")
+    parser.add_argument("--model", default="smollm2-135m", help="for a plan: the model it was made for")
+    parser.add_argument("--preset", default="cpu", help="for a plan: hyperparams.yml block of the env it was made on")
+    ns = parser.parse_args(argv)
+    from pathlib import Path
+
+    target = Path(ns.target)
+    if target.is_dir():
+        print(plots.plot_training_curves(target, ns.out))
+        return 0
+    from .agents.hyperparams import load_hyperparams
+    from .models import load_model
+    from .problem import QuantProblem
+    from .plan import QuantPlan
+
+    saved = QuantPlan.load(target)
+    env_kwargs = load_hyperparams(ns.preset)["env_kwargs"]
+    model, tokenizer = load_model(ns.model)
+    problem = QuantProblem.build(model, tokenizer, "wiki-sample", saved.quant_config,
+                                 n_samples=env_kwargs["n_calibration_samples"], seq_len=env_kwargs["calibration_seq_len"])
+    heatmap = plots.plot_plan_file(target, problem.table, ns.out or target.with_suffix(".heatmap.png"))
+    distribution = plots.plot_action_distribution([saved.actions], target.with_suffix(".actions.png"),
+                                                  labels=[target.stem], units=problem.units)
+    print(heatmap, distribution, sep="\n")
+    return 0
+
+
+COMMANDS = {"train": _train, "bench": _bench, "plot": _plot}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
