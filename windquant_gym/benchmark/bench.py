@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows spread over the wiki-sample eval split")
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--hqq", action="store_true", help="add HQQ uniform rows (pip install hqq)")
+    parser.add_argument("--hqq-settings", nargs="+", metavar="BITS:GROUP",
+                        help="HQQ settings, e.g. 4:64 3:64 2:64 (default: 4:64 4:128 3:64 3:128 2:32 2:64)")
     parser.add_argument("--json", default="bench/leaderboard.json", help="output; .csv and .md are written beside it")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -87,7 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.hqq:
         from .peers import hqq_rows
 
-        for row in hqq_rows(problem.model, problem.blocks, held_out):
+        settings = [tuple(int(x) for x in s.split(":")) for s in args.hqq_settings] if args.hqq_settings else None
+        for row in hqq_rows(problem.model, problem.blocks, held_out, **({"settings": settings} if settings else {})):
             rows.append({"target_bits": None, **row})
     meta = {"model": args.model, "preset": args.preset, "env_kwargs": hp["env_kwargs"],
             "heldout_tokens": int(held_out.numel()), "seconds": time.perf_counter() - started}
