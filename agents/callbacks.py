@@ -67,5 +67,20 @@ class EpisodeRecorder(BaseCallback):
         self.bar.update(1)
         self.bar.set_postfix(target=target, bits=f"{info['effective_bits']:.3f}", ppl=f"{info['proxy_ppl']:.1f}")
 
+    def state_dict(self) -> Dict:
+        return {"episodes": self.episodes, "best": {str(k): v for k, v in self.best.items()}}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Restore after a resume; ``episodes.csv`` loses the rows of episodes the
+        checkpoint does not hold (they are trained again)."""
+        self.episodes = int(state["episodes"])
+        self.best = {float(k): v for k, v in state["best"].items()}
+        with self.csv_path.open(newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.episodes]
+        with self.csv_path.open("w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
+        self.bar.update(self.episodes)
+
     def _on_training_end(self) -> None:
         self.bar.close()

@@ -23,5 +23,9 @@ def load_hyperparams(key: str = "WindQuant-v0", path: str | None = None) -> Dict
     text = open(path).read() if path else resources.files(__package__).joinpath("hyperparams.yml").read_text()
     table = yaml.safe_load(text) or {}
     if key not in table:
-        raise UnknownNameError(f"No hyperparameter block {key!r}; the YAML has {sorted(k for k in table if k != 'default')}.")
+        known = sorted(str(k) for k in table if k != "default")
+        raise UnknownNameError(
+            f"No hyperparameter block {key!r} in {path or 'agents/hyperparams.yml'}; known presets are {known}. "
+            "Pass one of them (windquant train --preset NAME), or add a block of that name to the YAML."
+        )
     return _merge(table.get("default", {}), table[key])

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import gymnasium as gym
 import numpy as np
 from sb3_contrib import MaskablePPO
-from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
+from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.monitor import Monitor
 
 from ..data import eval_windows, load_texts
@@ -25,7 +25,9 @@ from ..envs import ENV_ID, CurriculumWrapper
 from ..eval.perplexity import perplexity
 from ..plan import QuantPlan
 from ..quant.apply import quantized_weights
+from ..errors import ConfigError
 from .callbacks import EpisodeRecorder
+from .checkpoints import LATEST, ResumableCheckpoint, latest_checkpoint, read_state
 from .hyperparams import load_hyperparams
 from .policy import WindQuantPolicy
 
@@ -52,6 +54,8 @@ class TrainArgs:
     """Another hyperparameter YAML file."""
     overrides: Dict[str, Any] = field(default_factory=dict)
     """Extra hyperparameters merged over the preset (e.g. from tests)."""
+    resume: Optional[str] = None
+    """A run folder to continue from its latest checkpoint (its config.json replaces the other arguments)."""
 
 
 def make_env(args: TrainArgs, hp: Dict[str, Any]) -> gym.Env:
@@ -71,22 +75,64 @@ def _rollout(model: MaskablePPO, env: gym.Env) -> Dict[str, Any]:
     return info
 
 
+def _resumed_args(args: TrainArgs):
+    run = Path(args.resume)
+    config_path = run / "config.json"
+    if not config_path.exists():
+        raise ConfigError(f"--resume {run}: no config.json there; pass the folder a `windquant train --out` run wrote.")
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise ConfigError(f"--resume {run}: the run has no complete checkpoint yet (checkpoints/{LATEST}); start it again without --resume.")
+    saved = json.loads(config_path.read_text())
+    resumed = TrainArgs(**{**saved["args"], "resume": str(run), "out": str(run), "progress": args.progress})
+    return resumed, saved["hyperparams"], checkpoint
+
+
 def train(args: TrainArgs) -> Dict[str, Any]:
-    hp = load_hyperparams(args.preset, args.hyperparams)
-    hp.update(args.overrides)
-    if args.episodes is not None:
-        hp["episodes"] = args.episodes
-    if args.gamma is not None:
-        hp["gamma"] = args.gamma
+    checkpoint = None
+    if args.resume:
+        args, hp, checkpoint = _resumed_args(args)
+    else:
+        hp = load_hyperparams(args.preset, args.hyperparams)
+        hp.update(args.overrides)
+        if args.episodes is not None:
+            hp["episodes"] = args.episodes
+        if args.gamma is not None:
+            hp["gamma"] = args.gamma
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"args": asdict(args), "hyperparams": hp}, indent=1, default=str))
+    if checkpoint is None:
+        (out / "config.json").write_text(json.dumps({"args": asdict(args), "hyperparams": hp}, indent=1, default=str))
 
     started = time.perf_counter()
     env = make_env(args, hp)
     base = env.unwrapped
     n_units = base.n_units
-    model = MaskablePPO(
+    if checkpoint is not None:
+        state = read_state(checkpoint)
+        model = MaskablePPO.load(checkpoint / "model.zip", env=env, device="cpu", tensorboard_log=str(out / "tb"))
+        base.load_state_dict(state["env"])
+        env.get_wrapper_attr("load_state_dict")(state["curriculum"])
+    else:
+        model = _new_model(env, hp, n_units, out, args.seed)
+    recorder = EpisodeRecorder(out, base.table, args.model, hp["episodes"], progress=args.progress)
+    if checkpoint is not None:
+        recorder.load_state_dict(state["recorder"])
+    checkpoints = ResumableCheckpoint(out / "checkpoints", hp["checkpoint_every"], env, recorder)
+    setup_seconds = time.perf_counter() - started
+    remaining = max(0, hp["episodes"] - recorder.episodes)
+    if remaining:
+        model.learn(total_timesteps=remaining * n_units, callback=CallbackList([recorder, checkpoints]),
+                    tb_log_name="maskable_ppo", reset_num_timesteps=checkpoint is None)
+    checkpoints.init_callback(model)
+    checkpoints.save()
+    train_seconds = time.perf_counter() - started - setup_seconds
+    model.save(out / "final_model")
+    return _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out, trained=remaining)
+
+
+def _new_model(env, hp, n_units, out, seed) -> MaskablePPO:
+    return MaskablePPO(
         WindQuantPolicy,
         env,
         learning_rate=hp["learning_rate"],
@@ -100,17 +146,15 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         vf_coef=hp["vf_coef"],
         policy_kwargs={"hidden_size": hp["hidden_size"]},
         tensorboard_log=str(out / "tb"),
-        seed=args.seed,
+        seed=seed,
         device="cpu",
         verbose=0,
     )
-    recorder = EpisodeRecorder(out, base.table, args.model, hp["episodes"], progress=args.progress)
-    checkpoints = CheckpointCallback(hp["checkpoint_every"] * n_units, str(out / "checkpoints"), name_prefix="maskable_ppo")
-    setup_seconds = time.perf_counter() - started
-    model.learn(total_timesteps=hp["episodes"] * n_units, callback=CallbackList([recorder, checkpoints]), tb_log_name="maskable_ppo")
-    train_seconds = time.perf_counter() - started - setup_seconds
-    model.save(out / "final_model")
 
+
+def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out, trained) -> Dict[str, Any]:
+    base = env.unwrapped
+    n_units = base.n_units
     # Evaluation at the final target: the deterministic policy, and the best plan seen.
     curriculum = env.get_wrapper_attr("freeze")
     final_target = args.target_bits if args.target_bits is not None else hp["curriculum"][-1]
@@ -134,7 +178,8 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     summary = {
         "model": args.model, "preset": args.preset, "episodes": hp["episodes"], "gamma": hp["gamma"],
         "target_bits": final_target, "n_units": n_units, "setup_seconds": setup_seconds,
-        "train_seconds": train_seconds, "seconds_per_episode": train_seconds / max(1, hp["episodes"]),
+        "train_seconds": train_seconds, "seconds_per_episode": train_seconds / max(1, trained),
+        "resumed_from_episode": hp["episodes"] - trained if args.resume else None,
         "heldout_tokens": int(held_out.numel()), "results": rows,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

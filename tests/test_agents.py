@@ -43,7 +43,7 @@ def test_maskable_ppo_trains_two_episodes(tmp_path, monkeypatch):
     for row in rows:
         assert float(row["effective_bits"]) <= float(row["target_bits"]) + 1e-9
         assert float(row["proxy_ppl"]) > 1
-    assert (run / "final_model.zip").exists() and list((run / "checkpoints").glob("*.zip"))
+    assert (run / "final_model.zip").exists() and list((run / "checkpoints").rglob("model.zip"))
     assert list((run / "tb").rglob("events.out.tfevents*"))
     plan = wq.plan.QuantPlan.load(run / "final_plan.json")
     assert plan.metrics["effective_bits"] <= 2.0 + 1e-9
@@ -74,3 +74,46 @@ def test_mask_unaware_algorithms_run_one_episode(tiny_problem, algorithm):
     result = example.run(algorithm, env, episodes=1)
     assert result["effective_bits"] <= 2.0 + 1e-9  # projection kept the budget
     assert result["proxy_ppl"] > 1
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from windquant_gym.agents import callbacks
+    from windquant_gym.agents.checkpoints import latest_checkpoint, read_state
+
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    record = callbacks.EpisodeRecorder._record
+
+    def killed_after_third_episode(self, info):
+        record(self, info)
+        if self.episodes == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C, or the machine went away
+
+    monkeypatch.setattr(callbacks.EpisodeRecorder, "_record", killed_after_third_episode)
+    args = TrainArgs(model="tiny-llama", preset="smoke", out=str(run), episodes=5, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(args)
+    monkeypatch.setattr(callbacks.EpisodeRecorder, "_record", record)
+    checkpoint = latest_checkpoint(run)
+    saved = read_state(checkpoint)
+    assert saved["episodes"] == 2 and checkpoint.name == "episode_000002"
+    assert saved["env"]["episode_count"] == 2 and saved["curriculum"]["episodes_done"] == 2
+    assert len(list(csv.DictReader((run / "episodes.csv").open()))) == 3  # episode 3 ran, then the kill
+
+    summary = train(TrainArgs(resume=str(run), progress=False))
+    rows = list(csv.DictReader((run / "episodes.csv").open()))
+    assert [int(r["episode"]) for r in rows] == [1, 2, 3, 4, 5]  # episode 3 trained again, once in the CSV
+    # the curriculum went on from stage 1 (episodes_per_stage = ceil(5 / 4) = 2), not from the start
+    assert [float(r["target_bits"]) for r in rows] == [3.0, 3.0, 2.5, 2.5, 2.0]
+    final = read_state(latest_checkpoint(run))
+    assert final["episodes"] == 5 and final["env"]["episode_count"] == 5
+    assert final["num_timesteps"] == 5 * summary["n_units"]
+    assert summary["resumed_from_episode"] == 2
+
+
+def test_resume_needs_a_run_with_a_checkpoint(tmp_path):
+    with pytest.raises(wq.ConfigError, match="config.json"):
+        train(TrainArgs(resume=str(tmp_path)))
+    (tmp_path / "config.json").write_text(json.dumps({"args": {}, "hyperparams": {}}))
+    with pytest.raises(wq.ConfigError, match="no complete checkpoint"):
+        train(TrainArgs(resume=str(tmp_path)))

@@ -74,3 +74,59 @@ def test_calibration_scales_are_mean_absolute_inputs(tiny):
     assert set(result.act_scales) == {u.module for u in units}
     assert result.nll == pytest.approx(wq.mean_nll(model, blocks), rel=1e-6)
     assert not model.get_submodule(name)._forward_pre_hooks  # our hooks are gone
+
+
+def test_streamed_layer_by_layer_equals_whole_model_assembly(tiny_problem):
+    """The large-model path (one decoder layer's quantized weights at a time, table in host
+    memory) gives the same NLL as assembling everything, and gives the weights back."""
+    import dataclasses
+
+    import numpy as np
+
+    saved = snapshot(tiny_problem.model)
+    plan = np.random.default_rng(3).integers(0, 7, len(tiny_problem.units)).tolist()
+    whole = tiny_problem.proxy_nll(plan)
+    streamed = dataclasses.replace(tiny_problem, stream=True, _assembler=None)
+    seen = []
+    layers = wq.quant.units.find_decoder_layers(tiny_problem.model)[1]
+    hook = layers[1].self_attn.q_proj.register_forward_pre_hook(  # while layer 1 runs
+        lambda module, args: seen.append(
+            sorted({n.split(".")[2] for n, p in tiny_problem.model.named_parameters() if not torch.equal(p, saved[n])})
+        )
+    )
+    try:
+        assert streamed.proxy_nll(plan) == pytest.approx(whole, rel=1e-6)
+    finally:
+        hook.remove()
+    assert seen == [["1"]]  # while layer 1 runs, only its weights are borrowed (layer 0's are back)
+    assert streamed._assembler.per_layer and len(streamed._assembler._buffers) == 7  # one layer's buffers
+    assert_bitwise_equal(tiny_problem.model, saved)
+
+
+def test_streamed_restores_after_an_exception_mid_forward(tiny_problem):
+    saved = snapshot(tiny_problem.model)
+    layers = wq.quant.units.find_decoder_layers(tiny_problem.model)[1]
+
+    def fail(module, args):
+        raise KeyboardInterrupt
+
+    hook = layers[1].register_forward_pre_hook(fail)  # registered first: runs before layer 1 is assembled
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with wq.quant.apply.streamed_quantized_weights(tiny_problem.model, tiny_problem.table, [5] * len(tiny_problem.units)):
+                wq.mean_nll(tiny_problem.model, tiny_problem.blocks[:2])
+    finally:
+        hook.remove()
+    assert_bitwise_equal(tiny_problem.model, saved)
+
+
+def test_table_kept_in_host_memory_assembles_the_same(tiny_problem, tmp_path):
+    table = wq.build_table(tiny_problem.model, tiny_problem.calibration.act_scales, tiny_problem.table.config,
+                           cache=False, progress=False, storage_device="cpu")
+    plan = [3] * len(tiny_problem.units)
+    name = tiny_problem.table.units[0].module
+    original = tiny_problem.model.get_submodule(name).weight.data
+    count = sum(1 for u in table.units if u.module == name)
+    assert torch.equal(table.assemble_module(name, [3] * count, original),
+                       tiny_problem.table.assemble_module(name, [3] * count, original))
+    assert table.plan_bits(plan) == tiny_problem.table.plan_bits(plan)

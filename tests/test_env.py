@@ -137,6 +137,35 @@ def test_weights_unchanged_after_episodes_and_close(tiny_problem):
         assert torch.equal(p, saved[name])
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_weights_come_back_when_the_evaluation_is_interrupted(tiny_problem, monkeypatch, error):
+    import windquant_gym.problem as problem_module
+
+    saved = snapshot(tiny_problem.model)
+    real_mean_nll = problem_module.mean_nll
+    seen = []
+
+    def interrupted(model, blocks, **kwargs):
+        # the plan's weights are in the model now; stop after one batch, as Ctrl-C would
+        seen.append(any(not torch.equal(p, saved[n]) for n, p in model.named_parameters()))
+        kwargs["on_batch"] = lambda: (_ for _ in ()).throw(error("stop"))
+        return real_mean_nll(model, blocks, **kwargs)
+
+    monkeypatch.setattr(problem_module, "mean_nll", interrupted)
+    env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.0)
+    with pytest.raises(error):
+        run_episode(env, lambda mask: int(np.flatnonzero(mask)[-1]))
+    assert seen == [True]  # the interruption really came mid-evaluation, with borrowed weights in
+    for name, p in tiny_problem.model.named_parameters():
+        assert torch.equal(p, saved[name]), name
+    monkeypatch.setattr(problem_module, "mean_nll", real_mean_nll)
+    *_, info = run_episode(env, lambda mask: int(np.flatnonzero(mask)[-1]))  # the env still works
+    assert info["effective_bits"] <= 2.0 + 1e-9
+    env.close()
+    for name, p in tiny_problem.model.named_parameters():
+        assert torch.equal(p, saved[name]), name
+
+
 def test_terminal_info_and_lagrange_update(env):
     _, rewards, _, info = run_episode(env, lambda mask: int(np.flatnonzero(mask)[-1]))
     for key in ("plan", "stored_plan", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio", "fallbacks",

@@ -74,7 +74,8 @@ def test_straight_through_gradient_matches_autograd(action):
     spec = BIT_WIDTHS[action]
     w = gaussian(2, 8, 32, seed=5)
     weight = torch.rand(2, 1, 32, generator=torch.Generator().manual_seed(6))
-    alpha = (w.abs().amax(-1, keepdim=True) * 0.4).requires_grad_(True)
+    # small enough that some |w/alpha| land beyond every code range (clamps active)
+    alpha = (w.abs().amax(-1, keepdim=True) / (spec.code_max + 2)).requires_grad_(True)
     x = w / alpha
     if spec.operator == "binary":
         q = torch.where(x >= 0, 1.0, -1.0) * alpha
@@ -82,6 +83,8 @@ def test_straight_through_gradient_matches_autograd(action):
         if spec.clip is not None:
             x = x.clamp(-spec.clip, spec.clip)
         scaled = x * spec.divisor - spec.shift
+        if spec.clip is None:  # LSQ: w/alpha clamped to the code range, then rounded
+            scaled = scaled.clamp(spec.code_min, spec.code_max)
         rounded = scaled + (torch.round(scaled) - scaled).detach()  # straight-through
         q = alpha * (rounded.clamp(spec.code_min, spec.code_max) + spec.shift) / spec.divisor
     (weight * (q - w) ** 2).sum().backward()

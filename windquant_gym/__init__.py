@@ -5,14 +5,18 @@ from .data import load_texts, sample_token_blocks
 from .errors import (
     ConfigError,
     DataError,
+    ExportFormatError,
+    IncompleteExportError,
     MissingDependencyError,
     ModelStructureError,
+    OutputExistsError,
     TableMismatchError,
     UnknownNameError,
     WindQuantError,
 )
 from .envs import ENV_ID, CurriculumWrapper, PrecisionRules, RewardConfig, WindQuantEnv
 from .eval import mean_nll, perplexity
+from .export import export_plan, load_quantized, packed_size
 from .models import load_model
 from .problem import QuantProblem
 from .quant import (
@@ -33,6 +37,7 @@ __all__ = [
     "build_table", "calibrate", "Calibration", "find_units", "quantized_weights",
     "load_model", "load_texts", "sample_token_blocks", "mean_nll", "perplexity",
     "WindQuantError", "ConfigError", "DataError", "MissingDependencyError", "ModelStructureError",
-    "TableMismatchError", "UnknownNameError",
+    "TableMismatchError", "UnknownNameError", "OutputExistsError", "IncompleteExportError", "ExportFormatError",
+    "export_plan", "load_quantized", "packed_size",
     "ENV_ID", "CurriculumWrapper", "WindQuantEnv", "RewardConfig", "PrecisionRules",
 ]

@@ -22,10 +22,11 @@ def _train(argv: List[str]) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--hyperparams", help="another hyperparameter YAML")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--resume", metavar="DIR", help="continue a run folder from its latest checkpoint (other options are read from DIR/config.json)")
     ns = parser.parse_args(argv)
     train(TrainArgs(model=ns.model, preset=ns.preset, out=ns.out, episodes=ns.episodes, gamma=ns.gamma,
                     target_bits=ns.target_bits, seed=ns.seed, device=ns.device, hyperparams=ns.hyperparams,
-                    progress=not ns.no_progress))
+                    progress=not ns.no_progress, resume=ns.resume))
     return 0
 
 
@@ -33,6 +34,19 @@ def _bench(argv: List[str]) -> int:
     from .benchmark.bench import main as bench_main
 
     return bench_main(argv)
+
+
+def _problem_for_plan(saved, model_name: str, preset: str):
+    """The QuantProblem a saved plan was made on: ``model_name`` calibrated on wiki-sample
+    with the plan's quant config and the preset's calibration sizes (as the env builds it)."""
+    from .agents.hyperparams import load_hyperparams
+    from .models import load_model
+    from .problem import QuantProblem
+
+    env_kwargs = load_hyperparams(preset)["env_kwargs"]
+    model, tokenizer = load_model(model_name)
+    return QuantProblem.build(model, tokenizer, "wiki-sample", saved.quant_config,
+                              n_samples=env_kwargs["n_calibration_samples"], seq_len=env_kwargs["calibration_seq_len"])
 
 
 def _plot(argv: List[str]) -> int:
@@ -50,16 +64,10 @@ def _plot(argv: List[str]) -> int:
     if target.is_dir():
         print(plots.plot_training_curves(target, ns.out))
         return 0
-    from .agents.hyperparams import load_hyperparams
-    from .models import load_model
-    from .problem import QuantProblem
     from .plan import QuantPlan
 
     saved = QuantPlan.load(target)
-    env_kwargs = load_hyperparams(ns.preset)["env_kwargs"]
-    model, tokenizer = load_model(ns.model)
-    problem = QuantProblem.build(model, tokenizer, "wiki-sample", saved.quant_config,
-                                 n_samples=env_kwargs["n_calibration_samples"], seq_len=env_kwargs["calibration_seq_len"])
+    problem = _problem_for_plan(saved, ns.model, ns.preset)
     heatmap = plots.plot_plan_file(target, problem.table, ns.out or target.with_suffix(".heatmap.png"))
     distribution = plots.plot_action_distribution([saved.actions], target.with_suffix(".actions.png"),
                                                   labels=[target.stem], units=problem.units)
@@ -67,7 +75,35 @@ def _plot(argv: List[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "bench": _bench, "plot": _plot}
+def _export(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="windquant export",
+        description="Write a saved plan as a packed model folder: model.safetensors (packed quantized Linears), "
+        "rest.safetensors (everything else, fp16), plan.json, config and tokenizer. Load it with "
+        "windquant_gym.load_quantized(DIR).",
+    )
+    parser.add_argument("plan", help="a plan JSON (best_plan_*.json, final_plan.json of a run)")
+    parser.add_argument("--out", required=True, help="output folder (new or empty, unless --overwrite)")
+    parser.add_argument("--model", help="the model the plan was made for (default: the plan's model, else smollm2-135m)")
+    parser.add_argument("--preset", default="cpu", help="hyperparams.yml block of the env it was made on (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the export's files in a non-empty folder")
+    parser.add_argument("--rest-dtype", choices=("float16", "float32"), default="float16",
+                        help="dtype of the non-quantized tensors (default: %(default)s)")
+    ns = parser.parse_args(argv)
+    import torch
+
+    from .export import export_plan, packed_size
+    from .plan import QuantPlan
+
+    saved = QuantPlan.load(ns.plan)
+    problem = _problem_for_plan(saved, ns.model or saved.model or "smollm2-135m", ns.preset)
+    out = export_plan(saved, problem, ns.out, overwrite=ns.overwrite, rest_dtype=getattr(torch, ns.rest_dtype))
+    print(f"wrote {out}")
+    print(packed_size(out).summary())
+    return 0
+
+
+COMMANDS = {"train": _train, "bench": _bench, "plot": _plot, "export": _export}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

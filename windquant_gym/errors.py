@@ -31,8 +31,21 @@ class ModelStructureError(WindQuantError, ValueError):
 
 
 class DataError(WindQuantError, ValueError):
-    """Text is missing, empty, or too short for the requested token blocks."""
+    """Text is missing, empty, or too short for the requested token blocks, or the
+    calibration statistics computed from it are unusable (NaN, Inf)."""
 
 
 class TableMismatchError(WindQuantError, ValueError):
     """A plan or cached table does not belong to this model or configuration."""
+
+
+class OutputExistsError(WindQuantError, FileExistsError):
+    """An output folder already holds files and overwriting was not asked for."""
+
+
+class IncompleteExportError(WindQuantError, FileNotFoundError):
+    """A packed-export folder lacks a file it needs."""
+
+
+class ExportFormatError(WindQuantError, ValueError):
+    """A packed export (or the data to pack) is malformed, corrupt, or of another format version."""

@@ -34,15 +34,19 @@ class QuantPlan:
 
     def check(self, table: QuantTable) -> None:
         """Refuse a table this plan was not made for."""
+        made_for = f" (made for {self.model!r})" if self.model else ""
         if self.quant_config != table.config:
+            mine, theirs = self.quant_config.to_dict(), table.config.to_dict()
+            differ = ", ".join(f"{k}: plan {mine[k]!r}, table {theirs[k]!r}" for k in mine if mine[k] != theirs[k])
             raise TableMismatchError(
-                f"This plan was made with {self.quant_config}, the table has {table.config}; "
-                "rebuild the env with the plan's quant config."
+                f"This plan{made_for} was made with another quant config ({differ}); the full configs are "
+                f"{self.quant_config} and {table.config}. Rebuild the env with the plan's quant config "
+                "(plan.quant_config)."
             )
         if self.table_fingerprint != table.fingerprint:
             raise TableMismatchError(
-                f"This plan belongs to table {self.table_fingerprint}, not {table.fingerprint}: another model, "
-                "other weights or other calibration text. Use the model and calibration the plan was made with."
+                f"This plan{made_for} belongs to table {self.table_fingerprint}, not {table.fingerprint}: another "
+                "model, other weights or other calibration text. Use the model and calibration the plan was made with."
             )
         table.check_plan(self.actions)
 
@@ -65,9 +69,17 @@ class QuantPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantPlan":
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise TableMismatchError(f"{path} is not a plan file (not JSON: {error}); give a plan saved by QuantPlan.save.") from None
+        if not isinstance(data, dict):
+            raise TableMismatchError(f"{path} is not a plan file (a JSON {type(data).__name__}); give a plan saved by QuantPlan.save.")
         if data.get("schema") != PLAN_SCHEMA:
             raise TableMismatchError(f"{path}: plan schema {data.get('schema')!r}, this version reads {PLAN_SCHEMA}.")
+        missing = [k for k in ("actions", "table_fingerprint", "quant_config") if k not in data]
+        if missing:
+            raise TableMismatchError(f"{path} lacks the plan fields {missing}; give a plan saved by QuantPlan.save.")
         return cls(
             actions=tuple(data["actions"]),
             table_fingerprint=data["table_fingerprint"],

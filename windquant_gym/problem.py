@@ -4,6 +4,7 @@ everything an episode (or any allocator) needs, prepared once and cached on disk
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -13,13 +14,14 @@ import torch.nn as nn
 
 from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks
+from .errors import ConfigError
 from .eval.perplexity import mean_nll
 from .fingerprint import tensors_fingerprint
 from .paths import cache_dir
-from .quant.apply import WeightAssembler, quantized_weights
+from .quant.apply import WeightAssembler, borrowed_weights, streamed_quantized_weights
 from .quant.config import QuantConfig
 from .quant.table import QuantTable, build_table
-from .quant.units import Unit, find_units, module_names
+from .quant.units import Unit, check_weights, find_units, module_names
 
 
 def _cached_calibration(model, units, blocks, batch_size, cache, progress) -> Calibration:
@@ -51,7 +53,10 @@ class QuantProblem:
     calibration: Calibration
     table: QuantTable
     batch_size: int = 8
+    stream: bool = False
+    """Assemble one decoder layer at a time during the proxy pass (see :meth:`proxy_nll`)."""
     _assembler: Optional[WeightAssembler] = field(default=None, repr=False)
+    last_timing: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -67,14 +72,32 @@ class QuantProblem:
         batch_size: int = 8,
         cache: bool | str | Path = True,
         progress: bool = True,
+        stream: bool = False,
+        table_device: Optional[str | torch.device] = None,
     ) -> "QuantProblem":
-        """Sample calibration blocks, calibrate (cached), and build the table (cached)."""
-        documents = load_texts(texts, split="calibration") if isinstance(texts, (str, Path)) else list(texts)
-        blocks = sample_token_blocks(documents, tokenizer, n_samples, seq_len, seed)
+        """Sample calibration blocks, calibrate (cached), and build the table (cached).
+
+        For models whose six quantized copies do not fit beside them on the accelerator,
+        ``table_device="cpu"`` keeps the table in host memory (fitting still runs on the
+        model's device) and ``stream=True`` assembles one decoder layer at a time.
+
+        The cheap checks come first, so bad input fails in milliseconds with a named error:
+        the config, the tokenizer, the model's structure and weights (NaN, Inf or beyond
+        float16 is refused before any forward pass), then the text."""
+        if not isinstance(config, QuantConfig):
+            raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. QuantConfig(chunk_size=256).")
+        if tokenizer is None:
+            raise ConfigError(
+                f"QuantProblem.build got a {type(model).__name__} but no tokenizer: pass the tokenizer that goes "
+                "with the model (load_model returns both)."
+            )
         units = find_units(model, config.chunk_size)
+        check_weights(model, units)
+        documents = load_texts(texts, split="calibration") if isinstance(texts, (str, Path)) else texts
+        blocks = sample_token_blocks(documents, tokenizer, n_samples, seq_len, seed)
         calibration = _cached_calibration(model, units, blocks, batch_size, cache, progress)
-        table = build_table(model, calibration.act_scales, config, cache=cache, progress=progress)
-        return cls(model, tokenizer, units, blocks, calibration, table, batch_size)
+        table = build_table(model, calibration.act_scales, config, cache=cache, progress=progress, storage_device=table_device)
+        return cls(model, tokenizer, units, blocks, calibration, table, batch_size, stream)
 
     @property
     def baseline_ppl(self) -> float:
@@ -82,11 +105,25 @@ class QuantProblem:
         return math.exp(self.calibration.nll)
 
     def proxy_nll(self, plan: Sequence[int], progress: bool = False) -> float:
-        """Mean NLL on the calibration blocks with ``plan`` applied (weights restored after)."""
-        if self._assembler is None:
-            self._assembler = WeightAssembler(self.model, self.table)
-        with quantized_weights(self.model, self.table, plan, self._assembler):
-            return mean_nll(self.model, self.blocks, batch_size=self.batch_size, progress=progress)
+        """Mean NLL on the calibration blocks with ``plan`` applied (weights restored after).
+        ``last_timing`` then holds the seconds spent assembling weights and the rest of the
+        forward pass. With ``stream=True`` each decoder layer gets its quantized weights only
+        while it runs (one layer's worth of extra memory) and the blocks go as one batch."""
+        if self._assembler is None or self._assembler.per_layer != self.stream:
+            self._assembler = WeightAssembler(self.model, self.table, per_layer=self.stream)
+        assembler = self._assembler
+        started, assembled_before = time.perf_counter(), assembler.seconds
+        if self.stream:
+            with streamed_quantized_weights(self.model, self.table, plan, assembler):
+                nll = mean_nll(self.model, self.blocks, batch_size=len(self.blocks), progress=progress)
+        else:
+            with torch.no_grad():
+                weights = assembler.assemble(plan)
+            with borrowed_weights(self.model, weights):
+                nll = mean_nll(self.model, self.blocks, batch_size=self.batch_size, progress=progress)
+        assemble = assembler.seconds - assembled_before
+        self.last_timing = {"assemble_seconds": assemble, "forward_seconds": time.perf_counter() - started - assemble}
+        return nll
 
     def proxy_ppl(self, plan: Sequence[int], progress: bool = False) -> float:
         return math.exp(self.proxy_nll(plan, progress))

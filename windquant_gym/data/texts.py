@@ -111,6 +111,12 @@ def load_texts(name_or_path: str, split: str = "calibration") -> List[str]:
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}.")
     name = str(name_or_path)
+    if not name.strip():
+        # Path("") is the working directory: never read it by accident.
+        raise DataError(
+            f"The corpus name or path is empty ({name_or_path!r}); use {', '.join(sorted(CORPORA))}, a local "
+            "text file or folder, or pass the documents themselves as a list of strings."
+        )
     if name in CORPORA:
         documents = _split(CORPORA[name](), split)
     elif name.startswith("hf:"):
@@ -120,7 +126,8 @@ def load_texts(name_or_path: str, split: str = "calibration") -> List[str]:
     else:
         raise UnknownNameError(
             f"Unknown corpus {name!r}: use {', '.join(sorted(CORPORA))}, a local text file or folder, "
-            "or a datasets spec like 'hf:wikitext:wikitext-2-raw-v1@test'."
+            "or a datasets spec like 'hf:wikitext:wikitext-2-raw-v1@test'. To calibrate on text of your "
+            "own, pass it as a list of strings."
         )
     if not documents:
         raise DataError(f"Corpus {name!r} (split {split!r}) holds no text; give a file or folder with text in it.")

@@ -27,12 +27,15 @@ class PrecisionRules:
     """Minimum bits of MLP gate projections (modules whose name contains 'gate')."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.early_layers, int) or self.early_layers < 0:
-            raise ConfigError(f"early_layers must be an integer >= 0, got {self.early_layers!r}.")
+        if not isinstance(self.early_layers, int) or isinstance(self.early_layers, bool) or self.early_layers < 0:
+            raise ConfigError(f"early_layers must be an integer >= 0, got {self.early_layers!r}; e.g. early_layers=2.")
         for name in ("early_min_bits", "attention_min_bits", "mlp_gate_min_bits"):
             value = getattr(self, name)
-            if not 1.0 <= value <= 16.0:
-                raise ConfigError(f"PrecisionRules.{name} must lie in [1, 16], got {value!r}.")
+            if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float, np.number)) or not 1.0 <= value <= 16.0:
+                raise ConfigError(
+                    f"PrecisionRules.{name} must be a bit width in [1, 16], got {value!r}; one of "
+                    f"{sorted(set(ACTION_BITS))} is typical."
+                )
 
     def unit_minimum(self, unit: Unit) -> float:
         minimum = 1.0

@@ -24,6 +24,18 @@ _BITS = np.asarray(ACTION_BITS, dtype=np.float64)
 _TOLERANCE = 1e-6  # bits; guards float sums at the exact budget
 
 
+def _checked_target(target_bits) -> float:
+    try:
+        target = float(target_bits)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"target_bits must be a number of bits per weight in [1, 16], got {target_bits!r}; e.g. target_bits=2.0."
+        ) from None
+    if not 1.0 <= target <= 16.0:
+        raise ConfigError(f"target_bits must lie in [1, 16] bits per weight, got {target_bits!r}; e.g. target_bits=2.0.")
+    return target
+
+
 class WindQuantEnv(gym.Env):
     """
     ## Description
@@ -77,7 +89,8 @@ class WindQuantEnv(gym.Env):
     Terminates after the last unit (N steps); never truncates. The terminal ``info`` holds
     ``plan`` (requested actions), ``stored_plan`` (after fallback), ``effective_bits``,
     ``storage_bits``, ``proxy_ppl``, ``baseline_ppl``, ``ppl_ratio``, ``fallbacks``,
-    ``reward_terms``, ``lagrange_lambda``, ``episode_seconds``.
+    ``reward_terms``, ``lagrange_lambda``, ``episode_seconds`` (and of it ``assemble_seconds``,
+    ``forward_seconds``: the proxy evaluation's two parts).
 
     ## Arguments
 
@@ -125,6 +138,7 @@ class WindQuantEnv(gym.Env):
         self.precision_rules = precision_rules or PrecisionRules()
         if not isinstance(self.reward_config, RewardConfig):
             raise ConfigError(f"reward_config must be a RewardConfig, got {type(self.reward_config).__name__}.")
+        _checked_target(target_bits)  # before the (slow) table build
         if problem is None:
             if isinstance(model, str):
                 model, loaded_tokenizer = load_model(model, device=device)
@@ -133,7 +147,7 @@ class WindQuantEnv(gym.Env):
                 raise ConfigError(f"model must be an nn.Module or a model name, got {type(model).__name__}.")
             if tokenizer is None:
                 raise ConfigError(
-                    "WindQuant-v0 got a model module but no tokenizer: pass tokenizer=... (the one that goes "
+                    f"WindQuant-v0 got a model module ({type(model).__name__}) but no tokenizer: pass tokenizer=... (the one that goes "
                     "with the model), or pass the model by name, e.g. model='smollm2-135m'."
                 )
             config = quant_config or QuantConfig(chunk_size=chunk_size, salient_rate=salient_rate)
@@ -180,9 +194,7 @@ class WindQuantEnv(gym.Env):
 
     def set_target_bits(self, target_bits: float) -> None:
         """Change the budget (takes effect at the next reset; the curriculum uses this)."""
-        target = float(target_bits)
-        if not 1.0 <= target <= 16.0:
-            raise ConfigError(f"target_bits must lie in [1, 16] bits per weight, got {target_bits!r}.")
+        target = _checked_target(target_bits)
         if target < self.min_feasible_bits - _TOLERANCE:
             raise ConfigError(
                 f"target_bits={target} is below {self.min_feasible_bits:.4f}, the least the minimum-precision "
@@ -283,6 +295,7 @@ class WindQuantEnv(gym.Env):
             "reward_terms": terms,
             "lagrange_lambda": used_lambda,
             "episode_seconds": time.perf_counter() - self._started,
+            **self.problem.last_timing,  # assemble_seconds, forward_seconds of the proxy evaluation
         }
 
     def _observation(self) -> np.ndarray:
@@ -300,6 +313,17 @@ class WindQuantEnv(gym.Env):
         obs[9:14] = static[5:10]
         obs[14] = self.target_bits / 8.0
         return obs
+
+    # ----- resumable state ----------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """What survives from one episode to the next (for resumable training)."""
+        return {"lagrange_lambda": self.lagrange_lambda, "episode_count": self.episode_count, "target_bits": self.target_bits}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; takes effect at the next reset."""
+        self.lagrange_lambda = float(state["lagrange_lambda"])
+        self.episode_count = int(state["episode_count"])
+        self.set_target_bits(state["target_bits"])
 
     def close(self) -> None:
         # Nothing stays borrowed between episodes; drop the reusable weight buffers.

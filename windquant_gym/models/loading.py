@@ -9,7 +9,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from ..errors import MissingDependencyError, UnknownNameError
+from ..errors import ConfigError, MissingDependencyError, UnknownNameError
 from ..paths import cache_dir
 from .tiny import byte_tokenizer, tiny_llama
 
@@ -17,9 +17,24 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else must name a usable device."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={device!r} but CUDA is not available here (torch {torch.__version__}, "
+            f"torch.version.cuda={torch.version.cuda}); use device='cpu' or 'auto'."
+        )
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={device!r} but only {torch.cuda.device_count()} CUDA devices are visible; use 'cuda:0'..."
+            f"'cuda:{torch.cuda.device_count() - 1}' or 'auto'."
+        )
+    return resolved
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:

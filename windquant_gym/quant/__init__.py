@@ -1,5 +1,5 @@
 from .accounting import effective_bits, n_protected, storage_bits
-from .apply import WeightAssembler, quantized_weights
+from .apply import WeightAssembler, borrowed_weights, quantized_weights
 from .bitwidths import ACTION_BITS, BIT_WIDTHS, N_ACTIONS, SKIP_ACTION, action_index
 from .config import QuantConfig
 from .table import QuantTable, build_table
@@ -8,5 +8,5 @@ from .units import Unit, find_decoder_layers, find_units
 __all__ = [
     "ACTION_BITS", "BIT_WIDTHS", "N_ACTIONS", "SKIP_ACTION", "action_index",
     "QuantConfig", "QuantTable", "build_table", "Unit", "find_units", "find_decoder_layers",
-    "WeightAssembler", "quantized_weights", "effective_bits", "storage_bits", "n_protected",
+    "WeightAssembler", "borrowed_weights", "quantized_weights", "effective_bits", "storage_bits", "n_protected",
 ]

@@ -9,42 +9,83 @@ reused from one episode to the next.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .table import QuantTable
-from .units import module_names
+from .units import find_decoder_layers, module_names
 
 
 class WeightAssembler:
-    """Builds a plan's weights into per-module buffers allocated once."""
+    """Builds a plan's weights into buffers allocated once.
 
-    def __init__(self, model: nn.Module, table: QuantTable):
+    ``per_layer=False``: one buffer per module (the whole model's quantized weights exist at
+    once). ``per_layer=True``: buffers are shared by the same module of every decoder layer
+    (``self_attn.q_proj`` of layer 3 reuses layer 2's), for :func:`streamed_quantized_weights`,
+    which holds one layer's quantized weights at a time."""
+
+    def __init__(self, model: nn.Module, table: QuantTable, per_layer: bool = False):
         self.model = model
         self.table = table
         self.modules = module_names(table.units)
         self._first_unit = {}
+        self._layer_of = {}
         for unit in table.units:
             self._first_unit.setdefault(unit.module, unit.index)
+            self._layer_of.setdefault(unit.module, unit.layer)
         self._count = {name: sum(1 for u in table.units if u.module == name) for name in self.modules}
+        self.per_layer = per_layer
         self._buffers: Dict[str, torch.Tensor] = {}
+        self.seconds = 0.0
+        """Wall time spent assembling, summed over calls (read by the episode timing)."""
 
-    def assemble(self, plan: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def layer_modules(self, layer: int) -> List[str]:
+        return [name for name in self.modules if self._layer_of[name] == layer]
+
+    def _buffer_key(self, name: str) -> str:
+        if not self.per_layer:
+            return name
+        prefix = f".{self._layer_of[name]}."
+        return name[name.index(prefix) + len(prefix):] if prefix in name else name
+
+    def assemble(self, plan: Sequence[int], modules: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+        """Quantized weights of ``modules`` (default all) under ``plan``, in reused buffers."""
+        started = time.perf_counter()
         actions = self.table.check_plan(plan).tolist()
         result = {}
-        for name in self.modules:
-            weight = self.model.get_submodule(name).weight
-            original = weight.data
-            buffer = self._buffers.get(name)
-            if buffer is None or buffer.shape != original.shape or buffer.dtype != original.dtype:
-                buffer = self._buffers[name] = torch.empty_like(original)
+        for name in self.modules if modules is None else modules:
+            original = self.model.get_submodule(name).weight.data
+            key = self._buffer_key(name)
+            buffer = self._buffers.get(key)
+            if buffer is None or buffer.shape != original.shape or buffer.dtype != original.dtype or buffer.device != original.device:
+                buffer = self._buffers[key] = torch.empty_like(original)
             first = self._first_unit[name]
             self.table.assemble_module(name, actions[first : first + self._count[name]], original, out=buffer)
             result[name] = buffer
+        if result and next(iter(result.values())).is_cuda:
+            torch.cuda.synchronize()  # so that the time is the assembly's, not the next kernel's
+        self.seconds += time.perf_counter() - started
         return result
+
+
+@contextmanager
+def borrowed_weights(model: nn.Module, weights: Dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Point each named module's ``weight.data`` at the given tensor for the block, and
+    back at the original on exit, whatever happens inside (exception, KeyboardInterrupt)."""
+    originals = {}
+    try:
+        for name, new in weights.items():
+            parameter = model.get_submodule(name).weight
+            originals[name] = parameter.data
+            parameter.data = new
+        yield model
+    finally:
+        for name, old in originals.items():
+            model.get_submodule(name).weight.data = old
 
 
 @contextmanager
@@ -56,13 +97,50 @@ def quantized_weights(
     assembler = assembler or WeightAssembler(model, table)
     with torch.no_grad():
         weights = assembler.assemble(plan)
-    originals = {}
+    with borrowed_weights(model, weights):
+        yield model
+
+
+@contextmanager
+def streamed_quantized_weights(
+    model: nn.Module, table: QuantTable, plan: Sequence[int], assembler: WeightAssembler | None = None
+) -> Iterator[nn.Module]:
+    """Like :func:`quantized_weights`, but each decoder layer gets its quantized weights
+    just before it runs (a forward pre-hook) and its own back right after (a forward hook):
+    the extra memory is one layer's weights, not the model's (8B-scale models on one GPU).
+    Every forward call re-assembles each layer, so feed the whole proxy as one batch."""
+    assembler = assembler or WeightAssembler(model, table, per_layer=True)
+    table.check_plan(plan)
+    _, layers = find_decoder_layers(model)
+    borrowed: Dict[str, torch.Tensor] = {}
+
+    def give_back(names):
+        for name in names:
+            if name in borrowed:
+                model.get_submodule(name).weight.data = borrowed.pop(name)
+
+    def before(index):
+        def hook(module, args):
+            with torch.no_grad():
+                weights = assembler.assemble(plan, assembler.layer_modules(index))
+            for name, new in weights.items():
+                parameter = model.get_submodule(name).weight
+                borrowed.setdefault(name, parameter.data)
+                parameter.data = new
+        return hook
+
+    def after(index):
+        def hook(module, args, output):
+            give_back(assembler.layer_modules(index))
+        return hook
+
+    handles = []
     try:
-        for name, new in weights.items():
-            parameter = model.get_submodule(name).weight
-            originals[name] = parameter.data
-            parameter.data = new
+        for index, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(before(index)))
+            handles.append(layer.register_forward_hook(after(index)))
         yield model
     finally:
-        for name, old in originals.items():
-            model.get_submodule(name).weight.data = old
+        for handle in handles:
+            handle.remove()
+        give_back(list(borrowed))

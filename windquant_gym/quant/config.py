@@ -9,6 +9,7 @@ from typing import Any, Dict, Tuple
 
 from ..errors import ConfigError
 from .bitwidths import ACTION_BITS, N_ACTIONS
+from .units import positive_int
 
 #: Relative (activation-weighted) reconstruction error above which an action falls back to
 #: the next higher precision, per action index. Chosen from the error distribution of all
@@ -18,6 +19,16 @@ from .bitwidths import ACTION_BITS, N_ACTIONS
 DEFAULT_FALLBACK_THRESHOLDS: Tuple[float, ...] = (math.inf, 0.01, 0.08, 0.25, 0.6, 0.8, 1.0)
 
 _LOSSES = ("activation", "plain")
+
+
+def _real(value) -> "float | None":
+    """``value`` as a float, or None when it is not a real number (strings and bools included)."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -41,26 +52,35 @@ class QuantConfig:
     """Bumped when what the table holds for the same fields changes."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
-            raise ConfigError(f"chunk_size must be a positive integer, got {self.chunk_size!r}; the paper uses 256.")
-        if not (0.0 <= float(self.salient_rate) < 0.5):
+        chunk_size = positive_int(self.chunk_size, "chunk_size", "the paper uses 256")
+        salient_rate = _real(self.salient_rate)
+        if salient_rate is None or not (0.0 <= salient_rate < 0.5):
             raise ConfigError(
-                f"salient_rate must lie in [0, 0.5), got {self.salient_rate!r}; the paper uses 0.03 (3%)."
+                f"salient_rate must be a number in [0, 0.5), got {self.salient_rate!r}; the paper uses 0.03 (3%)."
             )
-        if not isinstance(self.fit_steps, int) or self.fit_steps < 0:
+        if not isinstance(self.fit_steps, int) or isinstance(self.fit_steps, bool) or self.fit_steps < 0:
             raise ConfigError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}; the paper uses 10.")
-        if not (self.fit_lr > 0 and math.isfinite(self.fit_lr)):
+        fit_lr = _real(self.fit_lr)
+        if fit_lr is None or not (fit_lr > 0 and math.isfinite(fit_lr)):
             raise ConfigError(f"fit_lr must be a positive finite number, got {self.fit_lr!r}; the default is 0.1.")
         if self.fit_loss not in _LOSSES:
             raise ConfigError(f"fit_loss must be one of {_LOSSES}, got {self.fit_loss!r}.")
-        thresholds = tuple(float(t) for t in self.fallback_thresholds)
-        if len(thresholds) != N_ACTIONS or thresholds[0] != math.inf or any(t <= 0 for t in thresholds):
+        try:
+            thresholds = tuple(float(t) for t in self.fallback_thresholds)
+        except (TypeError, ValueError):
+            thresholds = ()
+        if (
+            len(thresholds) != N_ACTIONS
+            or thresholds[0] != math.inf
+            or any(not (t > 0) for t in thresholds)  # also refuses NaN
+        ):
             raise ConfigError(
                 f"fallback_thresholds needs {N_ACTIONS} positive values, one per action {list(ACTION_BITS)}, "
                 f"the first (skip) inf; got {self.fallback_thresholds!r}. Use math.inf to disable fallback."
             )
+        object.__setattr__(self, "chunk_size", chunk_size)
         object.__setattr__(self, "fallback_thresholds", thresholds)
-        object.__setattr__(self, "salient_rate", float(self.salient_rate))
+        object.__setattr__(self, "salient_rate", salient_rate)
 
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)

@@ -23,14 +23,30 @@ from .bitwidths import BitWidth
 #: fp16 range: scales are stored in 16 bits, so fitted scales are rounded to fp16 and
 #: clamped into its normal range before codes are computed from them.
 _FP16_MAX = 65504.0
-_FP16_TINY = 6.1035e-05
+_FP16_TINY = 6.1035e-05  # 2**-14, the smallest normal fp16 (rounds to exactly 2**-14)
 _INT8_MAX = 127
 
 
 def to_fp16_scale(alpha: torch.Tensor) -> torch.Tensor:
     """Round scales to what a packed file stores (fp16), kept in float32 for arithmetic.
     Zero stays zero (an all-zero or all-protected row), anything else is clamped into
-    fp16's normal range so that it neither overflows nor flushes to zero."""
+    fp16's normal range so that it neither overflows nor flushes to zero.
+
+    The range, and what it means for weights outside it (tested in tests/test_properties.py):
+
+    * A stored scale is 0 or an fp16 value in ``[2**-14, 65504]`` (normal range: every
+      stored scale keeps fp16's full 11-bit precision; subnormals would not).
+    * So a dequantized weight is always finite, ``|Q| <= 65504 * max|level|`` (at most
+      ``128 * 65504`` for 8 bit), for any finite input, however large: rows beyond what the
+      range reaches saturate. Whole models with ``|W| > 65504`` are refused before this
+      (:func:`windquant_gym.quant.units.check_weights`): their FP16 skip would be inf.
+    * A row whose natural scale is below ``2**-14`` (``max|W| < 127 * 2**-14`` at 8 bit,
+      ``max|W| < 2**-14`` at 2 bit) gets the coarser scale ``2**-14``. Quantizers with a zero
+      level (LSQ, ternary) then round its small weights to 0 and never move a weight further
+      than zeroing it would (``|Q - W| <= |W|``); binary and 2-bit SEQ, which have no zero
+      level, output ``+-2**-14 * level``. Either way the error is measured and the table's
+      fallback rule sends such a unit to a higher precision if it matters.
+    """
     clamped = alpha.clamp(min=_FP16_TINY, max=_FP16_MAX)
     return torch.where(alpha > 0, clamped, torch.zeros_like(alpha)).half().float()
 

@@ -25,14 +25,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..errors import TableMismatchError
+from ..errors import DataError, TableMismatchError
 from ..fingerprint import tensors_fingerprint
 from ..paths import cache_dir
 from .accounting import unit_bit_tables
-from .bitwidths import BIT_WIDTHS, N_ACTIONS, SKIP_ACTION
+from .bitwidths import ACTION_BITS, BIT_WIDTHS, N_ACTIONS, SKIP_ACTION
 from .config import QuantConfig
 from .quantizers import dequantize_codes, fit_scales, int8_outliers, protect_salient
-from .units import Unit, find_units, module_names
+from .units import Unit, check_weights, find_units, module_names
 
 TABLE_FORMAT = 2
 _QUANT_ACTIONS = range(1, N_ACTIONS)
@@ -143,13 +143,36 @@ class QuantTable:
         }
 
     def check_plan(self, plan: Sequence[int]) -> np.ndarray:
-        actions = np.asarray(plan, dtype=np.int64)
-        if actions.shape != (len(self.units),):
+        try:
+            raw = np.asarray(plan)
+        except (TypeError, ValueError):  # ragged nested lists
+            raw = np.asarray(plan, dtype=object)
+        if raw.shape != (len(self.units),):
             raise TableMismatchError(
-                f"A plan needs one action per unit: {len(self.units)} for this table, got shape {actions.shape}."
+                f"A plan needs one action per unit: {len(self.units)} for this table, got shape {raw.shape}."
             )
+        if raw.dtype.kind not in "iub":
+            try:
+                values = raw.astype(np.float64)
+            except (TypeError, ValueError):
+                values = None
+            bad = (
+                np.arange(len(raw)) if values is None else np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+            )
+            if len(bad):
+                value = raw[bad[0]]
+                value = value.item() if hasattr(value, "item") else value
+                raise TableMismatchError(
+                    f"Plan actions must be integer action indices in [0, {N_ACTIONS - 1}]; unit {int(bad[0])} has "
+                    f"{value!r} ({len(bad)} such units). Use indices into ACTION_BITS {list(ACTION_BITS)}."
+                )
+            raw = values
+        actions = raw.astype(np.int64)
         if actions.min() < 0 or actions.max() >= N_ACTIONS:
-            raise TableMismatchError(f"Plan actions must lie in [0, {N_ACTIONS - 1}]; got {actions.min()}..{actions.max()}.")
+            raise TableMismatchError(
+                f"Plan actions must lie in [0, {N_ACTIONS - 1}]; got {actions.min()}..{actions.max()}. Use indices "
+                f"into ACTION_BITS {list(ACTION_BITS)} (0 is skip), not bit widths."
+            )
         return actions
 
     # ----- weights --------------------------------------------------------------------------
@@ -188,13 +211,17 @@ class QuantTable:
                 out[:, cols] = original[:, cols].to(torch.float16)
                 continue
             chunk = unit.col_start // self.config.chunk_size
-            scale = self.scales[module][action - 1, :, chunk : chunk + 1].float()
-            out[:, cols] = dequantize_codes(self.codes[module][action - 1, :, cols], scale, BIT_WIDTHS[action])
+            # .to() is a no-op when the table lives where the model does; from a host-memory
+            # table (large models) only the chosen action's codes travel
+            scale = self.scales[module][action - 1, :, chunk : chunk + 1].to(out.device, non_blocking=True).float()
+            codes = self.codes[module][action - 1, :, cols].to(out.device, non_blocking=True)
+            out[:, cols] = dequantize_codes(codes, scale, BIT_WIDTHS[action])
         index = self.outlier_index[module]
         if index.numel():
             unit_of = self._outlier_unit[module]
             kept = torch.tensor([a != SKIP_ACTION for a in stored], device=index.device)[unit_of - units[0].index]
-            out.view(-1)[index[kept]] = self._outlier_values[module][kept].to(out.dtype)
+            values = self._outlier_values[module][kept].to(out.device, out.dtype)
+            out.view(-1)[index[kept].to(out.device)] = values
         return out
 
     # ----- persistence ----------------------------------------------------------------------
@@ -281,6 +308,7 @@ def build_table(
     cache: bool | str | Path = True,
     progress: bool = True,
     batch_elements: int = 1 << 23,
+    storage_device: Optional[torch.device | str] = None,
 ) -> QuantTable:
     """Fit every (unit, non-skip action) of ``model`` and return the table.
 
@@ -288,11 +316,13 @@ def build_table(
     :func:`windquant_gym.calibrate`). ``cache``: True for the user cache folder, a folder
     path, or False. A cached table is reused when the weights, scales and config match.
     ``batch_elements`` bounds the weights fitted at once (memory, not results).
+    ``device`` is where the fitting runs (default: the model's); ``storage_device`` where
+    the table is kept (default: the same; ``"cpu"`` for models too large to hold six
+    quantized copies beside them on the GPU).
     """
     units = find_units(model, config.chunk_size)
-    missing = [n for n in module_names(units) if n not in act_scales]
-    if missing:
-        raise TableMismatchError(f"act_scales lacks {len(missing)} modules, e.g. {missing[0]!r}; run calibrate() on this model.")
+    check_weights(model, units)  # NaN / Inf / beyond-fp16 weights never reach the fit
+    _check_act_scales(model, units, act_scales)
     fingerprint = table_fingerprint(model, units, act_scales, config)
     path = None
     if cache:
@@ -300,14 +330,38 @@ def build_table(
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{fingerprint}.safetensors"
         if path.exists():
-            return QuantTable.load(path, device=device or _model_device(model))
+            return QuantTable.load(path, device=storage_device or device or _model_device(model))
     device = torch.device(device) if device is not None else _model_device(model)
+    storage = torch.device(storage_device) if storage_device is not None else device
     started = time.perf_counter()
-    table = _fit_all(model, units, act_scales, config, device, progress, batch_elements, fingerprint)
+    table = _fit_all(model, units, act_scales, config, device, progress, batch_elements, fingerprint, storage)
     table.build_seconds = time.perf_counter() - started
     if path is not None:
         table.save(path)
     return table
+
+
+def _check_act_scales(model: nn.Module, units: List[Unit], act_scales: Dict[str, torch.Tensor]) -> None:
+    """Every module needs a finite, non-negative ``[in_features]`` activation scale."""
+    names = module_names(units)
+    missing = [n for n in names if n not in act_scales]
+    if missing:
+        raise TableMismatchError(f"act_scales lacks {len(missing)} modules, e.g. {missing[0]!r}; run calibrate() on this model.")
+    for name in names:
+        scale = act_scales[name]
+        in_features = model.get_submodule(name).weight.shape[1]
+        shape = tuple(getattr(scale, "shape", ()))
+        if shape != (in_features,):
+            raise TableMismatchError(
+                f"act_scales[{name!r}] has shape {shape}, the module has {in_features} input features: these "
+                "scales belong to another model; run calibrate() on this one."
+            )
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise DataError(
+                f"act_scales[{name!r}] holds NaN, Inf or negative values (min {float(scale.min())}, max "
+                f"{float(scale.max())}): the calibration pass overflowed. Calibrate in float32 or bfloat16, "
+                "on text the model handles."
+            )
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -315,7 +369,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _fit_all(model, units, act_scales, config, device, progress, batch_elements, fingerprint) -> QuantTable:
+def _fit_all(model, units, act_scales, config, device, progress, batch_elements, fingerprint, storage) -> QuantTable:
     n_units = len(units)
     n_weights, n_salient, _, _ = unit_bit_tables([u.out_features for u in units], [u.width for u in units], config.salient_rate)
     err_plain = np.zeros((n_units, N_ACTIONS))
@@ -327,11 +381,12 @@ def _fit_all(model, units, act_scales, config, device, progress, batch_elements,
         weight = model.get_submodule(name).weight
         out_f, in_f = weight.shape
         n_chunks = -(-in_f // config.chunk_size)
-        codes[name] = torch.empty((N_ACTIONS - 1, out_f, in_f), dtype=torch.int8, device=device)
-        scales[name] = torch.empty((N_ACTIONS - 1, out_f, n_chunks), dtype=torch.float16, device=device)
-        protected_masks[name] = torch.zeros((out_f, in_f), dtype=torch.bool, device=device)
-        outlier_codes[name] = torch.zeros((out_f, in_f), dtype=torch.int8, device=device)
-        outlier_scales[name] = torch.zeros((out_f, n_chunks), dtype=torch.float16, device=device)
+        pinned = storage.type == "cpu" and device.type == "cuda"  # fast device-to-host copies
+        codes[name] = torch.empty((N_ACTIONS - 1, out_f, in_f), dtype=torch.int8, device=storage, pin_memory=pinned)
+        scales[name] = torch.empty((N_ACTIONS - 1, out_f, n_chunks), dtype=torch.float16, device=storage, pin_memory=pinned)
+        protected_masks[name] = torch.zeros((out_f, in_f), dtype=torch.bool, device=storage)
+        outlier_codes[name] = torch.zeros((out_f, in_f), dtype=torch.int8, device=storage)
+        outlier_scales[name] = torch.zeros((out_f, n_chunks), dtype=torch.float16, device=storage)
 
     groups = defaultdict(list)  # same shape -> one batched fit
     for unit in units:

@@ -1,0 +1,96 @@
+"""How each action's integer codes are stored: a lookup table indexed by action.
+
+An action's codes (``BitWidth.code_min .. code_max``, or ``{-1, +1}`` for binarization)
+are mapped to symbols ``0 .. len(codes)-1`` in ascending order, then packed by the packer
+whose ``stored_bits`` equals the action's ``BitWidth.stored_bits`` (the number the storage
+accounting charges). Nothing here branches on the bit width: :data:`CODE_FORMATS` is built
+from :data:`~windquant_gym.quant.bitwidths.BIT_WIDTHS` and :data:`PACKERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..errors import ExportFormatError
+from ..quant.bitwidths import ACTION_BITS, BIT_WIDTHS, BitWidth
+from .packing import BitPacker, RadixPacker
+
+Packer = Union[BitPacker, RadixPacker]
+
+#: Packer per stored bits per code (``BitWidth.stored_bits``).
+PACKERS: Dict[float, Packer] = {
+    8: BitPacker(8),
+    4: BitPacker(4),
+    3: BitPacker(3),
+    2: BitPacker(2),
+    1.6: RadixPacker(radix=3, per_byte=5),
+    1: BitPacker(1),
+}
+
+_LUT_OFFSET = 128  # int8 code -> LUT index
+
+
+@dataclass(frozen=True)
+class CodeFormat:
+    """The stored form of one action's codes."""
+
+    action: int
+    spec: BitWidth
+    label: str
+    """Tensor-name tag, e.g. ``w4`` or ``w1.58``."""
+    codes: Tuple[int, ...]
+    """The int8 codes the quantizer emits, ascending; symbol ``i`` stands for ``codes[i]``."""
+    packer: Packer
+
+    def __post_init__(self) -> None:
+        if self.packer.radix < len(self.codes) or self.packer.stored_bits != self.spec.stored_bits:
+            raise ValueError(f"{self.packer} cannot store the {len(self.codes)} codes of {self.spec}.")
+
+    def encode(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
+        """int8 codes -> symbols (int64); refuses a code the quantizer cannot emit."""
+        values = np.asarray(codes.cpu() if isinstance(codes, torch.Tensor) else codes).reshape(-1).astype(np.int64)
+        symbols = _symbol_lut(self.codes)[values + _LUT_OFFSET]
+        if symbols.size and symbols.min() < 0:
+            bad = sorted(set(values[symbols < 0].tolist()))[:5]
+            raise ExportFormatError(
+                f"Codes {bad} are not {self.spec.bits}-bit codes (allowed {list(self.codes)}); "
+                "the table is corrupt: delete it from the cache to rebuild it."
+            )
+        return symbols
+
+    def decode(self, symbols: np.ndarray) -> torch.Tensor:
+        """symbols -> int8 codes."""
+        return torch.from_numpy(np.asarray(self.codes, dtype=np.int8)[np.asarray(symbols, dtype=np.int64)])
+
+    def pack(self, codes) -> np.ndarray:
+        return self.packer.pack(self.encode(codes))
+
+    def unpack(self, data, n: int) -> torch.Tensor:
+        return self.decode(self.packer.unpack(data, n))
+
+    def n_bytes(self, n: int) -> int:
+        return self.packer.n_bytes(n)
+
+
+@lru_cache(maxsize=None)
+def _symbol_lut(codes: Tuple[int, ...]) -> np.ndarray:
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[np.asarray(codes) + _LUT_OFFSET] = np.arange(len(codes))
+    return lut
+
+
+def _format(action: int, spec: Optional[BitWidth]) -> Optional[CodeFormat]:
+    if spec is None:
+        return None
+    # levels are (k + shift) / divisor, so the codes are level * divisor - shift
+    codes = tuple(int(round(level * spec.divisor - spec.shift)) for level in spec.levels)
+    return CodeFormat(action, spec, f"w{ACTION_BITS[action]:g}", codes, PACKERS[spec.stored_bits])
+
+
+#: Indexed by action like ``BIT_WIDTHS``; entry 0 (skip, stored as fp16) is None.
+CODE_FORMATS: Tuple[Optional[CodeFormat], ...] = tuple(_format(a, spec) for a, spec in enumerate(BIT_WIDTHS))
