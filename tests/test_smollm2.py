@@ -23,3 +23,21 @@ def test_uniform_plans_lose_more_as_bits_fall(tmp_path):
     assert problem.baseline_ppl < 40
     assert ppl[1] == pytest.approx(problem.baseline_ppl, rel=0.02)  # 8 bit is lossless on Q4_1 weights
     assert ppl[1] < ppl[2] < ppl[3] < ppl[4]
+
+
+def test_packed_export_size_and_perplexity_on_smollm2(tmp_path):
+    import numpy as np
+
+    model, tokenizer = wq.load_model("smollm2-135m")
+    problem = wq.QuantProblem.build(
+        model, tokenizer, "wiki-sample", wq.QuantConfig(), n_samples=4, seq_len=128, cache=tmp_path / "cache", progress=False
+    )
+    n = len(problem.units)
+    plans = {"uniform-4b": [2] * n, "uniform-2b": [4] * n, "mixed": np.random.default_rng(0).integers(0, 7, n).tolist()}
+    for name, actions in plans.items():
+        folder = wq.export_plan(actions, problem, tmp_path / name, rest_dtype=__import__("torch").float32)
+        size = wq.packed_size(folder)
+        expected = problem.table.plan_bits(actions)["storage_bits"] * problem.table.n_weights.sum() / 8
+        assert size.packed_bytes == pytest.approx(expected, rel=0.01), name
+        loaded = wq.load_quantized(folder)
+        assert wq.mean_nll(loaded, problem.blocks) == pytest.approx(problem.proxy_nll(actions), rel=1e-5), name

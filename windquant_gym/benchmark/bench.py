@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import gymnasium as gym
 
 from ..data import eval_windows, load_texts
+from ..errors import ConfigError, UnknownNameError
 from ..envs import ENV_ID
 from ..eval.perplexity import perplexity
 from .allocators import baseline_allocators
@@ -49,7 +51,8 @@ def _load_policy(path: str):
             return algorithm.load(path, device="cpu")
         except Exception:  # the zip names its class only implicitly: try the known ones
             continue
-    raise ValueError(f"{path} is not a saved MaskablePPO, PPO, A2C or DQN model.")
+    raise ConfigError(f"--policy {path}: not a saved MaskablePPO, PPO, A2C or DQN model (a .zip from model.save()); "
+                      "pass e.g. runs/cpu/final_model.zip.")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -64,11 +67,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = list(baselines) if "all" in args.allocators else args.allocators
     unknown = [n for n in names if n not in baselines]
     if unknown:
-        raise SystemExit(f"Unknown allocators {unknown}; choose from {list(baselines)} or 'all'.")
+        raise UnknownNameError(f"Unknown allocators {unknown}; choose from {list(baselines)} or 'all'.")
     allocators: Dict[str, object] = {n: baselines[n] for n in names}
     for path in args.policy:
         model = _load_policy(path)
-        allocators[f"{type(model).__name__}"] = model
+        label = type(model).__name__ if len(args.policy) == 1 else f"{type(model).__name__} ({Path(path).parent.name})"
+        allocators[label] = model
     rows = []
     started = time.perf_counter()
     rows.append({"allocator": "unquantized", "target_bits": None, "effective_bits": 16.0, "storage_bits": 16.0,
