@@ -21,7 +21,7 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.monitor import Monitor
 
 from ..data import eval_windows, load_texts
-from ..envs import ENV_ID, CurriculumWrapper
+from ..envs import ENV_ID, CurriculumWrapper, RewardConfig
 from ..eval.perplexity import perplexity
 from ..plan import QuantPlan
 from ..quant.apply import quantized_weights
@@ -59,7 +59,9 @@ class TrainArgs:
 
 
 def make_env(args: TrainArgs, hp: Dict[str, Any]) -> gym.Env:
-    env = gym.make(ENV_ID, model=args.model, device=args.device, seed=args.seed, progress=args.progress, **hp["env_kwargs"])
+    reward = RewardConfig(**hp["reward"]) if hp.get("reward") else None
+    env = gym.make(ENV_ID, model=args.model, device=args.device, seed=args.seed, progress=args.progress,
+                   reward_config=reward, **hp["env_kwargs"])
     stages = [args.target_bits] if args.target_bits is not None else hp["curriculum"]
     episodes_per_stage = max(1, math.ceil(hp["episodes"] / len(stages)))
     return Monitor(CurriculumWrapper(env, stages, episodes_per_stage))

@@ -236,3 +236,24 @@ def test_module_without_tokenizer_is_refused(tiny):
     with pytest.raises(wq.ConfigError, match="target_bits"):
         gym.make("WindQuant-v0", model=tiny[0], tokenizer=tiny[1], target_bits=20, n_calibration_samples=2,
                  calibration_seq_len=32, chunk_size=64, progress=False, cache=False)
+
+
+def test_optional_step_error_shaping_charges_each_steps_measured_error(tiny_problem):
+    plain = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=3.0)
+    shaped = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=3.0,
+                      reward_config=wq.RewardConfig(step_error_coef=20.0))
+    rng = np.random.default_rng(0)
+    actions = []
+
+    def choose(mask):
+        actions.append(int(rng.choice(np.flatnonzero(mask))))
+        return actions[-1]
+
+    *_, base, _, info = run_episode(plain, choose)
+    replay = iter(actions)
+    *_, extra, _, _ = run_episode(shaped, lambda mask: next(replay))
+    error = tiny_problem.table.module_normalized_error()
+    n_modules = len({u.module for u in tiny_problem.units})
+    expected = [-20.0 * error[t, a] / n_modules for t, a in enumerate(info["plan"])]
+    np.testing.assert_allclose(np.subtract(extra, base), expected, rtol=1e-9, atol=1e-12)
+    assert sum(expected) < 0 and wq.RewardConfig().step_error_coef == 0.0  # off by default: the paper's shaping

@@ -54,6 +54,12 @@ class RewardConfig:
     """At or under the target: ``+ step_saving * (target - b_unit) / target`` (saved bits)."""
     step_over_penalty: float = 0.25
     """Over the target: ``- step_over_penalty * (b_unit - target) / target`` (mild)."""
+    step_error_coef: float = 0.0
+    """Not in the paper (0 = off, the paper's shaping). When positive, every step also pays
+    ``- coef * e / n_modules``, ``e`` the chosen action's activation-weighted reconstruction
+    error from the table divided by its module's energy: over an episode, ``- coef`` times
+    the mean relative error of the decoder's modules. It tells each decision its own cost
+    at once instead of only through the episode-end perplexity (see benchmarks/RESULTS.md)."""
     version: int = 1
 
     def __post_init__(self) -> None:

@@ -74,7 +74,9 @@ class WindQuantEnv(gym.Env):
 
     Every step: dense shaping (``RewardConfig.step_*``; a skip costs a little, a unit at
     or under the target earns in proportion to the bits it saves, one over it loses a
-    little; each step carries 1/N of those weights). Last step, added: paper eq. 5,
+    little; each step carries 1/N of those weights; optionally, not in the paper and off by
+    default, ``RewardConfig.step_error_coef`` charges each step its measured reconstruction
+    error). Last step, added: paper eq. 5,
     ``alpha G_c - P_qual - P_budget - P_ppl - P_skip + B_quality`` (see
     :class:`RewardConfig`), each term in ``info["reward_terms"]``. After each episode the
     Lagrange multiplier of ``P_qual`` takes a projected gradient-ascent step.
@@ -169,6 +171,11 @@ class WindQuantEnv(gym.Env):
         cheapest = np.where(self._rule_ok, self._cost, np.inf).min(axis=1)
         self._suffix_min = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0.0]])
 
+        self._step_error = None  # optional per-step error shaping, RewardConfig.step_error_coef
+        if self.reward_config.step_error_coef > 0:
+            n_modules = len({u.module for u in self.units})
+            self._step_error = self.reward_config.step_error_coef * self.table.module_normalized_error() / n_modules
+
         self.action_space = spaces.Discrete(N_ACTIONS)
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(15,), dtype=np.float32)
         self.lagrange_lambda = self.reward_config.lambda_init
@@ -245,6 +252,8 @@ class WindQuantEnv(gym.Env):
         self._plan[t] = chosen
         stored = int(self.table.stored_action[t, chosen])
         reward = step_reward(self.reward_config, cost / self._n[t], self.target_bits, stored == SKIP_ACTION, self.n_units)
+        if self._step_error is not None:
+            reward -= float(self._step_error[t, chosen])
         self._t += 1
         self._mask = None
         info: Dict[str, Any] = {"action": chosen, "action_projected": chosen != requested, "stored_action": stored}
