@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -58,28 +59,37 @@ class EpisodeRecorder(BaseCallback):
         within = info["effective_bits"] <= target + 1e-6
         best = self.best.get(target)
         if within and (best is None or info["proxy_ppl"] < best["proxy_ppl"]):
-            self.best[target] = {"proxy_ppl": info["proxy_ppl"], "plan": info["plan"]}
-            plan = QuantPlan.from_table(
-                self.table, info["plan"], self.model_name, episode=self.episodes,
-                **{k: info[k] for k in ("target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio")},
-            )
-            plan.save(self.out_dir / f"best_plan_{target:g}.json")
+            metrics = {k: info[k] for k in ("target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio")}
+            self.best[target] = {**metrics, "episode": self.episodes, "plan": info["plan"]}
+            self._save_best(target)
         self.bar.update(1)
         self.bar.set_postfix(target=target, bits=f"{info['effective_bits']:.3f}", ppl=f"{info['proxy_ppl']:.1f}")
+
+    def _save_best(self, target: float) -> None:
+        best = dict(self.best[target])
+        actions = best.pop("plan")
+        QuantPlan.from_table(self.table, actions, self.model_name, **best).save(self.out_dir / f"best_plan_{target:g}.json")
 
     def state_dict(self) -> Dict:
         return {"episodes": self.episodes, "best": {str(k): v for k, v in self.best.items()}}
 
     def load_state_dict(self, state: Dict) -> None:
-        """Restore after a resume; ``episodes.csv`` loses the rows of episodes the
-        checkpoint does not hold (they are trained again)."""
+        """Restore after a resume. Whatever the run wrote after its checkpoint is undone:
+        ``episodes.csv`` loses those episodes' rows (they are trained again) and the
+        ``best_plan_<target>.json`` files are rewritten from the restored bests."""
         self.episodes = int(state["episodes"])
         self.best = {float(k): v for k, v in state["best"].items()}
         with self.csv_path.open(newline="") as handle:
             rows = list(csv.reader(handle))
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.episodes]
-        with self.csv_path.open("w", newline="") as handle:
+        kept = [list(EPISODE_FIELDS)] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= self.episodes]
+        tmp = self.csv_path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as handle:
             csv.writer(handle).writerows(kept)
+        os.replace(tmp, self.csv_path)  # a kill mid-write leaves the old file, never an empty one
+        for stale in self.out_dir.glob("best_plan_*.json"):
+            stale.unlink()
+        for target in self.best:
+            self._save_best(target)
         self.bar.update(self.episodes)
 
     def _on_training_end(self) -> None:

@@ -27,7 +27,7 @@ from ..plan import QuantPlan
 from ..quant.apply import quantized_weights
 from ..errors import ConfigError
 from .callbacks import EpisodeRecorder
-from .checkpoints import LATEST, ResumableCheckpoint, latest_checkpoint, read_state
+from .checkpoints import LATEST, ResumableCheckpoint, clear_run, has_run, latest_checkpoint, read_state
 from .hyperparams import load_hyperparams
 from .policy import WindQuantPolicy
 
@@ -56,6 +56,8 @@ class TrainArgs:
     """Extra hyperparameters merged over the preset (e.g. from tests)."""
     resume: Optional[str] = None
     """A run folder to continue from its latest checkpoint (its config.json replaces the other arguments)."""
+    overwrite: bool = False
+    """Start afresh in an ``out`` folder that already holds a run (its checkpoints and logs are removed)."""
 
 
 def make_env(args: TrainArgs, hp: Dict[str, Any]) -> gym.Env:
@@ -84,9 +86,9 @@ def _resumed_args(args: TrainArgs):
         raise ConfigError(f"--resume {run}: no config.json there; pass the folder a `windquant train --out` run wrote.")
     checkpoint = latest_checkpoint(run)
     if checkpoint is None:
-        raise ConfigError(f"--resume {run}: the run has no complete checkpoint yet (checkpoints/{LATEST}); start it again without --resume.")
+        raise ConfigError(f"--resume {run}: the run has no complete checkpoint yet (checkpoints/{LATEST}); start it again with `windquant train --out {run} --overwrite`.")
     saved = json.loads(config_path.read_text())
-    resumed = TrainArgs(**{**saved["args"], "resume": str(run), "out": str(run), "progress": args.progress})
+    resumed = TrainArgs(**{**saved["args"], "resume": str(run), "out": str(run), "progress": args.progress, "overwrite": False})
     return resumed, saved["hyperparams"], checkpoint
 
 
@@ -102,6 +104,13 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         if args.gamma is not None:
             hp["gamma"] = args.gamma
     out = Path(args.out)
+    if checkpoint is None and has_run(out):
+        if not args.overwrite:
+            raise ConfigError(
+                f"{out} already holds a training run (episodes.csv / checkpoints/). Continue it with "
+                f"`windquant train --resume {out}`, start afresh there with --overwrite, or pick another --out."
+            )
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
         (out / "config.json").write_text(json.dumps({"args": asdict(args), "hyperparams": hp}, indent=1, default=str))

@@ -117,7 +117,7 @@ def paper_faithful_proxy_nll(problem: wq.QuantProblem, plan: List[int]) -> float
             out = weights.setdefault(unit.module, torch.empty_like(original))
             cols = slice(unit.col_start, unit.col_end)
             w = original.detach()[:, cols].float()[None]
-            s = act_scales[unit.module][unit.col_start : unit.col_end].float()[None, None, :]
+            s = act_scales[unit.module][unit.col_start : unit.col_end].to(w.device, torch.float32)[None, None, :]
             protected = protect_salient(w, s, int(table.n_protected[unit.index]))
             o_scale, o_codes = int8_outliers(w, protected)
             loss_weight = s * s if config.fit_loss == "activation" else torch.ones_like(s)

@@ -117,3 +117,30 @@ def test_resume_needs_a_run_with_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"args": {}, "hyperparams": {}}))
     with pytest.raises(wq.ConfigError, match="no complete checkpoint"):
         train(TrainArgs(resume=str(tmp_path)))
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = TrainArgs(model="tiny-llama", preset="smoke", out=str(run), episodes=1, progress=False)
+    train(args)
+    with pytest.raises(wq.ConfigError, match="--resume"):
+        train(args)
+    stale = run / "best_plan_99.json"
+    stale.write_text("{}")
+    train(TrainArgs(**{**args.__dict__, "overwrite": True}))
+    rows = list(csv.DictReader((run / "episodes.csv").open()))
+    assert [int(r["episode"]) for r in rows] == [1] and not stale.exists()
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, monkeypatch):
+    from windquant_gym.agents.checkpoints import latest_checkpoint
+
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    train(TrainArgs(model="tiny-llama", preset="smoke", out=str(run), episodes=3, progress=False))
+    folders = sorted(p.name for p in (run / "checkpoints").glob("episode_*"))
+    assert folders == ["episode_000002", "episode_000003"]  # the newest two are kept
+    assert latest_checkpoint(run).name == "episode_000003"
+    (run / "checkpoints" / "episode_000003" / "model.zip").write_bytes(b"truncated")
+    assert latest_checkpoint(run).name == "episode_000002"

@@ -130,3 +130,24 @@ def test_table_kept_in_host_memory_assembles_the_same(tiny_problem, tmp_path):
     assert torch.equal(table.assemble_module(name, [3] * count, original),
                        tiny_problem.table.assemble_module(name, [3] * count, original))
     assert table.plan_bits(plan) == tiny_problem.table.plan_bits(plan)
+
+
+def test_nested_streamed_contexts_unwind_to_the_original_weights(tiny_problem):
+    from windquant_gym.quant.apply import streamed_quantized_weights
+
+    saved = snapshot(tiny_problem.model)
+    n = len(tiny_problem.units)
+    with streamed_quantized_weights(tiny_problem.model, tiny_problem.table, [2] * n):
+        with streamed_quantized_weights(tiny_problem.model, tiny_problem.table, [5] * n):
+            wq.mean_nll(tiny_problem.model, tiny_problem.blocks[:2])
+        wq.mean_nll(tiny_problem.model, tiny_problem.blocks[:2])
+    assert_bitwise_equal(tiny_problem.model, saved)
+
+
+def test_a_per_layer_assembler_refuses_whole_model_assembly(tiny_problem):
+    from windquant_gym.quant.apply import WeightAssembler
+
+    assembler = WeightAssembler(tiny_problem.model, tiny_problem.table, per_layer=True)
+    with pytest.raises(wq.ConfigError, match="one decoder layer at a time"):
+        with wq.quantized_weights(tiny_problem.model, tiny_problem.table, [2] * len(tiny_problem.units), assembler):
+            pass

@@ -23,10 +23,11 @@ def _train(argv: List[str]) -> int:
     parser.add_argument("--hyperparams", help="another hyperparameter YAML")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--resume", metavar="DIR", help="continue a run folder from its latest checkpoint (other options are read from DIR/config.json)")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that already holds a run")
     ns = parser.parse_args(argv)
     train(TrainArgs(model=ns.model, preset=ns.preset, out=ns.out, episodes=ns.episodes, gamma=ns.gamma,
                     target_bits=ns.target_bits, seed=ns.seed, device=ns.device, hyperparams=ns.hyperparams,
-                    progress=not ns.no_progress, resume=ns.resume))
+                    progress=not ns.no_progress, resume=ns.resume, overwrite=ns.overwrite))
     return 0
 
 

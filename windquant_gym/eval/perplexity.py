@@ -37,7 +37,7 @@ def mean_nll(
     batches = range(0, len(blocks), batch_size)
     for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
         ids = blocks[start : start + batch_size].to(device)
-        hidden = decoder(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, head.in_features)
+        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].reshape(-1, head.in_features)
         targets = ids[:, 1:].reshape(-1)
         for i in range(0, len(targets), logits_chunk):
             logits = head(hidden[i : i + logits_chunk]).float()

@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
 from .table import QuantTable
 from .units import find_decoder_layers, module_names
 
@@ -54,22 +55,36 @@ class WeightAssembler:
 
     def assemble(self, plan: Sequence[int], modules: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
         """Quantized weights of ``modules`` (default all) under ``plan``, in reused buffers."""
+        names = self.modules if modules is None else list(modules)
+        if self.per_layer and len({self._layer_of[n] for n in names}) > 1:
+            raise ConfigError(
+                "This WeightAssembler shares one buffer per module across layers (per_layer=True), so it can "
+                "assemble one decoder layer at a time, not the whole model; use streamed_quantized_weights(), "
+                "or a WeightAssembler(model, table) without per_layer for quantized_weights()."
+            )
+        _synchronize(self.model)  # time the assembly alone, not kernels queued before it
         started = time.perf_counter()
         actions = self.table.check_plan(plan).tolist()
         result = {}
-        for name in self.modules if modules is None else modules:
+        for name in names:
             original = self.model.get_submodule(name).weight.data
             key = self._buffer_key(name)
             buffer = self._buffers.get(key)
             if buffer is None or buffer.shape != original.shape or buffer.dtype != original.dtype or buffer.device != original.device:
-                buffer = self._buffers[key] = torch.empty_like(original)
+                with torch.inference_mode(False):  # a buffer made inside a forward pass must stay writable after it
+                    buffer = self._buffers[key] = torch.empty_like(original)
             first = self._first_unit[name]
             self.table.assemble_module(name, actions[first : first + self._count[name]], original, out=buffer)
             result[name] = buffer
-        if result and next(iter(result.values())).is_cuda:
-            torch.cuda.synchronize()  # so that the time is the assembly's, not the next kernel's
+        _synchronize(self.model)  # so that the time is the assembly's, not the next kernel's
         self.seconds += time.perf_counter() - started
         return result
+
+
+def _synchronize(model: nn.Module) -> None:
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.is_cuda:
+        torch.cuda.synchronize(parameter.device)
 
 
 @contextmanager
@@ -108,7 +123,8 @@ def streamed_quantized_weights(
     """Like :func:`quantized_weights`, but each decoder layer gets its quantized weights
     just before it runs (a forward pre-hook) and its own back right after (a forward hook):
     the extra memory is one layer's weights, not the model's (8B-scale models on one GPU).
-    Every forward call re-assembles each layer, so feed the whole proxy as one batch."""
+    Every forward call re-assembles each layer, so feed the whole proxy as one batch. For
+    evaluation only: a backward pass would see the restored weights."""
     assembler = assembler or WeightAssembler(model, table, per_layer=True)
     table.check_plan(plan)
     _, layers = find_decoder_layers(model)
@@ -138,7 +154,9 @@ def streamed_quantized_weights(
     try:
         for index, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(before(index)))
-            handles.append(layer.register_forward_hook(after(index)))
+            # prepend: give-back hooks run in reverse order of registration, so nested
+            # contexts unwind last-in first-out and the original weights end up back
+            handles.append(layer.register_forward_hook(after(index), prepend=True))
         yield model
     finally:
         for handle in handles:

@@ -381,9 +381,8 @@ def _fit_all(model, units, act_scales, config, device, progress, batch_elements,
         weight = model.get_submodule(name).weight
         out_f, in_f = weight.shape
         n_chunks = -(-in_f // config.chunk_size)
-        pinned = storage.type == "cpu" and device.type == "cuda"  # fast device-to-host copies
-        codes[name] = torch.empty((N_ACTIONS - 1, out_f, in_f), dtype=torch.int8, device=storage, pin_memory=pinned)
-        scales[name] = torch.empty((N_ACTIONS - 1, out_f, n_chunks), dtype=torch.float16, device=storage, pin_memory=pinned)
+        codes[name] = torch.empty((N_ACTIONS - 1, out_f, in_f), dtype=torch.int8, device=storage)
+        scales[name] = torch.empty((N_ACTIONS - 1, out_f, n_chunks), dtype=torch.float16, device=storage)
         protected_masks[name] = torch.zeros((out_f, in_f), dtype=torch.bool, device=storage)
         outlier_codes[name] = torch.zeros((out_f, in_f), dtype=torch.int8, device=storage)
         outlier_scales[name] = torch.zeros((out_f, n_chunks), dtype=torch.float16, device=storage)
