@@ -12,9 +12,10 @@ from .allocators import (
 from .harness import EpisodeResult, as_allocator, heldout_perplexity, run_allocator
 from .knapsack import solve_knapsack
 from .leaderboard import aggregate, format_table, write_leaderboard
+from .zeroshot import zero_shot  # needs lm-eval only when called
 
 __all__ = [
     "HeuristicAllocator", "KnapsackAllocator", "PlannedAllocator", "RandomAllocator", "UniformAllocator",
     "baseline_allocators", "nearest_allowed", "EpisodeResult", "as_allocator", "heldout_perplexity",
-    "run_allocator", "solve_knapsack", "aggregate", "format_table", "write_leaderboard",
+    "run_allocator", "solve_knapsack", "aggregate", "format_table", "write_leaderboard", "zero_shot",
 ]
