@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import windquant_gym as wq
 from windquant_gym.errors import ConfigError, DataError, MissingDependencyError, UnknownNameError
 
 N_CHOICES = 4
@@ -181,3 +182,19 @@ def test_bench_zero_shot_options_need_the_flag(tmp_path):
 
     with pytest.raises(ConfigError, match="--zero-shot"):
         bench_main(["--task-dir", str(tmp_path), "--json", str(tmp_path / "lb.json")])
+
+
+def test_a_head_that_config_calls_tied_keeps_its_own_tensor(mc_task, lm_eval):
+    """lm-eval's HFLM calls model.tie_weights(): a model whose config says tied but whose head
+    holds its own weights must get that head back, unchanged."""
+    from windquant_gym.benchmark.zeroshot import zero_shot
+
+    model, tokenizer = wq.load_model("tiny-llama")
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone() * 0.5)  # untied in memory
+    model.config.tie_word_embeddings = True
+    own = head.weight
+    saved = own.detach().clone()
+    zero_shot(model, tokenizer, ["tiny_mc"], task_dirs=mc_task, limit=2)
+    assert model.get_output_embeddings().weight is own and torch.equal(own, saved)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight

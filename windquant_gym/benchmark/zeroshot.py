@@ -194,6 +194,10 @@ def zero_shot(
 
     manager = _task_manager(TaskManager, names, dirs)
     was_training = model.training
+    # HFLM calls model.tie_weights(): on a model whose config says "tied" but whose head holds
+    # its own tensor that would replace the head. Keep the parameter objects and put them back.
+    parameters = {name: module._parameters.get("weight") for name, module in model.named_modules()
+                  if "weight" in module._parameters}
     try:
         # HFLM sets a pad token on its tokenizer: give it a copy, not the caller's
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
@@ -204,6 +208,10 @@ def zero_shot(
             )
     finally:
         model.train(was_training)
+        for name, parameter in parameters.items():
+            module = model.get_submodule(name)
+            if module._parameters.get("weight") is not parameter:
+                module._parameters["weight"] = parameter
     if not results or "results" not in results:
         raise DataError(f"lm-eval returned no results for {names}.")
     metrics = {task: _metrics(entry) for task, entry in results["results"].items()}
