@@ -10,6 +10,7 @@ reused from one episode to the next.
 from __future__ import annotations
 
 import time
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -33,25 +34,24 @@ class WeightAssembler:
         self.model = model
         self.table = table
         self.modules = module_names(table.units)
-        self._first_unit = {}
-        self._layer_of = {}
+        self._first_unit: Dict[str, int] = {}
+        self._count: Dict[str, int] = Counter(unit.module for unit in table.units)
+        self._layer_of: Dict[str, int] = {}
+        self._by_layer: Dict[int, List[str]] = defaultdict(list)
         for unit in table.units:
-            self._first_unit.setdefault(unit.module, unit.index)
-            self._layer_of.setdefault(unit.module, unit.layer)
-        self._count = {name: sum(1 for u in table.units if u.module == name) for name in self.modules}
+            if unit.module not in self._first_unit:
+                self._first_unit[unit.module] = unit.index
+                self._layer_of[unit.module] = unit.layer
+                self._by_layer[unit.layer].append(unit.module)
         self.per_layer = per_layer
+        # per_layer: the same module of every layer shares a buffer ("self_attn.q_proj")
+        self._buffer_key = {name: _name_in_layer(name, self._layer_of[name]) if per_layer else name for name in self.modules}
         self._buffers: Dict[str, torch.Tensor] = {}
         self.seconds = 0.0
         """Wall time spent assembling, summed over calls (read by the episode timing)."""
 
     def layer_modules(self, layer: int) -> List[str]:
-        return [name for name in self.modules if self._layer_of[name] == layer]
-
-    def _buffer_key(self, name: str) -> str:
-        if not self.per_layer:
-            return name
-        prefix = f".{self._layer_of[name]}."
-        return name[name.index(prefix) + len(prefix):] if prefix in name else name
+        return self._by_layer[layer]
 
     def assemble(self, plan: Sequence[int], modules: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
         """Quantized weights of ``modules`` (default all) under ``plan``, in reused buffers."""
@@ -68,7 +68,7 @@ class WeightAssembler:
         result = {}
         for name in names:
             original = self.model.get_submodule(name).weight.data
-            key = self._buffer_key(name)
+            key = self._buffer_key[name]
             buffer = self._buffers.get(key)
             if buffer is None or buffer.shape != original.shape or buffer.dtype != original.dtype or buffer.device != original.device:
                 with torch.inference_mode(False):  # a buffer made inside a forward pass must stay writable after it
@@ -79,6 +79,12 @@ class WeightAssembler:
         _synchronize(self.model)  # so that the time is the assembly's, not the next kernel's
         self.seconds += time.perf_counter() - started
         return result
+
+
+def _name_in_layer(name: str, layer: int) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``."""
+    prefix = f".{layer}."
+    return name[name.index(prefix) + len(prefix):] if prefix in name else name
 
 
 def _synchronize(model: nn.Module) -> None:

@@ -22,7 +22,7 @@ from .bitwidths import BitWidth
 
 #: fp16 range: scales are stored in 16 bits, so fitted scales are rounded to fp16 and
 #: clamped into its normal range before codes are computed from them.
-_FP16_MAX = 65504.0
+FP16_MAX = 65504.0
 _FP16_TINY = 6.1035e-05  # 2**-14, the smallest normal fp16 (rounds to exactly 2**-14)
 _INT8_MAX = 127
 
@@ -47,7 +47,7 @@ def to_fp16_scale(alpha: torch.Tensor) -> torch.Tensor:
       level, output ``+-2**-14 * level``. Either way the error is measured and the table's
       fallback rule sends such a unit to a higher precision if it matters.
     """
-    clamped = alpha.clamp(min=_FP16_TINY, max=_FP16_MAX)
+    clamped = alpha.clamp(min=_FP16_TINY, max=FP16_MAX)
     return torch.where(alpha > 0, clamped, torch.zeros_like(alpha)).half().float()
 
 

@@ -11,13 +11,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, ModelStructureError
+from .quantizers import FP16_MAX  # skipped units and scales are fp16: beyond it is inf
 
 _ATTENTION_TAGS = ("attn", "attention")
 _MLP_TAGS = ("mlp", "ffn", "feed_forward")
 
-#: Largest finite float16. Skipped units are kept in FP16 and every scale is stored in fp16,
-#: so weights beyond it cannot be represented (they would become inf): they are refused.
-FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
