@@ -144,3 +144,12 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, monke
     assert latest_checkpoint(run).name == "episode_000003"
     (run / "checkpoints" / "episode_000003" / "model.zip").write_bytes(b"truncated")
     assert latest_checkpoint(run).name == "episode_000002"
+
+
+def test_console_script_prints_a_named_error_without_traceback(tmp_path, capsys, monkeypatch):
+    from windquant_gym.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["windquant", "train", "--resume", str(tmp_path)])
+    assert run() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("windquant: ConfigError:") and "config.json" in err and "Traceback" not in err

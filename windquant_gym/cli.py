@@ -115,5 +115,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     return COMMANDS[argv[0]](argv[1:])
 
 
+def run() -> int:
+    """The ``windquant`` console script: a named error prints its message (value and fix),
+    not a traceback; ``main`` raises it, for callers and tests."""
+    from .errors import WindQuantError
+
+    try:
+        return main()
+    except WindQuantError as error:
+        print(f"windquant: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
