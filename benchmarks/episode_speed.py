@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from sb3_contrib import MaskablePPO
 import windquant_gym as wq
 from windquant_gym.agents import WindQuantPolicy, load_hyperparams
 from windquant_gym.data import sample_token_blocks
+from windquant_gym.eval.kernels import ENV_VAR as LINEAR_KERNEL_VAR
 from windquant_gym.eval.perplexity import mean_nll
 from windquant_gym.problem import _cached_calibration
 from windquant_gym.quant import BIT_WIDTHS, borrowed_weights
@@ -173,11 +175,11 @@ def main(args: Args) -> Dict[str, float]:
 
     policy_episode(env, agent)  # warm-up: first-touch allocations, lazy inits
     ours = [policy_episode(env, agent) for _ in range(args.episodes)]
-    forward = []
-    for _ in range(args.episodes):
-        t = time.perf_counter()
-        mean_nll(model, blocks, batch_size=problem.batch_size)
-        forward.append(time.perf_counter() - t)
+    forward = time_forward(model, blocks, problem.batch_size, args.episodes)
+    # The same pass on PyTorch's default CPU kernel (MKL), side by side: what the oneDNN
+    # routing in windquant_gym.eval.kernels buys on this machine.
+    forward_default = time_forward(model, blocks, problem.batch_size, args.episodes, kernel="aten") \
+        if next(model.parameters()).device.type == "cpu" else []
 
     paper, checks = [], []
     for episode in ours[: args.paper_episodes]:
@@ -199,14 +201,51 @@ def main(args: Args) -> Dict[str, float]:
     print(f"{'    proxy forward (plan applied)':44} {med(e['forward'] for e in ours):8.3f}")
     print(f"{'(c) one proxy forward pass alone':44} {med(forward):8.3f}")
     print(f"{'(c) N env steps alone under MaskablePPO':44} {steps:8.3f}")
+    if forward_default:
+        print(f"{'    forward on PyTorch default kernel (MKL)':44} {med(forward_default):8.3f}"
+              f"   (oneDNN speed-up {med(forward_default) / med(forward):.2f}x)")
+    gflop = linear_gflop(model, blocks)
+    print(f"proxy forward: {gflop:.0f} GFLOP in Linear layers and the LM head, "
+          f"{gflop / med(forward):.0f} GFLOP/s achieved")
     for paper_ppl, table_ppl in checks:
         print(f"same plan, proxy PPL: paper-faithful {paper_ppl:.4f}, table {table_ppl:.4f}")
     ratios = {"a_over_b": a / b, "b_over_c": b / floor, "table_seconds": table_seconds}
     print(f"\n(a)/(b) per episode: {ratios['a_over_b']:.1f}   (target >= 30)")
     print(f"(b)/(c) episode over forward + policy steps: {ratios['b_over_c']:.2f}   (target <= 1.3)")
+    print(f"ceiling on (a)/(b) while both paths pay this forward: (a)/(c forward) = {a / med(forward):.1f}")
     print(f"table build / (b) episode: {table_seconds / b:.1f} episodes' worth")
     env.close()
     return ratios
+
+
+def time_forward(model, blocks, batch_size: int, repeats: int, kernel: str | None = None) -> List[float]:
+    """Seconds of ``repeats`` proxy passes (after one warm-up), optionally on another CPU
+    linear kernel (``WINDQUANT_CPU_LINEAR``)."""
+    previous = os.environ.get(LINEAR_KERNEL_VAR)
+    if kernel is not None:
+        os.environ[LINEAR_KERNEL_VAR] = kernel
+    try:
+        if kernel is not None:
+            mean_nll(model, blocks, batch_size=batch_size)
+        seconds = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            mean_nll(model, blocks, batch_size=batch_size)
+            seconds.append(time.perf_counter() - t)
+        return seconds
+    finally:
+        if previous is None:
+            os.environ.pop(LINEAR_KERNEL_VAR, None)
+        else:
+            os.environ[LINEAR_KERNEL_VAR] = previous
+
+
+def linear_gflop(model: torch.nn.Module, blocks: torch.Tensor) -> float:
+    """Multiply-add work of one proxy pass in every Linear layer and the LM head
+    (2 x tokens x weights; attention scores and elementwise ops not counted)."""
+    head = model.get_output_embeddings()
+    weights = sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear))
+    return 2 * blocks.numel() * (weights + head.weight.numel()) / 1e9
 
 
 def parse() -> Args:
@@ -226,4 +265,5 @@ def parse() -> Args:
 
 
 if __name__ == "__main__":
+    wq.keep_freed_memory()  # our process: reuse freed memory (windquant_gym/runtime.py)
     main(parse())

@@ -19,6 +19,7 @@ from .eval import mean_nll, perplexity
 from .export import export_plan, load_quantized, packed_size
 from .models import load_model
 from .problem import QuantProblem
+from .runtime import keep_freed_memory
 from .quant import (
     ACTION_BITS,
     QuantConfig,
@@ -38,6 +39,6 @@ __all__ = [
     "load_model", "load_texts", "sample_token_blocks", "mean_nll", "perplexity",
     "WindQuantError", "ConfigError", "DataError", "MissingDependencyError", "ModelStructureError",
     "TableMismatchError", "UnknownNameError", "OutputExistsError", "IncompleteExportError", "ExportFormatError",
-    "export_plan", "load_quantized", "packed_size",
+    "export_plan", "load_quantized", "packed_size", "keep_freed_memory",
     "ENV_ID", "CurriculumWrapper", "WindQuantEnv", "RewardConfig", "PrecisionRules",
 ]

@@ -119,8 +119,10 @@ def run() -> int:
     """The ``windquant`` console script: a named error prints its message (value and fix),
     not a traceback; ``main`` raises it, for callers and tests."""
     from .errors import WindQuantError
+    from .runtime import keep_freed_memory
 
     try:
+        keep_freed_memory()  # this process is ours: reuse freed memory (see runtime.py)
         return main()
     except WindQuantError as error:
         print(f"windquant: {type(error).__name__}: {error}", file=sys.stderr)

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .kernels import linear_kernels
+
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -27,7 +29,8 @@ def mean_nll(
 ) -> float:
     """Mean next-token negative log-likelihood (nats) over all ``[n, L]`` token blocks.
 
-    Runs the decoder, then the LM head on ``logits_chunk`` positions at a time.
+    Runs the decoder, then the LM head on ``logits_chunk`` positions at a time; on the CPU
+    the Linear layers run on oneDNN (see :mod:`.kernels`).
     ``on_batch`` is called after every batch (used for cooperative interruption)."""
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
@@ -35,18 +38,19 @@ def mean_nll(
     device = _device_of(model)
     total, count = 0.0, 0
     batches = range(0, len(blocks), batch_size)
-    for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-        ids = blocks[start : start + batch_size].to(device)
-        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].reshape(-1, head.in_features)
-        targets = ids[:, 1:].reshape(-1)
-        for i in range(0, len(targets), logits_chunk):
-            logits = head(hidden[i : i + logits_chunk]).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            total += F.cross_entropy(logits, targets[i : i + logits_chunk], reduction="sum").item()
-        count += targets.numel()
-        if on_batch is not None:
-            on_batch()
+    with linear_kernels(device):
+        for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+            ids = blocks[start : start + batch_size].to(device)
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].reshape(-1, head.in_features)
+            targets = ids[:, 1:].reshape(-1)
+            for i in range(0, len(targets), logits_chunk):
+                logits = head(hidden[i : i + logits_chunk]).float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                total += F.cross_entropy(logits, targets[i : i + logits_chunk], reduction="sum").item()
+            count += targets.numel()
+            if on_batch is not None:
+                on_batch()
     return total / count
 
 

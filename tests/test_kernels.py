@@ -1,0 +1,82 @@
+"""The CPU linear-kernel routing of inference passes (windquant_gym.eval.kernels)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from windquant_gym.errors import ConfigError
+from windquant_gym.eval import kernels
+from windquant_gym.eval.perplexity import mean_nll
+
+needs_onednn = pytest.mark.skipif(kernels._onednn_linear_op() is None, reason="this PyTorch build has no oneDNN linear")
+
+
+class _CountingOp:
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.op(*args)
+
+
+@needs_onednn
+def test_float32_cpu_linears_without_grad_go_to_onednn_with_float32_results():
+    op = _CountingOp(kernels._onednn_linear_op())
+    x, w, b = torch.randn(3, 5, 32), torch.randn(48, 32), torch.randn(48)
+    with torch.no_grad(), kernels._OneDNNLinear(op):
+        routed = F.linear(x, w, b)
+        routed_no_bias = torch.nn.functional.linear(x[:, :-1], w)
+    assert op.calls == 2
+    torch.testing.assert_close(routed, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed_no_bias, F.linear(x[:, :-1], w), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_other_dtypes_and_autograd_pass_through_unchanged():
+    op = _CountingOp(kernels._onednn_linear_op())
+    w = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(2, 4)
+    with kernels._OneDNNLinear(op):
+        out = F.linear(x, w)  # grad enabled and the weight needs it: autograd's kernel
+        out.sum().backward()
+        with torch.no_grad():
+            F.linear(x.bfloat16(), w.detach().bfloat16())
+            F.linear(x.double(), w.detach().double())
+    assert op.calls == 0
+    torch.testing.assert_close(w.grad, x.sum(0).expand(8, 4))
+
+
+@needs_onednn
+def test_mean_nll_routes_on_cpu_and_matches_the_default_kernel(tiny, monkeypatch):
+    model, tokenizer = tiny
+    blocks = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    counting = _CountingOp(kernels._onednn_linear_op())
+    monkeypatch.setattr(kernels, "_onednn_linear_op", lambda: counting)
+    monkeypatch.setenv(kernels.ENV_VAR, "onednn")
+    routed = mean_nll(model, blocks, batch_size=2)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert counting.calls >= 2 * linears - 1  # every Linear (and the head) in each of 2 batches
+    monkeypatch.setenv(kernels.ENV_VAR, "aten")
+    calls = counting.calls
+    default = mean_nll(model, blocks, batch_size=2)
+    assert counting.calls == calls
+    assert routed == pytest.approx(default, rel=1e-5)
+
+
+def test_routing_is_off_for_aten_and_for_other_devices(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "aten")
+    with kernels.linear_kernels("cpu") as active:
+        assert active is False
+    monkeypatch.delenv(kernels.ENV_VAR)
+    with kernels.linear_kernels("meta") as active:
+        assert active is False
+    with kernels.linear_kernels("cpu") as active:
+        assert active is (kernels._onednn_linear_op() is not None)
+
+
+def test_an_unknown_kernel_name_is_a_named_error(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "mkl")
+    with pytest.raises(ConfigError, match=r"WINDQUANT_CPU_LINEAR='mkl'.*onednn, aten.*unset it"):
+        with kernels.linear_kernels("cpu"):
+            pass
