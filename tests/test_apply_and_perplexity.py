@@ -58,6 +58,35 @@ def test_chunked_nll_equals_full_logits(tiny):
     assert wq.perplexity(model, blocks) == pytest.approx(math.exp(reference), rel=1e-5)
 
 
+def test_default_logits_chunk_bounds_the_logits_bytes(tiny, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("windquant_gym.eval.perplexity")  # the package re-exports a function of that name
+
+    assert module.logits_chunk_for(49152) == 2048  # SmolLM2: one chunk per 8 x 128 batch
+    assert module.logits_chunk_for(128256) == 784  # LLaMA-3: ~400 MB of logits per chunk, not 1 GB
+    assert module.logits_chunk_for(10**9) == 1
+    model, _ = tiny
+    blocks = torch.randint(0, 257, (3, 40), generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    monkeypatch.setattr(module, "LOGITS_BYTES", 257 * 4 * 16)  # 16 positions per chunk
+    monkeypatch.setattr(module.logits_chunk_for, "__defaults__", (module.LOGITS_BYTES,))
+    try:
+        nll = wq.mean_nll(model, blocks, batch_size=3)
+    finally:
+        handle.remove()
+    assert max(shape[0] for shape in seen) == 16 and len(seen) == 8  # 3 x 39 targets in chunks of 16
+    assert nll == pytest.approx(wq.mean_nll(model, blocks, batch_size=3, logits_chunk=117), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True])
+def test_bad_logits_chunk_is_a_named_error(tiny, bad):
+    model, _ = tiny
+    with pytest.raises(wq.ConfigError, match=r"logits_chunk must be a positive int .*got .*leave it None"):
+        wq.mean_nll(model, torch.zeros(1, 8, dtype=torch.long), logits_chunk=bad)
+
+
 def test_calibration_scales_are_mean_absolute_inputs(tiny):
     model, _ = tiny
     units = wq.find_units(model, 64)
