@@ -191,7 +191,7 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
         "target_bits": final_target, "n_units": n_units, "setup_seconds": setup_seconds,
         "train_seconds": train_seconds, "seconds_per_episode": train_seconds / max(1, trained),
         "resumed_from_episode": hp["episodes"] - trained if args.resume else None,
-        "heldout_tokens": int(held_out.numel()), "results": rows,
+        "heldout_tokens": int(held_out.numel()), "proxy_dtype": problem.proxy_dtype, "results": rows,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     env.close()
@@ -206,4 +206,5 @@ def print_summary(summary: Dict[str, Any]) -> None:
     print(f"{'':30} {'effective':>9} {'storage':>8} {'proxy PPL':>10} {'held-out PPL':>12}")
     for name, row in summary["results"].items():
         print(f"{name:30} {row['effective_bits']:9.3f} {row['storage_bits']:8.3f} {row['proxy_ppl']:10.2f} {row['heldout_ppl']:12.2f}")
-    print(f"(held-out: {summary['heldout_tokens']} tokens of the wiki-sample eval split)")
+    print(f"(proxy PPL in {summary.get('proxy_dtype', 'float32')}; held-out, in the model's dtype: "
+          f"{summary['heldout_tokens']} tokens of the wiki-sample eval split)")

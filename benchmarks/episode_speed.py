@@ -36,6 +36,7 @@ import windquant_gym as wq
 from windquant_gym.agents import WindQuantPolicy, load_hyperparams
 from windquant_gym.data import sample_token_blocks
 from windquant_gym.eval.kernels import ENV_VAR as LINEAR_KERNEL_VAR
+from windquant_gym.eval.kernels import proxy_precision
 from windquant_gym.eval.perplexity import mean_nll
 from windquant_gym.problem import _cached_calibration
 from windquant_gym.quant import BIT_WIDTHS, borrowed_weights
@@ -49,7 +50,7 @@ class Args:
     model: str = "smollm2-135m"
     """load_model name."""
     preset: str = "cpu"
-    """hyperparams.yml block whose env_kwargs (chunk, calibration size) are used."""
+    """hyperparams.yml block whose env_kwargs (chunk, calibration size, proxy_dtype) are used."""
     episodes: int = 3
     """Episodes of our path (b) and of the floor measurements (c)."""
     paper_episodes: int = 1
@@ -136,7 +137,7 @@ def paper_faithful_proxy_nll(problem: wq.QuantProblem, plan: List[int]) -> float
             if action == 0:
                 q = w.half().float()
             out[:, cols] = q[0].to(out.dtype)
-    with borrowed_weights(problem.model, weights):
+    with borrowed_weights(problem.model, weights), proxy_precision(problem.blocks.device, problem.proxy_dtype):
         return mean_nll(problem.model, problem.blocks, batch_size=problem.batch_size)
 
 
@@ -166,20 +167,23 @@ def main(args: Args) -> Dict[str, float]:
     started = time.perf_counter()
     table = build_table(model, calibration.act_scales, config, cache=args.cached_table, progress=True)
     table_seconds = time.perf_counter() - started
-    problem = wq.QuantProblem(model, tokenizer, units, blocks, calibration, table)
+    problem = wq.QuantProblem(model, tokenizer, units, blocks, calibration, table,
+                              proxy_dtype=env_kwargs.get("proxy_dtype", "float32"))
     env = gym.make("WindQuant-v0", model=model, problem=problem, target_bits=args.target_bits)
     agent = MaskablePPO(WindQuantPolicy, env, n_steps=len(units), seed=args.seed, device="cpu")
-    print(f"{args.model}: {len(units)} units (chunk {config.chunk_size}), proxy {tuple(blocks.shape)} tokens, "
+    print(f"{args.model}: {len(units)} units (chunk {config.chunk_size}), proxy {tuple(blocks.shape)} tokens "
+          f"in {problem.proxy_dtype}, "
           f"target {args.target_bits} bits, torch threads {torch.get_num_threads()}")
     print(f"table build: {table_seconds:.1f} s{' (cached)' if args.cached_table else ''}, once per model and config")
 
     policy_episode(env, agent)  # warm-up: first-touch allocations, lazy inits
     ours = [policy_episode(env, agent) for _ in range(args.episodes)]
-    forward = time_forward(model, blocks, problem.batch_size, args.episodes)
+    with proxy_precision(blocks.device, problem.proxy_dtype):
+        forward = time_forward(model, blocks, problem.batch_size, args.episodes)
     # The same pass on PyTorch's default CPU kernel (MKL), side by side: what the oneDNN
-    # routing in windquant_gym.eval.kernels buys on this machine.
-    forward_default = time_forward(model, blocks, problem.batch_size, args.episodes, kernel="aten") \
-        if next(model.parameters()).device.type == "cpu" else []
+    # routing in windquant_gym.eval.kernels buys on this machine (float32 proxies only).
+    cpu_float32 = next(model.parameters()).device.type == "cpu" and problem.proxy_dtype == "float32"
+    forward_default = time_forward(model, blocks, problem.batch_size, args.episodes, kernel="aten") if cpu_float32 else []
 
     paper, checks = [], []
     for episode in ours[: args.paper_episodes]:
@@ -205,7 +209,7 @@ def main(args: Args) -> Dict[str, float]:
         print(f"{'    forward on PyTorch default kernel (MKL)':44} {med(forward_default):8.3f}"
               f"   (oneDNN speed-up {med(forward_default) / med(forward):.2f}x)")
     gflop = linear_gflop(model, blocks)
-    print(f"proxy forward: {gflop:.0f} GFLOP in Linear layers and the LM head, "
+    print(f"proxy forward: {gflop:.3g} GFLOP in Linear layers and the LM head, "
           f"{gflop / med(forward):.0f} GFLOP/s achieved")
     for paper_ppl, table_ppl in checks:
         print(f"same plan, proxy PPL: paper-faithful {paper_ppl:.4f}, table {table_ppl:.4f}")

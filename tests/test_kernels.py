@@ -43,7 +43,10 @@ def test_other_dtypes_and_autograd_pass_through_unchanged():
         with torch.no_grad():
             F.linear(x.bfloat16(), w.detach().bfloat16())
             F.linear(x.double(), w.detach().double())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                autocast = F.linear(x, w.detach())
     assert op.calls == 0
+    assert autocast.dtype == torch.bfloat16
     torch.testing.assert_close(w.grad, x.sum(0).expand(8, 4))
 
 

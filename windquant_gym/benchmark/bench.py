@@ -124,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         settings = [tuple(int(x) for x in s.split(":")) for s in args.hqq_settings] if args.hqq_settings else None
         for row in hqq_rows(problem.model, problem.blocks, held_out, **({"settings": settings} if settings else {})):
             rows.append({"target_bits": None, **row})
-    meta = {"model": args.model, "preset": args.preset, "env_kwargs": hp["env_kwargs"],
+    meta = {"model": args.model, "preset": args.preset, "env_kwargs": hp["env_kwargs"], "proxy_dtype": problem.proxy_dtype,
             "heldout_tokens": int(held_out.numel()), "seconds": time.perf_counter() - started}
     if args.zero_shot:
         meta["zero_shot"] = {"tasks": args.zero_shot, "limit": args.zero_shot_limit, "task_dirs": args.task_dir,

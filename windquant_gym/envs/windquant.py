@@ -99,7 +99,7 @@ class WindQuantEnv(gym.Env):
     ``gym.make("WindQuant-v0", model=..., tokenizer=None, calibration="wiki-sample",
     target_bits=2.0, chunk_size=256, salient_rate=0.03, n_calibration_samples=64,
     calibration_seq_len=256, device="auto", reward_config=None, precision_rules=None,
-    quant_config=None, seed=0, cache=True, progress=True, problem=None)``
+    quant_config=None, seed=0, cache=True, progress=True, problem=None, proxy_dtype=None)``
 
     * ``model``: an ``nn.Module`` causal LM (then ``tokenizer`` is required) or a name for
       ``load_model`` (``"smollm2-135m"``, ``"tiny-llama"``, a local folder, a hub id). A
@@ -108,6 +108,10 @@ class WindQuantEnv(gym.Env):
     * ``quant_config``: a full :class:`QuantConfig`; when given it overrides
       ``chunk_size`` and ``salient_rate``.
     * ``problem``: a prepared :class:`QuantProblem` to share between envs.
+    * ``proxy_dtype``: precision of the proxy pass, ``"float32"`` (default) or
+      ``"bfloat16"`` (bf16 autocast: 1.4x faster on a CPU with avx512_bf16; the proxy PPL
+      moves by < 1% and ranked 24 plans identically in ``benchmarks/proxy_precision.py``).
+      The reward compares plan and baseline at the same precision.
 
     ## Version History
 
@@ -134,6 +138,7 @@ class WindQuantEnv(gym.Env):
         cache: bool | str = True,
         progress: bool = True,
         problem: Optional[QuantProblem] = None,
+        proxy_dtype: Optional[str] = None,
     ):
         super().__init__()
         self.reward_config = reward_config or RewardConfig()
@@ -156,6 +161,12 @@ class WindQuantEnv(gym.Env):
             problem = QuantProblem.build(
                 model, tokenizer, calibration, config, n_samples=n_calibration_samples,
                 seq_len=calibration_seq_len, seed=seed, cache=cache, progress=progress,
+                proxy_dtype=proxy_dtype or "float32",
+            )
+        elif proxy_dtype is not None and proxy_dtype != problem.proxy_dtype:
+            raise ConfigError(
+                f"proxy_dtype={proxy_dtype!r} differs from the given problem's proxy_dtype={problem.proxy_dtype!r}; "
+                f"leave proxy_dtype out, or build the problem with QuantProblem.build(..., proxy_dtype={proxy_dtype!r})."
             )
         self.problem = problem
         self.table = problem.table
@@ -272,7 +283,7 @@ class WindQuantEnv(gym.Env):
     def _finish_episode(self) -> Dict[str, Any]:
         plan = self._plan.copy()
         nll = self.problem.proxy_nll(plan)
-        base_nll = self.problem.calibration.nll
+        base_nll = self.problem.baseline_nll
         proxy_ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
         ratio = proxy_ppl / math.exp(base_nll) if math.isfinite(proxy_ppl) else 1e12
         loss_increase = (nll - base_nll) / base_nll if math.isfinite(nll) else 1e6

@@ -43,7 +43,7 @@ def _onednn_linear_op():
 
 class _OneDNNLinear(TorchFunctionMode):
     """Sends float32 CPU ``F.linear`` calls that need no gradient to oneDNN; every other call
-    (other dtypes, devices, autograd) goes through unchanged."""
+    (other dtypes, devices, autograd, CPU autocast) goes through unchanged."""
 
     def __init__(self, op):
         super().__init__()
@@ -61,6 +61,7 @@ class _OneDNNLinear(TorchFunctionMode):
                 and weight.device.type == "cpu"
                 and (bias is None or bias.dtype == torch.float32)
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+                and not torch.is_autocast_enabled("cpu")  # autocast picks its own dtype and kernel
             ):
                 return self._op(x, weight, bias, "none", [], "")
         return func(*args, **kwargs)
@@ -89,3 +90,25 @@ def linear_kernels(device: torch.device | str) -> Iterator[bool]:
         return
     with _OneDNNLinear(op):
         yield True
+
+
+PROXY_DTYPES = ("float32", "bfloat16")
+"""Precisions of the proxy pass; the first is the default (see :func:`proxy_precision`)."""
+
+
+def check_proxy_dtype(proxy_dtype: str) -> str:
+    if proxy_dtype not in PROXY_DTYPES:
+        raise ConfigError(
+            f"proxy_dtype must be one of {', '.join(PROXY_DTYPES)}, got {proxy_dtype!r}; float32 is the default, "
+            "bfloat16 runs the proxy's matrix products in bf16 (faster, PPL within ~1%: benchmarks/proxy_precision.py)."
+        )
+    return proxy_dtype
+
+
+def proxy_precision(device: torch.device | str, proxy_dtype: str):
+    """A context for the proxy pass: nothing for ``float32``; bf16 autocast on ``device``
+    for ``bfloat16`` (matrix products in bf16, softmax and the loss in float32). The weights
+    are not converted in place: the model and its borrowed weights stay as they are."""
+    if check_proxy_dtype(proxy_dtype) == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

@@ -1,0 +1,86 @@
+"""proxy_dtype: the proxy pass in bf16 (autocast), opt-in; float32 stays the default."""
+
+import dataclasses
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import windquant_gym as wq
+from windquant_gym.errors import ConfigError
+
+
+@pytest.fixture
+def bf16_problem(tiny_problem):
+    # a copy: the session's tiny_problem keeps its float32 proxy
+    return dataclasses.replace(tiny_problem, proxy_dtype="bfloat16", _assembler=None, _baseline_nll={})
+
+
+def _linear_output_dtypes(problem, plan):
+    seen = []
+    linear = problem.model.get_submodule(problem.units[0].module)
+    handle = linear.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    try:
+        nll = problem.proxy_nll(plan)
+    finally:
+        handle.remove()
+    return nll, set(seen)
+
+
+def test_bf16_proxy_runs_the_products_in_bf16_and_stays_close(tiny_problem, bf16_problem):
+    plan = [4] * len(tiny_problem.units)  # 2 bit everywhere
+    saved = {n: p.detach().clone() for n, p in tiny_problem.model.named_parameters()}
+    fp32_nll, fp32_dtypes = _linear_output_dtypes(tiny_problem, plan)
+    bf16_nll, bf16_dtypes = _linear_output_dtypes(bf16_problem, plan)
+    assert fp32_dtypes == {torch.float32} and bf16_dtypes == {torch.bfloat16}
+    assert bf16_nll != fp32_nll and bf16_nll == pytest.approx(fp32_nll, rel=2e-2)
+    for name, p in tiny_problem.model.named_parameters():  # autocast converts copies, never the weights
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), saved[name]), name
+
+
+def test_bf16_baseline_is_measured_at_the_same_precision_once(tiny_problem, bf16_problem):
+    assert tiny_problem.baseline_nll == tiny_problem.calibration.nll
+    passes = []
+    handle = bf16_problem.model.get_output_embeddings().register_forward_hook(lambda *a: passes.append(1))
+    try:
+        first, second = bf16_problem.baseline_nll, bf16_problem.baseline_nll
+    finally:
+        handle.remove()
+    head_calls = len(passes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = wq.mean_nll(bf16_problem.model, bf16_problem.blocks, batch_size=bf16_problem.batch_size)
+    assert first == pytest.approx(expected, abs=1e-9)
+    assert first != tiny_problem.calibration.nll
+    assert bf16_problem.baseline_ppl == pytest.approx(math.exp(first))
+    assert second == first
+    assert head_calls == math.ceil(len(bf16_problem.blocks) / bf16_problem.batch_size)  # one pass: cached, not rerun
+
+
+def test_env_rewards_compare_plan_and_baseline_at_the_proxy_precision(bf16_problem):
+    env = gym.make("WindQuant-v0", model=bf16_problem.model, problem=bf16_problem, target_bits=3.0)
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, done, _, info = env.step(int(np.flatnonzero(env.unwrapped.action_masks())[0]))
+    assert info["baseline_ppl"] == pytest.approx(bf16_problem.baseline_ppl)
+    assert info["proxy_ppl"] == pytest.approx(math.exp(bf16_problem.proxy_nll(info["plan"])), rel=1e-6)
+    env.close()
+
+
+def test_bad_or_conflicting_proxy_dtype_is_a_named_error(tiny_problem, tiny):
+    with pytest.raises(ConfigError, match=r"proxy_dtype must be one of float32, bfloat16, got 'float16'; float32 is the default"):
+        dataclasses.replace(tiny_problem, proxy_dtype="float16")
+    with pytest.raises(ConfigError, match=r"proxy_dtype='bfloat16' differs from the given problem's proxy_dtype='float32'"):
+        gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, proxy_dtype="bfloat16")
+    model, tokenizer = tiny
+    with pytest.raises(ConfigError, match=r"proxy_dtype must be one of"):  # before calibration and the table build
+        wq.QuantProblem.build(model, tokenizer, "no-such-corpus", proxy_dtype="half", progress=False)
+
+
+def test_cpu_bf16_preset_sets_the_proxy_precision():
+    from windquant_gym.agents import load_hyperparams
+
+    assert load_hyperparams("cpu-bf16")["env_kwargs"]["proxy_dtype"] == "bfloat16"
+    assert "proxy_dtype" not in load_hyperparams("cpu")["env_kwargs"]
