@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from importlib import resources
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import yaml
 
@@ -18,10 +18,19 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _table(path: str | None) -> Dict[str, Any]:
+    text = open(path).read() if path else resources.files(__package__).joinpath("hyperparams.yml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def preset_names(path: str | None = None) -> List[str]:
+    """The blocks of the YAML (ours, or ``path``) other than ``default``, in file order."""
+    return [str(k) for k in _table(path) if k != "default"]
+
+
 def load_hyperparams(key: str = "WindQuant-v0", path: str | None = None) -> Dict[str, Any]:
     """The block ``key`` of the YAML (ours, or ``path``) merged over its ``default`` block."""
-    text = open(path).read() if path else resources.files(__package__).joinpath("hyperparams.yml").read_text()
-    table = yaml.safe_load(text) or {}
+    table = _table(path)
     if key not in table:
         known = sorted(str(k) for k in table if k != "default")
         raise UnknownNameError(

@@ -1,6 +1,7 @@
 """WindQuant-v0 at LLaMA-3.2-1B and LLaMA-3.1-8B scale on one GPU (issue 5, part 4).
 
     python benchmarks/gpu_scale.py --size 1b 8b            # needs CUDA; nothing is downloaded
+    python benchmarks/gpu_scale.py --size 1b 8b --json "$OUT/gpu_scale.json"   # on the device tool
 
 Models are built from the published configs' shapes with random weights (bf16), the
 proxy is 64 x 256 random tokens, chunk 256, 3% protection. Printed per size: table build
@@ -16,6 +17,7 @@ decoder layer's weights are assembled only while it runs (``--stream``, the defa
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -76,7 +78,7 @@ def random_policy_episode(env: gym.Env, rng: np.random.Generator, device: torch.
     return info
 
 
-def run(size: str, episodes: int, paper_episodes: int, stream: bool | None, device: torch.device) -> None:
+def run(size: str, episodes: int, paper_episodes: int, stream: bool | None, device: torch.device) -> dict:
     torch.manual_seed(0)
     stream = size == "8b" if stream is None else stream
     started = time.perf_counter()
@@ -95,7 +97,8 @@ def run(size: str, episodes: int, paper_episodes: int, stream: bool | None, devi
     table = build_table(model, calibration.act_scales, config, cache=False, progress=True,
                         storage_device="cpu" if stream else None)
     sync(device)
-    print(f"table build: {time.perf_counter() - t:.1f} s")
+    table_seconds = time.perf_counter() - t
+    print(f"table build: {table_seconds:.1f} s")
     problem = wq.QuantProblem(model, None, units, blocks, calibration, table, batch_size=8, stream=stream)
     env = gym.make("WindQuant-v0", model=model, problem=problem, target_bits=2.5)
     rng = np.random.default_rng(0)
@@ -107,6 +110,9 @@ def run(size: str, episodes: int, paper_episodes: int, stream: bool | None, devi
     b = statistics.median(e["wall"] for e in ours)
     print(f"our episode: {b:.2f} s (assembly {statistics.median(e['assemble_seconds'] for e in ours):.2f} s, "
           f"proxy {statistics.median(e['forward_seconds'] for e in ours):.2f} s), peak GPU memory {peak:.1f} GiB")
+    result = {"size": size, "parameters": n_params, "units": len(units), "stream": stream, "table_seconds": table_seconds,
+              "episode_seconds": b, "assemble_seconds": statistics.median(e["assemble_seconds"] for e in ours),
+              "forward_seconds": statistics.median(e["forward_seconds"] for e in ours), "peak_gpu_gib": peak}
     if paper_episodes:
         problem.stream = False  # the paper-faithful path holds a full quantized copy: not part of the peak above
         paper = []
@@ -117,10 +123,12 @@ def run(size: str, episodes: int, paper_episodes: int, stream: bool | None, devi
             paper.append(time.perf_counter() - t)
         a = statistics.median(paper)
         print(f"paper-faithful episode: {a:.1f} s   (a)/(b) = {a / b:.1f}")
+        result.update(paper_episode_seconds=a, a_over_b=a / b)
     env.close()
     del env, problem, table, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return result
 
 
 def main() -> None:
@@ -130,14 +138,21 @@ def main() -> None:
     parser.add_argument("--paper-episodes", type=int, default=1)
     parser.add_argument("--stream", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with --size test)")
+    parser.add_argument("--json", help="also write the figures here, rewritten after each size (kept if a later size fails)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_scale.py needs a CUDA GPU (torch.cuda.is_available() is False); on a CPU, smoke-test it "
                          "with --size test --device cpu, and measure with benchmarks/episode_speed.py.")
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}")
+    results = {"device": name, "torch": torch.__version__, "sizes": []}
     for size in args.size:
-        run(size, args.episodes, args.paper_episodes, None if args.stream == "auto" else args.stream == "on", device)
+        results["sizes"].append(run(size, args.episodes, args.paper_episodes,
+                                    None if args.stream == "auto" else args.stream == "on", device))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ def test_bad_or_conflicting_proxy_dtype_is_a_named_error(tiny_problem, tiny):
 
 def test_cpu_bf16_preset_sets_the_proxy_precision():
     from windquant_gym.agents import load_hyperparams
+    from windquant_gym.agents.hyperparams import preset_names
 
     assert load_hyperparams("cpu-bf16")["env_kwargs"]["proxy_dtype"] == "bfloat16"
+    assert "cpu-bf16" in preset_names() and "default" not in preset_names()
     assert "proxy_dtype" not in load_hyperparams("cpu")["env_kwargs"]

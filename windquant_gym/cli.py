@@ -8,12 +8,14 @@ from typing import List, Optional
 
 
 def _train(argv: List[str]) -> int:
+    from .agents.hyperparams import preset_names
     from .agents.train import TrainArgs, train
 
     parser = argparse.ArgumentParser(prog="windquant train", description="Train MaskablePPO on WindQuant-v0.")
     defaults = TrainArgs()
     parser.add_argument("--model", default=defaults.model, help="preset name or local folder (default: %(default)s)")
-    parser.add_argument("--preset", default=defaults.preset, help="block of agents/hyperparams.yml: WindQuant-v0 (paper), cpu, smoke")
+    parser.add_argument("--preset", default=defaults.preset,
+                        help=f"block of agents/hyperparams.yml: {', '.join(preset_names())} (default: %(default)s)")
     parser.add_argument("--out", default=defaults.out, help="run folder (default: %(default)s)")
     parser.add_argument("--episodes", type=int, help="override the preset's episode count")
     parser.add_argument("--gamma", type=float, help="override the discount (paper: 0.99)")
