@@ -59,7 +59,8 @@ class EpisodeRecorder(BaseCallback):
         within = info["effective_bits"] <= target + 1e-6
         best = self.best.get(target)
         if within and (best is None or info["proxy_ppl"] < best["proxy_ppl"]):
-            metrics = {k: info[k] for k in ("target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio")}
+            metrics = {k: info[k] for k in ("target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio", "proxy_dtype")
+                       if k in info}
             self.best[target] = {**metrics, "episode": self.episodes, "plan": info["plan"]}
             self._save_best(target)
         self.bar.update(1)

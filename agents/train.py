@@ -185,13 +185,15 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
             heldout = perplexity(problem.model, held_out)
         rows[name] = {**bits, "proxy_ppl": problem.proxy_ppl(actions), "heldout_ppl": heldout}
         slug = "final_plan" if name.startswith("policy") else "best_plan"
-        QuantPlan.from_table(problem.table, actions, args.model, target_bits=final_target, **rows[name]).save(out / f"{slug}.json")
+        QuantPlan.from_table(problem.table, actions, args.model, target_bits=final_target,
+                             proxy_dtype=problem.proxy_dtype, **rows[name]).save(out / f"{slug}.json")
     summary = {
         "model": args.model, "preset": args.preset, "episodes": hp["episodes"], "gamma": hp["gamma"],
         "target_bits": final_target, "n_units": n_units, "setup_seconds": setup_seconds,
         "train_seconds": train_seconds, "seconds_per_episode": train_seconds / max(1, trained),
         "resumed_from_episode": hp["episodes"] - trained if args.resume else None,
-        "heldout_tokens": int(held_out.numel()), "proxy_dtype": problem.proxy_dtype, "results": rows,
+        "heldout_tokens": int(held_out.numel()), "proxy_dtype": problem.proxy_dtype,
+        "model_dtype": str(next(problem.model.parameters()).dtype).replace("torch.", ""), "results": rows,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     env.close()
@@ -206,5 +208,7 @@ def print_summary(summary: Dict[str, Any]) -> None:
     print(f"{'':30} {'effective':>9} {'storage':>8} {'proxy PPL':>10} {'held-out PPL':>12}")
     for name, row in summary["results"].items():
         print(f"{name:30} {row['effective_bits']:9.3f} {row['storage_bits']:8.3f} {row['proxy_ppl']:10.2f} {row['heldout_ppl']:12.2f}")
-    print(f"(proxy PPL in {summary.get('proxy_dtype', 'float32')}; held-out, in the model's dtype: "
-          f"{summary['heldout_tokens']} tokens of the wiki-sample eval split)")
+    model_dtype = summary.get("model_dtype", "float32")
+    proxy = "matrix products in bf16 (autocast)" if summary.get("proxy_dtype") == "bfloat16" else f"in {model_dtype}"
+    print(f"(proxy PPL: {proxy}; held-out PPL in {model_dtype}: {summary['heldout_tokens']} tokens of the "
+          "wiki-sample eval split)")

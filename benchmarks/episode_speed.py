@@ -137,7 +137,7 @@ def paper_faithful_proxy_nll(problem: wq.QuantProblem, plan: List[int]) -> float
             if action == 0:
                 q = w.half().float()
             out[:, cols] = q[0].to(out.dtype)
-    with borrowed_weights(problem.model, weights), proxy_precision(problem.blocks.device, problem.proxy_dtype):
+    with borrowed_weights(problem.model, weights), proxy_precision(next(problem.model.parameters()).device, problem.proxy_dtype):
         return mean_nll(problem.model, problem.blocks, batch_size=problem.batch_size)
 
 
@@ -178,7 +178,7 @@ def main(args: Args) -> Dict[str, float]:
 
     policy_episode(env, agent)  # warm-up: first-touch allocations, lazy inits
     ours = [policy_episode(env, agent) for _ in range(args.episodes)]
-    with proxy_precision(blocks.device, problem.proxy_dtype):
+    with proxy_precision(next(model.parameters()).device, problem.proxy_dtype):
         forward = time_forward(model, blocks, problem.batch_size, args.episodes)
     # The same pass on PyTorch's default CPU kernel (MKL), side by side: what the oneDNN
     # routing in windquant_gym.eval.kernels buys on this machine (float32 proxies only).

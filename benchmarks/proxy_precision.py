@@ -4,7 +4,9 @@
 
 Collects plans from every baseline allocator (and, with ``--policy``, trained policies) at
 several budgets, then scores each plan's proxy NLL twice on the same table and the same
-weights: in float32, and under CPU bf16 autocast (matmuls in bf16, reductions in float32).
+weights: in float32, and with ``proxy_dtype="bfloat16"`` (bf16 autocast on the model's
+device: matrix products in bf16, reductions in float32). The reference side is always
+float32, whatever the preset says.
 Prints the time of each pass, the relative PPL differences, Spearman's rank correlation
 and the pairs of plans the two proxies order differently.
 """
@@ -12,15 +14,13 @@ and the pairs of plans the two proxies order differently.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
-import time
-from contextlib import nullcontext
 from itertools import combinations
 
 import gymnasium as gym
 import numpy as np
-import torch
 
 import windquant_gym as wq
 from windquant_gym.agents import load_hyperparams
@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--policy", action="append", default=[], help="a trained MaskablePPO zip (repeatable)")
     args = parser.parse_args()
 
-    env = gym.make(wq.ENV_ID, model=args.model, **load_hyperparams(args.preset)["env_kwargs"])
+    env_kwargs = dict(load_hyperparams(args.preset)["env_kwargs"], proxy_dtype="float32")  # the reference side
+    env = gym.make(wq.ENV_ID, model=args.model, **env_kwargs)
     problem = env.unwrapped.problem
     allocators = dict(baseline_allocators())
     allocators.pop("random")
@@ -59,19 +60,17 @@ def main() -> None:
         for name, allocator in allocators.items():
             plans[f"{name}@{target:g}"] = run_allocator(env, allocator, name=name)[0].plan
 
-    def score(dtype):
-        context = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    def score(scorer: wq.QuantProblem):
         seconds, ppl = [], {}
-        with context:
-            problem.proxy_nll(plans[next(iter(plans))])  # warm-up
-            for name, plan in plans.items():
-                started = time.perf_counter()
-                ppl[name] = math.exp(problem.proxy_nll(plan))
-                seconds.append(problem.last_timing["forward_seconds"])
-        return ppl, statistics.median(seconds), time.perf_counter() - started
+        scorer.proxy_nll(plans[next(iter(plans))])  # warm-up
+        for name, plan in plans.items():
+            ppl[name] = math.exp(scorer.proxy_nll(plan))
+            seconds.append(scorer.last_timing["forward_seconds"])
+        return ppl, statistics.median(seconds)
 
-    fp32, fp32_seconds, _ = score("fp32")
-    bf16, bf16_seconds, _ = score("bf16")
+    bf16_problem = dataclasses.replace(problem, proxy_dtype="bfloat16")  # same table, weights and blocks
+    fp32, fp32_seconds = score(problem)
+    bf16, bf16_seconds = score(bf16_problem)
     names = list(plans)
     a = np.log([fp32[n] for n in names])
     b = np.log([bf16[n] for n in names])
@@ -83,7 +82,7 @@ def main() -> None:
     print(f"{'plan':22} {'fp32 PPL':>12} {'bf16 PPL':>12} {'rel diff':>9}")
     for n, r in sorted(zip(names, rel), key=lambda item: fp32[item[0]]):
         print(f"{n:22} {fp32[n]:12.2f} {bf16[n]:12.2f} {r:+9.4f}")
-    print(f"unquantized: fp32 {problem.baseline_ppl:.3f}")
+    print(f"unquantized: fp32 {problem.baseline_ppl:.3f}, bf16 {bf16_problem.baseline_ppl:.3f}")
     print(f"\nforward pass, median: fp32 {fp32_seconds:.3f} s, bf16 autocast {bf16_seconds:.3f} s "
           f"({fp32_seconds / bf16_seconds:.2f}x)")
     print(f"relative PPL difference bf16 vs fp32: median {np.median(np.abs(rel)):.4f}, max {np.abs(rel).max():.4f}")

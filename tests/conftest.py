@@ -12,6 +12,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tests never read or write the user's cache, except the converted SmolLM2 (slow to make)."""
     monkeypatch.setenv("WINDQUANT_TEST_TMP", str(tmp_path_factory.getbasetemp()))
+    # cli.run() (called in-process by some tests) would change malloc for the whole test session
+    monkeypatch.setenv("WINDQUANT_KEEP_FREED_MEMORY", "0")
 
 
 @pytest.fixture(scope="session")

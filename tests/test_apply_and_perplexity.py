@@ -115,7 +115,7 @@ def test_streamed_layer_by_layer_equals_whole_model_assembly(tiny_problem):
     saved = snapshot(tiny_problem.model)
     plan = np.random.default_rng(3).integers(0, 7, len(tiny_problem.units)).tolist()
     whole = tiny_problem.proxy_nll(plan)
-    streamed = dataclasses.replace(tiny_problem, stream=True, _assembler=None)
+    streamed = dataclasses.replace(tiny_problem, stream=True)
     seen = []
     layers = wq.quant.units.find_decoder_layers(tiny_problem.model)[1]
     hook = layers[1].self_attn.q_proj.register_forward_pre_hook(  # while layer 1 runs

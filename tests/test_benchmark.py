@@ -133,6 +133,15 @@ def test_replayed_plan_reproduces_bits_and_perplexity_exactly(tiny_problem, tmp_
     path.write_text(json.dumps(data))
     with pytest.raises(wq.TableMismatchError, match="proxy_ppl"):
         run_allocator(env, str(path))
+    # ... unless it was measured at another proxy precision (a bf16-proxy run): bits still checked.
+    data["metrics"]["proxy_dtype"] = "bfloat16"
+    path.write_text(json.dumps(data))
+    (replayed,) = run_allocator(env, str(path))
+    assert replayed.proxy_ppl == first.proxy_ppl
+    data["metrics"]["effective_bits"] += 0.01
+    path.write_text(json.dumps(data))
+    with pytest.raises(wq.TableMismatchError, match="effective_bits"):
+        run_allocator(env, str(path))
     data["table_fingerprint"] = "0" * 48
     path.write_text(json.dumps(data))
     with pytest.raises(wq.TableMismatchError, match="belongs to table"):

@@ -83,3 +83,20 @@ def test_an_unknown_kernel_name_is_a_named_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"WINDQUANT_CPU_LINEAR='mkl'.*onednn, aten.*unset it"):
         with kernels.linear_kernels("cpu"):
             pass
+
+
+@needs_onednn
+def test_keyword_arguments_bad_shapes_and_a_bias_needing_grad_keep_pytorchs_own_path():
+    op = _CountingOp(kernels._onednn_linear_op())
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    bias = torch.zeros(5, requires_grad=True)
+    with kernels._OneDNNLinear(op):
+        with torch.no_grad():
+            by_keyword = F.linear(input=x, weight=w)
+        assert op.calls == 1  # routed, keywords read correctly
+        with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied"), torch.no_grad():
+            F.linear(x, torch.randn(5, 3))  # PyTorch's message, not oneDNN's primitive-descriptor error
+        F.linear(x, w, bias).sum().backward()
+    assert op.calls == 1
+    torch.testing.assert_close(by_keyword, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad, torch.full((5,), 3.0))

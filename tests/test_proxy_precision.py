@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -15,7 +16,7 @@ from windquant_gym.errors import ConfigError
 @pytest.fixture
 def bf16_problem(tiny_problem):
     # a copy: the session's tiny_problem keeps its float32 proxy
-    return dataclasses.replace(tiny_problem, proxy_dtype="bfloat16", _assembler=None, _baseline_nll={})
+    return dataclasses.replace(tiny_problem, proxy_dtype="bfloat16")
 
 
 def _linear_output_dtypes(problem, plan):
@@ -40,22 +41,41 @@ def test_bf16_proxy_runs_the_products_in_bf16_and_stays_close(tiny_problem, bf16
         assert p.dtype == torch.float32 and torch.equal(p.detach(), saved[name]), name
 
 
-def test_bf16_baseline_is_measured_at_the_same_precision_once(tiny_problem, bf16_problem):
+def test_bf16_baseline_is_measured_once_when_the_problem_is_made(tiny_problem):
     assert tiny_problem.baseline_nll == tiny_problem.calibration.nll
     passes = []
-    handle = bf16_problem.model.get_output_embeddings().register_forward_hook(lambda *a: passes.append(1))
+    handle = tiny_problem.model.get_output_embeddings().register_forward_hook(lambda *a: passes.append(1))
     try:
-        first, second = bf16_problem.baseline_nll, bf16_problem.baseline_nll
+        problem = dataclasses.replace(tiny_problem, proxy_dtype="bfloat16")
+        at_construction = len(passes)
+        first, second = problem.baseline_nll, problem.baseline_nll
     finally:
         handle.remove()
-    head_calls = len(passes)
+    assert at_construction == math.ceil(len(problem.blocks) / problem.batch_size)  # one pass, at construction
+    assert len(passes) == at_construction and second == first  # cached: reading it runs nothing
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = wq.mean_nll(bf16_problem.model, bf16_problem.blocks, batch_size=bf16_problem.batch_size)
+        expected = wq.mean_nll(problem.model, problem.blocks, batch_size=problem.batch_size)
     assert first == pytest.approx(expected, abs=1e-9)
     assert first != tiny_problem.calibration.nll
-    assert bf16_problem.baseline_ppl == pytest.approx(math.exp(first))
-    assert second == first
-    assert head_calls == math.ceil(len(bf16_problem.blocks) / bf16_problem.batch_size)  # one pass: cached, not rerun
+    assert problem.baseline_ppl == pytest.approx(math.exp(first))
+
+
+def test_bf16_baseline_is_the_unquantized_model_even_when_first_read_under_a_plan(bf16_problem):
+    plan = [6] * len(bf16_problem.units)  # 1 bit everywhere: far from the baseline
+    expected = bf16_problem.baseline_nll
+    fresh = dataclasses.replace(bf16_problem)
+    with wq.quantized_weights(fresh.model, fresh.table, plan):
+        read_under_plan = fresh.baseline_nll
+    assert read_under_plan == expected
+
+
+def test_a_replaced_problem_gets_its_own_baseline_and_buffers(bf16_problem):
+    other = dataclasses.replace(bf16_problem, blocks=bf16_problem.blocks[:, :32])
+    assert other.baseline_nll != bf16_problem.baseline_nll
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert other.baseline_nll == pytest.approx(wq.mean_nll(other.model, other.blocks, batch_size=other.batch_size), abs=1e-9)
+    bf16_problem.proxy_nll([1] * len(bf16_problem.units))
+    assert dataclasses.replace(bf16_problem)._assembler is None
 
 
 def test_env_rewards_compare_plan_and_baseline_at_the_proxy_precision(bf16_problem):
@@ -86,3 +106,16 @@ def test_cpu_bf16_preset_sets_the_proxy_precision():
     assert load_hyperparams("cpu-bf16")["env_kwargs"]["proxy_dtype"] == "bfloat16"
     assert "cpu-bf16" in preset_names() and "default" not in preset_names()
     assert "proxy_dtype" not in load_hyperparams("cpu")["env_kwargs"]
+
+
+def test_a_bf16_proxy_on_a_cpu_without_bf16_units_warns(tiny_problem, monkeypatch):
+    from windquant_gym.eval import kernels
+
+    monkeypatch.setattr(kernels, "_cpu_has_native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match=r"without native bf16 support.*use proxy_dtype='float32'"):
+        dataclasses.replace(tiny_problem, proxy_dtype="bfloat16")
+    monkeypatch.setattr(kernels, "_cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dataclasses.replace(tiny_problem, proxy_dtype="bfloat16")
+        assert dataclasses.replace(tiny_problem, proxy_dtype=torch.float32).proxy_dtype == "float32"  # a dtype, by name

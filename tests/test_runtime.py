@@ -2,6 +2,7 @@
 one keeps its defaults."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ print(json.dumps({"applied": applied, "faults": faults[2:]}))
 """
 
 
-def _child(mode: str, env=None) -> dict:
+def _child(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "WINDQUANT_KEEP_FREED_MEMORY"}  # conftest turns it off
     out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -44,6 +46,11 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     assert default["applied"] is False and min(default["faults"]) > pages // 2  # fresh pages every time
     kept = _child("on")
     assert kept["applied"] is True and max(kept["faults"]) < pages // 20
+
+
+def test_the_test_session_itself_keeps_glibc_defaults():
+    assert os.environ.get("WINDQUANT_KEEP_FREED_MEMORY") == "0"  # conftest: cli.run() in a test changes nothing
+    assert wq.keep_freed_memory() is False
 
 
 def test_the_switch_turns_it_into_a_no_op(monkeypatch):

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks
 from .errors import ConfigError
-from .eval.kernels import check_proxy_dtype, proxy_precision
+from .eval.kernels import check_proxy_dtype, proxy_precision, warn_if_bf16_is_emulated
 from .eval.perplexity import mean_nll
 from .fingerprint import tensors_fingerprint
 from .paths import cache_dir
@@ -60,12 +60,16 @@ class QuantProblem:
     """Precision of the proxy pass: ``float32`` (default) or ``bfloat16`` (autocast: matrix
     products in bf16; 1.4x faster on an AVX-512-bf16 CPU, same ranking of plans in
     ``benchmarks/proxy_precision.py``). Held-out evaluation stays in the model's dtype."""
-    _assembler: Optional[WeightAssembler] = field(default=None, repr=False)
-    _baseline_nll: dict = field(default_factory=dict, repr=False)
-    last_timing: dict = field(default_factory=dict, repr=False)
+    # Not constructor arguments: dataclasses.replace() must give a copy its own buffers and
+    # baseline (the copy may hold another table or other blocks).
+    _assembler: Optional[WeightAssembler] = field(default=None, init=False, repr=False, compare=False)
+    _baseline_nll: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    last_timing: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_proxy_dtype(self.proxy_dtype)
+        self.proxy_dtype = check_proxy_dtype(self.proxy_dtype)
+        warn_if_bf16_is_emulated(next(self.model.parameters()).device, self.proxy_dtype)
+        self.baseline_nll  # now, while the model holds its own weights (not a plan's)
 
     @classmethod
     def build(
@@ -94,7 +98,7 @@ class QuantProblem:
         The cheap checks come first, so bad input fails in milliseconds with a named error:
         the config, the tokenizer, the model's structure and weights (NaN, Inf or beyond
         float16 is refused before any forward pass), then the text."""
-        check_proxy_dtype(proxy_dtype)
+        proxy_dtype = check_proxy_dtype(proxy_dtype)
         if not isinstance(config, QuantConfig):
             raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. QuantConfig(chunk_size=256).")
         if tokenizer is None:
@@ -112,8 +116,10 @@ class QuantProblem:
 
     @property
     def baseline_nll(self) -> float:
-        """Proxy NLL of the unquantized model, at the proxy's precision (the float32 one comes
-        with the calibration; another precision costs one pass, once)."""
+        """Proxy NLL of the unquantized model, at the proxy's precision. The float32 one comes
+        with the calibration; another costs one pass, made when the problem is made (or on the
+        first read after ``proxy_dtype`` is changed: read it then outside any
+        ``quantized_weights`` block, or it measures the plan applied there)."""
         if self.proxy_dtype == "float32":
             return self.calibration.nll
         if self.proxy_dtype not in self._baseline_nll:

@@ -34,8 +34,10 @@ def keep_freed_memory(trim_threshold_bytes: int = 1 << 30) -> bool:
     """Ask glibc malloc to allocate from its heap only and to keep up to
     ``trim_threshold_bytes`` of freed memory at the heap's top for reuse.
 
-    Returns True if the settings took effect; False where the C library is not glibc
-    (macOS, musl, Windows) or ``WINDQUANT_KEEP_FREED_MEMORY=0``: nothing changes there."""
+    Returns True if glibc accepted both settings; False where the C library is not glibc
+    (macOS, musl, Windows) or ``WINDQUANT_KEEP_FREED_MEMORY=0``: nothing changes there.
+    Under an allocator preloaded in glibc's place (``LD_PRELOAD`` jemalloc or tcmalloc, which
+    already reuse freed memory) the settings reach glibc only and change nothing."""
     if isinstance(trim_threshold_bytes, bool) or not isinstance(trim_threshold_bytes, int) or not 0 < trim_threshold_bytes < 2**31:
         raise ConfigError(
             f"trim_threshold_bytes must be a positive int below 2**31, got {trim_threshold_bytes!r}; "

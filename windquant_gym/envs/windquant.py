@@ -12,6 +12,7 @@ import torch.nn as nn
 from gymnasium import spaces
 
 from ..errors import ConfigError
+from ..eval.kernels import check_proxy_dtype
 from ..models.loading import load_model
 from ..problem import QuantProblem
 from ..quant.bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION
@@ -90,7 +91,8 @@ class WindQuantEnv(gym.Env):
 
     Terminates after the last unit (N steps); never truncates. The terminal ``info`` holds
     ``plan`` (requested actions), ``stored_plan`` (after fallback), ``effective_bits``,
-    ``storage_bits``, ``proxy_ppl``, ``baseline_ppl``, ``ppl_ratio``, ``fallbacks``,
+    ``storage_bits``, ``proxy_ppl`` (and the ``proxy_dtype`` it was measured in),
+    ``baseline_ppl``, ``ppl_ratio``, ``fallbacks``,
     ``reward_terms``, ``lagrange_lambda``, ``episode_seconds`` (and of it ``assemble_seconds``,
     ``forward_seconds``: the proxy evaluation's two parts).
 
@@ -161,9 +163,9 @@ class WindQuantEnv(gym.Env):
             problem = QuantProblem.build(
                 model, tokenizer, calibration, config, n_samples=n_calibration_samples,
                 seq_len=calibration_seq_len, seed=seed, cache=cache, progress=progress,
-                proxy_dtype=proxy_dtype or "float32",
+                proxy_dtype="float32" if proxy_dtype is None else proxy_dtype,
             )
-        elif proxy_dtype is not None and proxy_dtype != problem.proxy_dtype:
+        elif proxy_dtype is not None and check_proxy_dtype(proxy_dtype) != problem.proxy_dtype:
             raise ConfigError(
                 f"proxy_dtype={proxy_dtype!r} differs from the given problem's proxy_dtype={problem.proxy_dtype!r}; "
                 f"leave proxy_dtype out, or build the problem with QuantProblem.build(..., proxy_dtype={proxy_dtype!r})."
@@ -308,6 +310,7 @@ class WindQuantEnv(gym.Env):
             "storage_bits": bits["storage_bits"],
             "target_bits": self.target_bits,
             "proxy_ppl": proxy_ppl,
+            "proxy_dtype": self.problem.proxy_dtype,
             "baseline_ppl": math.exp(base_nll),
             "ppl_ratio": ratio,
             "loss_increase": loss_increase,

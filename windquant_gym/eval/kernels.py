@@ -10,13 +10,15 @@ agree with MKL's to float32 rounding), without touching the model: a
 restoring. ``benchmarks/episode_speed.py`` prints both kernels' forward time side by side.
 
 ``WINDQUANT_CPU_LINEAR=aten`` turns the routing off (PyTorch's default kernel), e.g. on a
-CPU where MKL is the faster one.
+CPU where MKL is the faster one. Only x86 CPUs are routed (ARM builds keep their default).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
+import warnings
 from typing import Iterator
 
 import torch
@@ -32,8 +34,9 @@ CPU_LINEAR_KERNELS = ("onednn", "aten")
 
 def _onednn_linear_op():
     """oneDNN's fused linear (the op TorchInductor lowers CPU linears to), or None where
-    this PyTorch build lacks it."""
-    if not torch.backends.mkldnn.is_available():
+    this PyTorch build lacks it or the CPU is not x86 (measured only there; on ARM the
+    default kernel stays)."""
+    if not torch.backends.mkldnn.is_available() or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     try:
         return torch.ops.mkldnn._linear_pointwise.default
@@ -41,9 +44,34 @@ def _onednn_linear_op():
         return None
 
 
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 takes no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
+def _routable(x, weight, bias) -> bool:
+    """A float32, strided, CPU, well-shaped linear that needs no gradient and no autocast;
+    anything else keeps PyTorch's own kernel (and its error messages)."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not all(isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type == "cpu"
+               and t.dtype == torch.float32 for t in tensors):
+        return False
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        return False
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not _cpu_autocast_enabled()  # autocast picks its own dtype and kernel
+
+
 class _OneDNNLinear(TorchFunctionMode):
     """Sends float32 CPU ``F.linear`` calls that need no gradient to oneDNN; every other call
-    (other dtypes, devices, autograd, CPU autocast) goes through unchanged."""
+    (other dtypes, devices, shapes, layouts, autograd, CPU autocast) goes through unchanged.
+    A ``TorchFunctionMode`` of the caller's that is active outside this one sees the routed
+    calls as ``mkldnn._linear_pointwise``, not ``F.linear`` (FLOP counters, for one)."""
 
     def __init__(self, op):
         super().__init__()
@@ -52,17 +80,10 @@ class _OneDNNLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1]
+            x = args[0] if len(args) > 0 else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if (
-                x.device.type == "cpu"
-                and x.dtype == torch.float32
-                and weight.dtype == torch.float32
-                and weight.device.type == "cpu"
-                and (bias is None or bias.dtype == torch.float32)
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-                and not torch.is_autocast_enabled("cpu")  # autocast picks its own dtype and kernel
-            ):
+            if _routable(x, weight, bias):
                 return self._op(x, weight, bias, "none", [], "")
         return func(*args, **kwargs)
 
@@ -96,13 +117,36 @@ PROXY_DTYPES = ("float32", "bfloat16")
 """Precisions of the proxy pass; the first is the default (see :func:`proxy_precision`)."""
 
 
-def check_proxy_dtype(proxy_dtype: str) -> str:
+def check_proxy_dtype(proxy_dtype) -> str:
+    """The proxy precision's name (``torch.bfloat16`` is taken for ``"bfloat16"``), or a
+    ConfigError naming the choices."""
+    if isinstance(proxy_dtype, torch.dtype):
+        proxy_dtype = str(proxy_dtype).replace("torch.", "")
     if proxy_dtype not in PROXY_DTYPES:
         raise ConfigError(
             f"proxy_dtype must be one of {', '.join(PROXY_DTYPES)}, got {proxy_dtype!r}; float32 is the default, "
-            "bfloat16 runs the proxy's matrix products in bf16 (faster, PPL within ~1%: benchmarks/proxy_precision.py)."
+            "bfloat16 runs the proxy's matrix products in bf16 (faster where the hardware has bf16 units; PPL "
+            "within ~1%: benchmarks/proxy_precision.py)."
         )
     return proxy_dtype
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def warn_if_bf16_is_emulated(device: torch.device | str, proxy_dtype: str) -> None:
+    """A bf16 proxy on a CPU without native bf16 instructions is emulated, and slower."""
+    if proxy_dtype == "bfloat16" and torch.device(device).type == "cpu" and not _cpu_has_native_bf16():
+        warnings.warn(
+            "proxy_dtype='bfloat16' on a CPU without native bf16 support: the proxy's products are emulated and "
+            "likely slower than float32; use proxy_dtype='float32' (the default) here.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def proxy_precision(device: torch.device | str, proxy_dtype: str):

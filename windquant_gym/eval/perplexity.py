@@ -5,6 +5,7 @@ vocabulary, 784 on LLaMA-3's 128k), so 64 x 256 tokens never hold all 3-8 GB of 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -49,7 +50,7 @@ def mean_nll(
     device = _device_of(model)
     if logits_chunk is None:
         logits_chunk = logits_chunk_for(head.weight.shape[0])
-    elif isinstance(logits_chunk, bool) or not isinstance(logits_chunk, int) or logits_chunk < 1:
+    elif isinstance(logits_chunk, bool) or not isinstance(logits_chunk, numbers.Integral) or logits_chunk < 1:
         raise ConfigError(f"logits_chunk must be a positive int (positions per LM-head chunk), got {logits_chunk!r}; "
                           "leave it None to bound the logits to ~400 MB.")
     total, count = 0.0, 0
