@@ -84,8 +84,9 @@ def run(size: str, episodes: int, paper_episodes: int, stream: bool | None, devi
     started = time.perf_counter()
     model = random_llama(size, device)
     n_params = sum(p.numel() for p in model.parameters())
+    where_table = "host memory" if stream else "the model's device"
     print(f"\n== {size}: {n_params / 1e9:.2f} B parameters, built in {time.perf_counter() - started:.0f} s, "
-          f"stream={stream}, table on {'host' if stream else 'GPU'}")
+          f"stream={stream}, table on {where_table}")
     blocks = torch.randint(0, model.config.vocab_size, (64, 256), generator=torch.Generator().manual_seed(0))
     config = wq.QuantConfig(chunk_size=256, salient_rate=0.03)
     units = find_units(model, config.chunk_size)
