@@ -119,3 +119,15 @@ def test_a_bf16_proxy_on_a_cpu_without_bf16_units_warns(tiny_problem, monkeypatc
         warnings.simplefilter("error", RuntimeWarning)
         dataclasses.replace(tiny_problem, proxy_dtype="bfloat16")
         assert dataclasses.replace(tiny_problem, proxy_dtype=torch.float32).proxy_dtype == "float32"  # a dtype, by name
+
+
+def test_streamed_bf16_proxy_matches_whole_model_assembly(bf16_problem):
+    plan = [3] * len(bf16_problem.units)  # 3 bit everywhere
+    saved = {n: p.detach().clone() for n, p in bf16_problem.model.named_parameters()}
+    whole = bf16_problem.proxy_nll(plan)
+    streamed = dataclasses.replace(bf16_problem, stream=True)
+    assert streamed.baseline_nll == pytest.approx(bf16_problem.baseline_nll, rel=1e-3)
+    nll, dtypes = _linear_output_dtypes(streamed, plan)
+    assert dtypes == {torch.bfloat16} and nll == pytest.approx(whole, rel=1e-3)
+    for name, p in bf16_problem.model.named_parameters():
+        assert torch.equal(p.detach(), saved[name]), name
