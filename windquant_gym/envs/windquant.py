@@ -117,7 +117,9 @@ class WindQuantEnv(gym.Env):
 
     ## Version History
 
-    * v0: initial version (paper Table 1 observation, 7 actions, eq. 5 reward).
+    * v0: initial version (paper Table 1 observation, 7 actions, eq. 5 reward). Later
+      additions that leave the default's rewards, observations and actions as they were:
+      ``RewardConfig.step_error_coef`` (off by default), ``proxy_dtype`` (float32 by default).
     """
 
     metadata = {"render_modes": []}
