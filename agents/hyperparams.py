@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from importlib import resources
+from pathlib import Path
 from typing import Any, Dict, List
 
 import yaml
@@ -19,7 +20,7 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _table(path: str | None) -> Dict[str, Any]:
-    text = open(path).read() if path else resources.files(__package__).joinpath("hyperparams.yml").read_text()
+    text = Path(path).read_text() if path else resources.files(__package__).joinpath("hyperparams.yml").read_text()
     return yaml.safe_load(text) or {}
 
 

@@ -175,15 +175,16 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
     held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, hp["eval_seq_len"], hp["eval_windows"])
     fp_heldout = perplexity(problem.model, held_out)
     rows = {"unquantized": {"effective_bits": 16.0, "storage_bits": 16.0, "proxy_ppl": problem.baseline_ppl, "heldout_ppl": fp_heldout}}
-    candidates = {"policy (deterministic)": final["plan"]}
+    # (plan, its proxy PPL as the env measured it: the proxy is deterministic, no need to rerun it)
+    candidates = {"policy (deterministic)": (final["plan"], final["proxy_ppl"])}
     best = recorder.best.get(final_target)
     if best is not None:
-        candidates["best plan seen in training"] = best["plan"]
-    for name, actions in candidates.items():
+        candidates["best plan seen in training"] = (best["plan"], best["proxy_ppl"])
+    for name, (actions, proxy_ppl) in candidates.items():
         bits = problem.table.plan_bits(actions)
         with quantized_weights(problem.model, problem.table, actions):
             heldout = perplexity(problem.model, held_out)
-        rows[name] = {**bits, "proxy_ppl": problem.proxy_ppl(actions), "heldout_ppl": heldout}
+        rows[name] = {**bits, "proxy_ppl": proxy_ppl, "heldout_ppl": heldout}
         slug = "final_plan" if name.startswith("policy") else "best_plan"
         QuantPlan.from_table(problem.table, actions, args.model, target_bits=final_target,
                              proxy_dtype=problem.proxy_dtype, **rows[name]).save(out / f"{slug}.json")

@@ -19,7 +19,7 @@ from .eval.kernels import check_proxy_dtype, proxy_precision, warn_if_bf16_is_em
 from .eval.perplexity import mean_nll
 from .fingerprint import tensors_fingerprint
 from .paths import cache_dir
-from .quant.apply import WeightAssembler, borrowed_weights, streamed_quantized_weights
+from .quant.apply import WeightAssembler, quantized_weights, streamed_quantized_weights
 from .quant.config import QuantConfig
 from .quant.table import QuantTable, build_table
 from .quant.units import Unit, check_weights, find_units, module_names
@@ -147,9 +147,7 @@ class QuantProblem:
             with streamed_quantized_weights(self.model, self.table, plan, assembler), precision:
                 nll = mean_nll(self.model, self.blocks, batch_size=len(self.blocks), progress=progress)
         else:
-            with torch.no_grad():
-                weights = assembler.assemble(plan)
-            with borrowed_weights(self.model, weights), precision:
+            with quantized_weights(self.model, self.table, plan, assembler), precision:
                 nll = mean_nll(self.model, self.blocks, batch_size=self.batch_size, progress=progress)
         assemble = assembler.seconds - assembled_before
         self.last_timing = {"assemble_seconds": assemble, "forward_seconds": time.perf_counter() - started - assemble}

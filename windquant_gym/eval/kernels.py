@@ -16,6 +16,7 @@ CPU where MKL is the faster one. Only x86 CPUs are routed (ARM builds keep their
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import warnings
@@ -32,6 +33,7 @@ CPU_LINEAR_KERNELS = ("onednn", "aten")
 """Accepted values of ``WINDQUANT_CPU_LINEAR``; the first is the default."""
 
 
+@functools.lru_cache(maxsize=None)  # looked up once, not on every pass
 def _onednn_linear_op():
     """oneDNN's fused linear (the op TorchInductor lowers CPU linears to), or None where
     this PyTorch build lacks it or the CPU is not x86 (measured only there; on ARM the
@@ -131,6 +133,7 @@ def check_proxy_dtype(proxy_dtype) -> str:
     return proxy_dtype
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

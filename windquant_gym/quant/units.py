@@ -17,7 +17,6 @@ _ATTENTION_TAGS = ("attn", "attention")
 _MLP_TAGS = ("mlp", "ffn", "feed_forward")
 
 
-
 @dataclass(frozen=True)
 class Unit:
     """``chunk_size`` consecutive input columns of one Linear weight ``W[out, in]``, all rows."""
