@@ -16,6 +16,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WINDQUANT_KEEP_FREED_MEMORY", "0")
 
 
+@pytest.fixture
+def env(tiny_problem):
+    """WindQuant-v0 on the session's tiny problem at 2.0 bits."""
+    import gymnasium as gym
+
+    environment = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.0)
+    yield environment
+    environment.close()
+
+
 @pytest.fixture(scope="session")
 def tiny():
     import windquant_gym as wq

@@ -6,14 +6,7 @@ import torch
 import windquant_gym as wq
 from windquant_gym.calibration import calibrate
 
-
-def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def assert_bitwise_equal(model, saved):
-    for name, p in model.named_parameters():
-        assert torch.equal(p.detach(), saved[name]), name
+from _helpers import assert_bitwise_equal, snapshot
 
 
 def test_apply_then_restore_is_bitwise_exact(tiny_problem):

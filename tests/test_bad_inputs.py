@@ -32,11 +32,14 @@ def assert_says(excinfo, *fragments):
         assert fragment in text, f"{fragment!r} not in {text!r}"
 
 
-@pytest.fixture
-def env(tiny_problem):
-    environment = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.0)
-    yield environment
-    environment.close()
+def ones_scales(model, chunk_size: int = 64):
+    """Activation scales of 1 for every module: enough for a table build to reach its checks."""
+    return {u.module: torch.ones(u.in_features) for u in wq.find_units(model, chunk_size)}
+
+
+def uncached_table(model, scales=None, config=wq.QuantConfig(chunk_size=64)):
+    return wq.build_table(model, ones_scales(model, config.chunk_size) if scales is None else scales, config,
+                          cache=False, progress=False)
 
 
 @pytest.fixture
@@ -289,11 +292,9 @@ def test_inf_weight_refused_before_table_build(fresh_tiny, monkeypatch):
     model, _ = fresh_tiny
     with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.weight[0, 0] = -float("inf")
-    units = wq.find_units(model, 64)
-    scales = {u.module: torch.ones(u.in_features) for u in units}
     refuse_calibration(monkeypatch)
     with pytest.raises(wq.ModelStructureError) as excinfo:
-        wq.build_table(model, scales, wq.QuantConfig(chunk_size=64), cache=False, progress=False)
+        uncached_table(model)
     assert_says(excinfo, "'model.layers.0.self_attn.k_proj'", "1 Inf", "-inf")
 
 
@@ -311,32 +312,30 @@ def test_weights_beyond_fp16_range_refused(fresh_tiny, monkeypatch):
     model, _ = fresh_tiny
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight[2, 2] = 1e6
-    units = wq.find_units(model, 64)
     refuse_calibration(monkeypatch)
     with pytest.raises(wq.ModelStructureError) as excinfo:
-        wq.build_table(model, {u.module: torch.ones(u.in_features) for u in units}, cache=False, progress=False)
+        uncached_table(model, config=wq.QuantConfig())
     assert_says(excinfo, "'model.layers.1.self_attn.o_proj'", "1e+06", "65504")
 
 
 def test_activation_scales_of_another_model(tiny, monkeypatch):
     model, _ = tiny
-    units = wq.find_units(model, 64)
-    scales = {u.module: torch.ones(7) for u in units}
+    scales = {name: torch.ones(7) for name in ones_scales(model)}
     refuse_calibration(monkeypatch)
     with pytest.raises(wq.TableMismatchError) as excinfo:
-        wq.build_table(model, scales, wq.QuantConfig(chunk_size=64), cache=False, progress=False)
+        uncached_table(model, scales)
     assert_says(excinfo, "shape (7,)", "128 input features", "run calibrate()")
 
 
 def test_activation_scales_not_finite(tiny, monkeypatch):
     model, _ = tiny
-    units = wq.find_units(model, 64)
-    scales = {u.module: torch.ones(u.in_features) for u in units}
-    scales[units[-1].module] = torch.full((units[-1].in_features,), float("inf"))
+    scales = ones_scales(model)
+    last = list(scales)[-1]
+    scales[last] = torch.full_like(scales[last], float("inf"))
     refuse_calibration(monkeypatch)
     with pytest.raises(wq.DataError) as excinfo:
-        wq.build_table(model, scales, wq.QuantConfig(chunk_size=64), cache=False, progress=False)
-    assert_says(excinfo, units[-1].module, "inf", "Calibrate in float32")
+        uncached_table(model, scales)
+    assert_says(excinfo, last, "inf", "Calibrate in float32")
 
 
 # ----- unknown names ---------------------------------------------------------------------------
@@ -396,9 +395,7 @@ class SmallModel(nn.Module):
 
 
 def small_table(config):
-    model = SmallModel()
-    scales = {u.module: torch.ones(u.in_features) for u in wq.find_units(model, config.chunk_size)}
-    return wq.build_table(model, scales, config, cache=False, progress=False)
+    return uncached_table(SmallModel(), config=config)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,7 @@ import windquant_gym as wq
 from windquant_gym.envs.rewards import final_reward, step_reward, update_lambda
 from windquant_gym.quant.bitwidths import ACTION_BITS
 
-
-@pytest.fixture
-def env(tiny_problem):
-    environment = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.0)
-    yield environment
-    environment.close()
-
-
-def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+from _helpers import assert_bitwise_equal, snapshot
 
 
 def run_episode(env, choose, seed=None):
@@ -130,11 +121,9 @@ def test_weights_unchanged_after_episodes_and_close(tiny_problem):
     env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.0)
     for _ in range(2):
         run_episode(env, lambda mask: int(np.flatnonzero(mask)[-1]))
-        for name, p in tiny_problem.model.named_parameters():
-            assert torch.equal(p, saved[name])
+        assert_bitwise_equal(tiny_problem.model, saved)
     env.close()
-    for name, p in tiny_problem.model.named_parameters():
-        assert torch.equal(p, saved[name])
+    assert_bitwise_equal(tiny_problem.model, saved)
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
@@ -156,14 +145,12 @@ def test_weights_come_back_when_the_evaluation_is_interrupted(tiny_problem, monk
     with pytest.raises(error):
         run_episode(env, lambda mask: int(np.flatnonzero(mask)[-1]))
     assert seen == [True]  # the interruption really came mid-evaluation, with borrowed weights in
-    for name, p in tiny_problem.model.named_parameters():
-        assert torch.equal(p, saved[name]), name
+    assert_bitwise_equal(tiny_problem.model, saved)
     monkeypatch.setattr(problem_module, "mean_nll", real_mean_nll)
     *_, info = run_episode(env, lambda mask: int(np.flatnonzero(mask)[-1]))  # the env still works
     assert info["effective_bits"] <= 2.0 + 1e-9
     env.close()
-    for name, p in tiny_problem.model.named_parameters():
-        assert torch.equal(p, saved[name]), name
+    assert_bitwise_equal(tiny_problem.model, saved)
 
 
 def test_terminal_info_and_lagrange_update(env):

@@ -132,14 +132,19 @@ def test_mixed_plan_uses_every_action(tiny_problem):
     assert set(_plans(len(tiny_problem.units))["mixed"]) == set(range(N_ACTIONS))
 
 
+def assert_loaded_matches_plan(loaded, problem, actions):
+    """Every quantized Linear of a loaded export equals the env's weights for ``actions``, bit for bit."""
+    with wq.quantized_weights(problem.model, problem.table, actions) as model:
+        for module in {u.module for u in problem.units}:
+            assert torch.equal(loaded.get_submodule(module).weight, model.get_submodule(module).weight), module
+
+
 @pytest.mark.parametrize("name", PLAN_NAMES)
 def test_loaded_weights_equal_the_envs_bit_for_bit(tiny_problem, exports, name):
     plan, folder = exports[name]
     loaded = wq.load_quantized(folder)
     modules = {u.module for u in tiny_problem.units}
-    with wq.quantized_weights(tiny_problem.model, tiny_problem.table, plan.actions) as model:
-        for module in modules:
-            assert torch.equal(loaded.get_submodule(module).weight, model.get_submodule(module).weight), module
+    assert_loaded_matches_plan(loaded, tiny_problem, plan.actions)
     original = tiny_problem.model.state_dict()
     for key, value in loaded.state_dict().items():
         if key.rsplit(".", 1)[0] not in modules:  # the rest: fp16-rounded originals
@@ -215,11 +220,7 @@ def test_fallback_stores_the_higher_precision(tiny, tmp_path):
     actions = [6] * len(problem.units)
     assert (problem.table.stored_action[:, 6] == 4).all()
     folder = wq.export_plan(actions, problem, tmp_path / "fallback")
-    with wq.quantized_weights(problem.model, problem.table, actions) as quantized:
-        expected = {u.module: quantized.get_submodule(u.module).weight.clone() for u in problem.units}
-    loaded = wq.load_quantized(folder)
-    for module, weight in expected.items():
-        assert torch.equal(loaded.get_submodule(module).weight, weight)
+    assert_loaded_matches_plan(wq.load_quantized(folder), problem, actions)
     size = wq.packed_size(folder)
     assert size.packed_bytes == pytest.approx(problem.table.plan_bits(actions)["storage_bits"] * size.n_weights / 8, rel=0.01)
 
@@ -234,10 +235,7 @@ def test_cli_export(tiny_problem, tmp_path, monkeypatch, capsys):
     out = tmp_path / "packed"
     assert main(["export", str(plan_path), "--out", str(out), "--preset", "smoke"]) == 0  # model named by the plan
     assert "accounted" in capsys.readouterr().out
-    loaded = wq.load_quantized(out)
-    with wq.quantized_weights(tiny_problem.model, tiny_problem.table, actions) as model:
-        for unit in tiny_problem.units:
-            assert torch.equal(loaded.get_submodule(unit.module).weight, model.get_submodule(unit.module).weight)
+    assert_loaded_matches_plan(wq.load_quantized(out), tiny_problem, actions)
     with pytest.raises(wq.OutputExistsError, match="--overwrite"):
         main(["export", str(plan_path), "--out", str(out), "--model", "tiny-llama", "--preset", "smoke"])
     assert main(["export", str(plan_path), "--out", str(out), "--model", "tiny-llama", "--preset", "smoke", "--overwrite"]) == 0

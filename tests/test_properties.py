@@ -37,7 +37,14 @@ MAX_LEVEL = {a: max(abs(v) for v in BIT_WIDTHS[a].levels) for a in QUANT_ACTIONS
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Many tiny tensors: one thread is faster here; the rest of the session keeps its own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ----- strategies --------------------------------------------------------------------------------
@@ -222,22 +229,13 @@ def test_unit_bits_invariants(out, width, rate):
 
 
 @PROPERTY
-@given(
-    st.lists(st.tuples(st.integers(1, 16), st.integers(1, 64)), min_size=1, max_size=12),
-    st.floats(0.0, 0.49),
-    st.data(),
-)
-def test_plan_average_lies_between_its_units(shapes, rate, data):
+@given(st.lists(st.tuples(st.integers(1, 16), st.integers(1, 64)), min_size=1, max_size=12), st.floats(0.0, 0.49))
+def test_unit_tables_count_the_weights_and_storage_covers_effective(shapes, rate):
+    # (how a plan averages these per-unit costs is tested on real tables: table.plan_bits below)
     outs, widths = zip(*shapes)
     n_weights, n_salient, effective, storage = unit_bit_tables(outs, widths, rate)
     assert n_weights.tolist() == [o * g for o, g in shapes]
     assert np.all(effective <= storage + 1e-9)
-    plan = np.array(data.draw(st.lists(st.integers(0, N_ACTIONS - 1), min_size=len(shapes), max_size=len(shapes))))
-    rows = np.arange(len(shapes))
-    for table in (effective, storage):
-        per_unit = table[rows, plan] / n_weights
-        average = table[rows, plan].sum() / n_weights.sum()
-        assert per_unit.min() - 1e-9 <= average <= per_unit.max() + 1e-9
 
 
 # ----- ragged units and whole tables on small Linear models ------------------------------------

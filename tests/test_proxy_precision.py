@@ -12,6 +12,8 @@ import torch
 import windquant_gym as wq
 from windquant_gym.errors import ConfigError
 
+from _helpers import assert_bitwise_equal, snapshot
+
 
 @pytest.fixture
 def bf16_problem(tiny_problem):
@@ -32,13 +34,13 @@ def _linear_output_dtypes(problem, plan):
 
 def test_bf16_proxy_runs_the_products_in_bf16_and_stays_close(tiny_problem, bf16_problem):
     plan = [4] * len(tiny_problem.units)  # 2 bit everywhere
-    saved = {n: p.detach().clone() for n, p in tiny_problem.model.named_parameters()}
+    saved = snapshot(tiny_problem.model)
     fp32_nll, fp32_dtypes = _linear_output_dtypes(tiny_problem, plan)
     bf16_nll, bf16_dtypes = _linear_output_dtypes(bf16_problem, plan)
     assert fp32_dtypes == {torch.float32} and bf16_dtypes == {torch.bfloat16}
     assert bf16_nll != fp32_nll and bf16_nll == pytest.approx(fp32_nll, rel=2e-2)
-    for name, p in tiny_problem.model.named_parameters():  # autocast converts copies, never the weights
-        assert p.dtype == torch.float32 and torch.equal(p.detach(), saved[name]), name
+    assert_bitwise_equal(tiny_problem.model, saved)  # autocast converts copies, never the weights
+    assert {p.dtype for p in tiny_problem.model.parameters()} == {torch.float32}
 
 
 def test_bf16_baseline_is_measured_once_when_the_problem_is_made(tiny_problem):
@@ -123,11 +125,10 @@ def test_a_bf16_proxy_on_a_cpu_without_bf16_units_warns(tiny_problem, monkeypatc
 
 def test_streamed_bf16_proxy_matches_whole_model_assembly(bf16_problem):
     plan = [3] * len(bf16_problem.units)  # 3 bit everywhere
-    saved = {n: p.detach().clone() for n, p in bf16_problem.model.named_parameters()}
+    saved = snapshot(bf16_problem.model)
     whole = bf16_problem.proxy_nll(plan)
     streamed = dataclasses.replace(bf16_problem, stream=True)
     assert streamed.baseline_nll == pytest.approx(bf16_problem.baseline_nll, rel=1e-3)
     nll, dtypes = _linear_output_dtypes(streamed, plan)
     assert dtypes == {torch.bfloat16} and nll == pytest.approx(whole, rel=1e-3)
-    for name, p in bf16_problem.model.named_parameters():
-        assert torch.equal(p.detach(), saved[name]), name
+    assert_bitwise_equal(bf16_problem.model, saved)

