@@ -21,13 +21,13 @@ EPISODE_FIELDS = (
 
 class EpisodeRecorder(BaseCallback):
     """At each episode end: a row in ``episodes.csv``, scalars in TensorBoard, and the best
-    plan (lowest proxy perplexity within budget) per target in ``best_plan_<target>.json``."""
+    plan (lowest proxy perplexity within budget, or lowest KL for ``proxy_metric="kl"``) per
+    target in ``best_plan_<target>.json``."""
 
-    def __init__(self, out_dir: Path, table, model_name: str, total_episodes: int, progress: bool = True):
+    def __init__(self, out_dir: Path, problem, total_episodes: int, progress: bool = True):
         super().__init__()
         self.out_dir = Path(out_dir)
-        self.table = table
-        self.model_name = model_name
+        self.problem = problem
         self.best: Dict[float, Dict] = {}
         self.episodes = 0
         self.bar = tqdm(total=total_episodes, desc="training", unit="episode", disable=not progress)
@@ -58,8 +58,10 @@ class EpisodeRecorder(BaseCallback):
         target = info["target_bits"]
         within = info["effective_bits"] <= target + 1e-6
         best = self.best.get(target)
-        if within and (best is None or info["proxy_ppl"] < best["proxy_ppl"]):
-            metrics = {k: info[k] for k in ("target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio", "proxy_dtype")
+        score = "proxy_kl" if info.get("proxy_metric") == "kl" else "proxy_ppl"  # what the env's reward measures
+        if within and (best is None or info[score] < best.get(score, float("inf"))):
+            metrics = {k: info[k] for k in ("target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio", "proxy_dtype",
+                                                 "proxy_metric", "proxy_kl")
                        if k in info}
             self.best[target] = {**metrics, "episode": self.episodes, "plan": info["plan"]}
             self._save_best(target)
@@ -69,7 +71,7 @@ class EpisodeRecorder(BaseCallback):
     def _save_best(self, target: float) -> None:
         best = dict(self.best[target])
         actions = best.pop("plan")
-        QuantPlan.from_table(self.table, actions, self.model_name, **best).save(self.out_dir / f"best_plan_{target:g}.json")
+        QuantPlan.from_problem(self.problem, actions, **best).save(self.out_dir / f"best_plan_{target:g}.json")
 
     def state_dict(self) -> Dict:
         return {"episodes": self.episodes, "best": {str(k): v for k, v in self.best.items()}}

@@ -126,7 +126,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         env.get_wrapper_attr("load_state_dict")(state["curriculum"])
     else:
         model = _new_model(env, hp, n_units, out, args.seed)
-    recorder = EpisodeRecorder(out, base.table, args.model, hp["episodes"], progress=args.progress)
+    recorder = EpisodeRecorder(out, base.problem, hp["episodes"], progress=args.progress)
     if checkpoint is not None:
         recorder.load_state_dict(state["recorder"])
     checkpoints = ResumableCheckpoint(out / "checkpoints", hp["checkpoint_every"], env, recorder)
@@ -186,8 +186,8 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
             heldout = perplexity(problem.model, held_out)
         rows[name] = {**bits, "proxy_ppl": proxy_ppl, "heldout_ppl": heldout}
         slug = "final_plan" if name.startswith("policy") else "best_plan"
-        QuantPlan.from_table(problem.table, actions, args.model, target_bits=final_target,
-                             proxy_dtype=problem.proxy_dtype, **rows[name]).save(out / f"{slug}.json")
+        QuantPlan.from_problem(problem, actions, target_bits=final_target, proxy_dtype=problem.proxy_dtype,
+                               **rows[name]).save(out / f"{slug}.json")
     summary = {
         "model": args.model, "preset": args.preset, "episodes": hp["episodes"], "gamma": hp["gamma"],
         "target_bits": final_target, "n_units": n_units, "setup_seconds": setup_seconds,

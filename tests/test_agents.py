@@ -47,6 +47,9 @@ def test_maskable_ppo_trains_two_episodes(tmp_path, monkeypatch):
     assert list((run / "tb").rglob("events.out.tfevents*"))
     plan = wq.plan.QuantPlan.load(run / "final_plan.json")
     assert plan.metrics["effective_bits"] <= 2.0 + 1e-9
+    # the plan says how to rebuild the env's problem: the run's model, seed and calibration sizes
+    assert (plan.problem.model, plan.problem.seed, plan.problem.n_samples, plan.problem.seq_len) == ("tiny-llama", 0, 8, 64)
+    assert wq.plan.QuantPlan.load(next(run.glob("best_plan_*.json"))).problem == plan.problem
     results = summary["results"]
     assert results["unquantized"]["effective_bits"] == 16.0
     assert results["policy (deterministic)"]["heldout_ppl"] > 1

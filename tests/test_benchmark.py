@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import json
 
@@ -152,13 +153,81 @@ def test_bench_leaderboard_on_tiny_llama(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench" / "board.json"
     assert bench_main(["--model", "tiny-llama", "--preset", "smoke", "--target-bits", "2.5", "--eval-windows", "2",
-                       "--eval-seq-len", "64", "--random-episodes", "2", "--json", str(out)]) == 0
+                       "--eval-seq-len", "64", "--random-episodes", "2", "--evaluations", "3", "8",
+                       "--search-seeds", "0", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    names = [row["allocator"] for row in data["leaderboard"]]
-    assert names == ["unquantized", "uniform-2b", "uniform-3b", "random", "heuristic", "knapsack"]
-    assert [r["episodes"] for r in data["leaderboard"]][3] == 2
-    for row in data["leaderboard"][1:]:
+    board = data["leaderboard"]
+    names = [row["allocator"] for row in board]
+    assert names == ["unquantized", "uniform-2b", "uniform-3b", "random", "heuristic", "knapsack", "search-nll", "search-nll"]
+    assert [r["episodes"] for r in board] == [1, 1, 1, 2, 1, 1, 2, 2]
+    assert [r["evaluations"] for r in board] == [None, 1, 1, 1, 1, 1, 1, 5]  # search: its start, then one generation
+    for row in board[1:]:
         assert row["effective_bits"] <= 2.5 + 1e-9 and row["heldout_ppl"] > 1
-    assert out.with_suffix(".csv").read_text().startswith("allocator,target_bits")
-    assert "| knapsack |" in out.with_suffix(".md").read_text()
-    assert "held-out PPL" in capsys.readouterr().out
+    # A row of several episodes shows the median, the held-out range, and its plan with the lowest proxy PPL.
+    episodes = [r for r in data["episodes"] if r["allocator"] == "search-nll" and r["evaluations"] == 5]
+    assert [r["seed"] for r in episodes] == [0, 1]
+    assert board[-1]["heldout_ppl"] == pytest.approx(sum(r["heldout_ppl"] for r in episodes) / 2)
+    assert board[-1]["heldout_range"] == [min(r["heldout_ppl"] for r in episodes), max(r["heldout_ppl"] for r in episodes)]
+    assert board[-1]["plan_file"] == min(episodes, key=lambda r: r["proxy_ppl"])["plan_file"]
+    # Every row's plan is a plan file beside the JSON that replays to the row's figures.
+    for row in data["episodes"][1:]:
+        saved = QuantPlan.load(out.parent / row["plan_file"])
+        assert saved.metrics["heldout_ppl"] == row["heldout_ppl"] and saved.metrics["evaluations"] == row["evaluations"]
+        assert saved.problem.model == "tiny-llama" and (saved.problem.n_samples, saved.problem.seq_len) == (8, 64)
+    assert sorted(p.name for p in (out.parent / "board_plans").iterdir())[:3] == [
+        "heuristic-2.5b.json", "knapsack-2.5b.json", "random-2.5b-e0.json"]
+    assert out.with_suffix(".csv").read_text().startswith("allocator,target_bits,evaluations")
+    assert "| knapsack | 2.500 | 1 |" in out.with_suffix(".md").read_text()
+    printed = capsys.readouterr().out
+    assert "held-out PPL" in printed and "board_plans" in printed
+
+
+def test_bench_plan_exports_without_a_preset(tmp_path, monkeypatch):
+    """bench -> windquant export PLAN -> load_quantized: the plan file says how to rebuild its problem."""
+    from windquant_gym.cli import main
+
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "board.json"
+    assert bench_main(["--model", "tiny-llama", "--preset", "smoke", "--target-bits", "2.0", "--allocators", "knapsack",
+                       "--eval-windows", "2", "--eval-seq-len", "64", "--seed", "3", "--json", str(out)]) == 0
+    plan_path = out.parent / json.loads(out.read_text())["leaderboard"][-1]["plan_file"]
+    saved = QuantPlan.load(plan_path)
+    assert saved.problem.seed == 3  # another calibration seed than the old default (0) of export
+    assert main(["export", str(plan_path), "--out", str(tmp_path / "packed")]) == 0
+    loaded = wq.load_quantized(tmp_path / "packed")
+    problem = saved.problem_spec().build(progress=False)
+    assert problem.table.fingerprint == saved.table_fingerprint
+    assert wq.perplexity(loaded, problem.blocks) == pytest.approx(saved.metrics["proxy_ppl"], rel=1e-3)  # fp16 rest
+    assert main(["plot", str(plan_path)]) == 0
+    # An old plan (no problem recorded) exported the old way, with the env's preset, is refused by its table.
+    old = dataclasses.replace(saved, problem=None).save(tmp_path / "old.json")
+    with pytest.raises(wq.TableMismatchError, match="belongs to table"):
+        main(["export", str(old), "--out", str(tmp_path / "old"), "--preset", "smoke"])  # seed 0 != 3
+
+
+def test_sb3_allocator_counts_its_training_episodes(tiny_problem):
+    from sb3_contrib import MaskablePPO
+
+    env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.0)
+    n_units = env.unwrapped.n_units
+    model = MaskablePPO("MlpPolicy", env, n_steps=n_units, batch_size=n_units, n_epochs=1, device="cpu")
+    model.learn(total_timesteps=2 * n_units)
+    (result,) = run_allocator(env, model)
+    assert result.evaluations == 3  # two training episodes and this one
+    (result,) = run_allocator(env, HeuristicAllocator())
+    assert result.evaluations == 1
+
+
+def test_leaderboard_median_range_and_plan_of_the_lowest_proxy():
+    from windquant_gym.benchmark.leaderboard import aggregate, format_table
+
+    rows = [{"allocator": "search-nll", "target_bits": 2.0, "evaluations": 300, "effective_bits": 2.0, "storage_bits": 2.4,
+             "proxy_ppl": proxy, "heldout_ppl": heldout, "seconds": 1.0, "plan_file": f"plans/s{i}.json"}
+            for i, (proxy, heldout) in enumerate([(210.0, 280.0), (190.0, 300.0), (200.0, 250.0)])]
+    rows.append({**rows[0], "evaluations": 100, "plan_file": "plans/e100.json"})
+    (three, one) = aggregate(rows)
+    assert (three["episodes"], three["proxy_ppl"], three["heldout_ppl"]) == (3, 200.0, 280.0)  # medians
+    assert three["heldout_range"] == (250.0, 300.0) and three["plan_file"] == "plans/s1.json"  # lowest proxy, not held-out
+    assert (one["episodes"], one["heldout_range"], one["evaluations"]) == (1, None, 100)
+    text = format_table(rows, markdown=True)
+    assert "| search-nll | 2.000 | 300 |" in text and "250.00-300.00" in text and "| s1.json |" in text

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -95,3 +96,36 @@ def dataclasses_frozen_error():
     import dataclasses
 
     return dataclasses.FrozenInstanceError
+
+
+def test_problem_spec_round_trip_and_rebuild(tiny_problem, tmp_path, monkeypatch):
+    from windquant_gym.plan import QuantPlan
+    from windquant_gym.problem import ProblemSpec
+
+    spec = tiny_problem.spec
+    assert (spec.model, spec.calibration, spec.seed, spec.n_samples, spec.seq_len) == (None, "wiki-sample", 0, 8, 64)
+    assert ProblemSpec.from_dict(spec.to_dict()) == spec
+    named = dataclasses.replace(spec, model="tiny-llama")
+    plan = dataclasses.replace(QuantPlan.from_problem(tiny_problem, [3] * len(tiny_problem.units)), problem=named)
+    loaded = QuantPlan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded == plan and loaded.problem == named
+    assert "quant_config" not in json.loads((tmp_path / "plan.json").read_text())["problem"]  # stored once
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
+    rebuilt = loaded.problem_spec().build(progress=False)
+    assert rebuilt.table.fingerprint == tiny_problem.table.fingerprint and rebuilt.spec == named
+    # A module model is not named in its spec: rebuilding asks for a name.
+    with pytest.raises(wq.ConfigError, match="--model"):
+        spec.build()
+    assert dataclasses.replace(loaded, problem=spec).problem_spec(model="tiny-llama").model == "tiny-llama"
+    # A plan of an older version records no problem: the error says what to give instead.
+    with pytest.raises(wq.ConfigError, match="--preset"):
+        dataclasses.replace(loaded, problem=None).problem_spec()
+    with pytest.raises(wq.ConfigError, match="n_samples"):
+        ProblemSpec("tiny-llama", "wiki-sample", 0, 0, 64, spec.quant_config)
+    with pytest.raises(wq.ConfigError, match="Unknown ProblemSpec fields"):
+        ProblemSpec.from_dict({**spec.to_dict(), "tokens": 5})
+    broken = json.loads((tmp_path / "plan.json").read_text())
+    broken["problem"]["seed"] = -1
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(wq.TableMismatchError, match="'problem' entry is malformed"):
+        QuantPlan.load(tmp_path / "broken.json")

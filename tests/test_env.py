@@ -131,22 +131,22 @@ def test_weights_come_back_when_the_evaluation_is_interrupted(tiny_problem, monk
     import windquant_gym.problem as problem_module
 
     saved = snapshot(tiny_problem.model)
-    real_mean_nll = problem_module.mean_nll
+    real_token_losses = problem_module.token_losses
     seen = []
 
-    def interrupted(model, blocks, **kwargs):
+    def interrupted(model, blocks, *args, **kwargs):
         # the plan's weights are in the model now; stop after one batch, as Ctrl-C would
         seen.append(any(not torch.equal(p, saved[n]) for n, p in model.named_parameters()))
         kwargs["on_batch"] = lambda: (_ for _ in ()).throw(error("stop"))
-        return real_mean_nll(model, blocks, **kwargs)
+        return real_token_losses(model, blocks, *args, **kwargs)
 
-    monkeypatch.setattr(problem_module, "mean_nll", interrupted)
+    monkeypatch.setattr(problem_module, "token_losses", interrupted)
     env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.0)
     with pytest.raises(error):
         run_episode(env, lambda mask: int(np.flatnonzero(mask)[-1]))
     assert seen == [True]  # the interruption really came mid-evaluation, with borrowed weights in
     assert_bitwise_equal(tiny_problem.model, saved)
-    monkeypatch.setattr(problem_module, "mean_nll", real_mean_nll)
+    monkeypatch.setattr(problem_module, "token_losses", real_token_losses)
     *_, info = run_episode(env, lambda mask: int(np.flatnonzero(mask)[-1]))  # the env still works
     assert info["effective_bits"] <= 2.0 + 1e-9
     env.close()

@@ -39,17 +39,24 @@ def _bench(argv: List[str]) -> int:
     return bench_main(argv)
 
 
-def _problem_for_plan(saved, model_name: str, preset: str):
-    """The QuantProblem a saved plan was made on: ``model_name`` calibrated on wiki-sample
-    with the plan's quant config and the preset's calibration sizes (as the env builds it)."""
+def _problem_for_plan(saved, model_name: Optional[str] = None, preset: Optional[str] = None):
+    """The QuantProblem a saved plan was made on. A plan file records how to rebuild it (model,
+    corpus, calibration seed and sizes, quant config, proxy precision); ``model_name`` replaces
+    its model (e.g. a local copy). Plans of older versions record none of it: for those the
+    env is rebuilt from ``preset``'s calibration sizes (default ``cpu``) with seed 0 on
+    wiki-sample, and a plan made otherwise is refused by its table fingerprint."""
     from .agents.hyperparams import load_hyperparams
     from .models import load_model
     from .problem import QuantProblem
 
-    env_kwargs = load_hyperparams(preset)["env_kwargs"]
+    if saved.problem is not None and preset is None:
+        return saved.problem_spec(model=model_name).build()
+    env_kwargs = load_hyperparams(preset or "cpu")["env_kwargs"]
+    model_name = model_name or saved.model or "smollm2-135m"
     model, tokenizer = load_model(model_name)
     return QuantProblem.build(model, tokenizer, "wiki-sample", saved.quant_config,
-                              n_samples=env_kwargs["n_calibration_samples"], seq_len=env_kwargs["calibration_seq_len"])
+                              n_samples=env_kwargs["n_calibration_samples"], seq_len=env_kwargs["calibration_seq_len"],
+                              proxy_dtype=env_kwargs.get("proxy_dtype", "float32"), model_name=model_name)
 
 
 def _plot(argv: List[str]) -> int:
@@ -58,8 +65,9 @@ def _plot(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="windquant plot", description="Plots of a run folder or of a saved plan.")
     parser.add_argument("target", help="a run folder (training curves) or a plan JSON (allocation heatmap)")
     parser.add_argument("--out", help="PNG path (default: beside the input)")
-    parser.add_argument("--model", default="smollm2-135m", help="for a plan: the model it was made for")
-    parser.add_argument("--preset", default="cpu", help="for a plan: hyperparams.yml block of the env it was made on")
+    parser.add_argument("--model", help="for a plan: load the model from here instead of the plan's own (e.g. a local copy)")
+    parser.add_argument("--preset", help="for a plan of an older version that does not record its problem: the "
+                                         "hyperparams.yml block of the env it was made on (default: cpu)")
     ns = parser.parse_args(argv)
     from pathlib import Path
 
@@ -87,8 +95,9 @@ def _export(argv: List[str]) -> int:
     )
     parser.add_argument("plan", help="a plan JSON (best_plan_*.json, final_plan.json of a run)")
     parser.add_argument("--out", required=True, help="output folder (new or empty, unless --overwrite)")
-    parser.add_argument("--model", help="the model the plan was made for (default: the plan's model, else smollm2-135m)")
-    parser.add_argument("--preset", default="cpu", help="hyperparams.yml block of the env it was made on (default: %(default)s)")
+    parser.add_argument("--model", help="load the model from here instead of the plan's own (e.g. a local copy)")
+    parser.add_argument("--preset", help="only for a plan of an older version that does not record its problem: the "
+                                         "hyperparams.yml block of the env it was made on (default: cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace the export's files in a non-empty folder")
     parser.add_argument("--rest-dtype", choices=("float16", "float32"), default="float16",
                         help="dtype of the non-quantized tensors (default: %(default)s)")
@@ -99,7 +108,7 @@ def _export(argv: List[str]) -> int:
     from .plan import QuantPlan
 
     saved = QuantPlan.load(ns.plan)
-    problem = _problem_for_plan(saved, ns.model or saved.model or "smollm2-135m", ns.preset)
+    problem = _problem_for_plan(saved, ns.model, ns.preset)
     out = export_plan(saved, problem, ns.out, overwrite=ns.overwrite, rest_dtype=getattr(torch, ns.rest_dtype))
     print(f"wrote {out}")
     print(packed_size(out).summary())

@@ -1,14 +1,17 @@
 """QuantPlan: a saved allocation (one action per unit) with what it was measured to give,
-tied to the table (weights, calibration, config) it was made for."""
+tied to the table (weights, calibration, config) it was made for, and saying how to rebuild
+the problem (model, corpus, calibration seed and sizes, proxy precision) that table belongs to."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
-from .errors import TableMismatchError
+from .errors import ConfigError, TableMismatchError
+from .problem import ProblemSpec, QuantProblem
 from .quant.bitwidths import ACTION_BITS
 from .quant.config import QuantConfig
 from .quant.table import QuantTable
@@ -26,11 +29,34 @@ class QuantPlan:
     """Informational: the model's name or class."""
     metrics: Dict[str, Any] = field(default_factory=dict)
     schema: int = PLAN_SCHEMA
+    problem: Optional[ProblemSpec] = None
+    """How to rebuild the problem the plan was made on (absent in plans of older versions)."""
 
     @classmethod
     def from_table(cls, table: QuantTable, actions: Sequence[int], model: str = "", **metrics) -> "QuantPlan":
         checked = table.check_plan(actions)
         return cls(tuple(int(a) for a in checked), table.fingerprint, table.config, model, dict(metrics))
+
+    @classmethod
+    def from_problem(cls, problem: QuantProblem, actions: Sequence[int], **metrics) -> "QuantPlan":
+        """A plan of ``problem``'s table that also records how to rebuild ``problem``."""
+        spec = problem.spec
+        checked = problem.table.check_plan(actions)
+        return cls(tuple(int(a) for a in checked), problem.table.fingerprint, problem.table.config,
+                   (spec.model if spec is not None else None) or type(problem.model).__name__, dict(metrics),
+                   problem=spec)
+
+    def problem_spec(self, model: Optional[str] = None, calibration: Optional[str] = None) -> ProblemSpec:
+        """The spec to rebuild this plan's problem, with ``model`` / ``calibration`` replaced
+        when given (e.g. the same model from another folder)."""
+        if self.problem is None:
+            raise ConfigError(
+                "This plan file does not say which problem it was made on (it was saved by an older version): "
+                "give the env's settings instead (windquant export/plot PLAN --model NAME --preset PRESET, or build "
+                "the QuantProblem in Python)."
+            )
+        changes = {k: v for k, v in (("model", model), ("calibration", calibration)) if v is not None}
+        return dataclasses.replace(self.problem, **changes) if changes else self.problem
 
     def check(self, table: QuantTable) -> None:
         """Refuse a table this plan was not made for."""
@@ -59,6 +85,9 @@ class QuantPlan:
             "action_bits": list(ACTION_BITS),
             "actions": list(self.actions),
             "metrics": self.metrics,
+            # the quant config is stored once, above
+            **({"problem": {k: v for k, v in self.problem.to_dict().items() if k != "quant_config"}}
+               if self.problem is not None else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -80,10 +109,18 @@ class QuantPlan:
         missing = [k for k in ("actions", "table_fingerprint", "quant_config") if k not in data]
         if missing:
             raise TableMismatchError(f"{path} lacks the plan fields {missing}; give a plan saved by QuantPlan.save.")
+        quant_config = QuantConfig.from_dict(data["quant_config"])
+        problem = None
+        if data.get("problem") is not None:
+            try:
+                problem = ProblemSpec.from_dict({**data["problem"], "quant_config": data["quant_config"]})
+            except (ConfigError, TypeError) as error:
+                raise TableMismatchError(f"{path}: its 'problem' entry is malformed ({error}).") from None
         return cls(
             actions=tuple(data["actions"]),
             table_fingerprint=data["table_fingerprint"],
-            quant_config=QuantConfig.from_dict(data["quant_config"]),
+            quant_config=quant_config,
             model=data.get("model", ""),
             metrics=data.get("metrics", {}),
+            problem=problem,
         )

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,8 @@ from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks
 from .errors import ConfigError
 from .eval.kernels import check_proxy_dtype, proxy_precision, warn_if_bf16_is_emulated
-from .eval.perplexity import mean_nll
+from .eval.divergence import DEFAULT_TOPK, TopKReference
+from .eval.perplexity import TokenLosses, mean_nll, token_losses, topk_reference
 from .fingerprint import tensors_fingerprint
 from .paths import cache_dir
 from .quant.apply import WeightAssembler, quantized_weights, streamed_quantized_weights
@@ -44,6 +45,76 @@ def _cached_calibration(model, units, blocks, batch_size, cache, progress) -> Ca
     return result
 
 
+@dataclass(frozen=True)
+class ProblemSpec:
+    """What rebuilds a :class:`QuantProblem` from scratch: the model by name, the calibration
+    corpus by name, the calibration seed and sizes, the quant config and the proxy precision.
+    Saved inside every plan file, so ``windquant export PLAN`` / ``windquant plot PLAN`` rebuild
+    the very problem (hence the table) the plan was made on, with no preset to remember."""
+
+    model: Optional[str]
+    """A :func:`~windquant_gym.load_model` name or folder; None for a model passed as a module."""
+    calibration: Optional[str]
+    """A :func:`~windquant_gym.load_texts` corpus name or path; None for texts passed as a list."""
+    seed: int
+    """Picks the calibration blocks (the proxy's text)."""
+    n_samples: int
+    seq_len: int
+    quant_config: QuantConfig
+    proxy_dtype: str = "float32"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "n_samples", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+                raise ConfigError(f"ProblemSpec.{name} must be a {'non-negative' if name == 'seed' else 'positive'} "
+                                  f"integer, got {value!r}.")
+        if not isinstance(self.quant_config, QuantConfig):
+            raise ConfigError(f"ProblemSpec.quant_config must be a QuantConfig, got {type(self.quant_config).__name__}.")
+        object.__setattr__(self, "proxy_dtype", check_proxy_dtype(self.proxy_dtype))
+
+    @property
+    def rebuildable(self) -> bool:
+        """Whether :meth:`build` can make the problem: the model and corpus have names."""
+        return self.model is not None and self.calibration is not None
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data["quant_config"] = self.quant_config.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ProblemSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown ProblemSpec fields {unknown}; known: {sorted(known)}.")
+        return cls(**{**data, "quant_config": QuantConfig.from_dict(data["quant_config"])})
+
+    def build(self, device: str = "auto", **build_kwargs) -> "QuantProblem":
+        """Load the model and build its problem (calibration and table from the cache when
+        there). ``build_kwargs`` go to :meth:`QuantProblem.build` (cache, progress, stream, ...)."""
+        if self.model is None:
+            raise ConfigError(
+                "This problem was built from a model passed as a module, not by name, so the plan file cannot say where "
+                "to load it from: name it (windquant export/plot PLAN --model NAME_OR_FOLDER, or "
+                "plan.problem_spec(model=...)), or build the QuantProblem in Python."
+            )
+        if self.calibration is None:
+            raise ConfigError(
+                "This problem was calibrated on texts passed as a list, not a corpus name, so it cannot be rebuilt from "
+                "the plan file: build the QuantProblem in Python with the same texts (QuantProblem.build(model, "
+                "tokenizer, texts, plan.quant_config, ...)) and pass it to export_plan."
+            )
+        from .models import load_model
+
+        model, tokenizer = load_model(self.model, device=device)
+        return QuantProblem.build(model, tokenizer, self.calibration, self.quant_config, n_samples=self.n_samples,
+                                  seq_len=self.seq_len, seed=self.seed, proxy_dtype=self.proxy_dtype,
+                                  model_name=self.model, **build_kwargs)
+
+
 @dataclass
 class QuantProblem:
     model: nn.Module
@@ -60,10 +131,13 @@ class QuantProblem:
     """Precision of the proxy pass: ``float32`` (default) or ``bfloat16`` (autocast: matrix
     products in bf16; 1.4x faster on an AVX-512-bf16 CPU, same ranking of plans in
     ``benchmarks/proxy_precision.py``). Held-out evaluation stays in the model's dtype."""
+    spec: Optional[ProblemSpec] = None
+    """How to rebuild this problem (set by :meth:`build`); plans made on it carry it."""
     # Not constructor arguments: dataclasses.replace() must give a copy its own buffers and
     # baseline (the copy may hold another table or other blocks).
     _assembler: Optional[WeightAssembler] = field(default=None, init=False, repr=False, compare=False)
     _baseline_nll: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _kl_reference: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     last_timing: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +162,7 @@ class QuantProblem:
         stream: bool = False,
         table_device: Optional[str | torch.device] = None,
         proxy_dtype: str = "float32",
+        model_name: Optional[str] = None,
     ) -> "QuantProblem":
         """Sample calibration blocks, calibrate (cached), and build the table (cached).
 
@@ -97,7 +172,10 @@ class QuantProblem:
 
         The cheap checks come first, so bad input fails in milliseconds with a named error:
         the config, the tokenizer, the model's structure and weights (NaN, Inf or beyond
-        float16 is refused before any forward pass), then the text."""
+        float16 is refused before any forward pass), then the text.
+
+        ``model_name``: the :func:`~windquant_gym.load_model` name of ``model``, recorded in
+        :attr:`spec` (with ``texts`` when it is a corpus name) so that plans can rebuild it."""
         proxy_dtype = check_proxy_dtype(proxy_dtype)
         if not isinstance(config, QuantConfig):
             raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. QuantConfig(chunk_size=256).")
@@ -112,7 +190,9 @@ class QuantProblem:
         blocks = sample_token_blocks(documents, tokenizer, n_samples, seq_len, seed)
         calibration = _cached_calibration(model, units, blocks, batch_size, cache, progress)
         table = build_table(model, calibration.act_scales, config, cache=cache, progress=progress, storage_device=table_device)
-        return cls(model, tokenizer, units, blocks, calibration, table, batch_size, stream, proxy_dtype)
+        spec = ProblemSpec(model_name, str(texts) if isinstance(texts, (str, Path)) else None, seed, n_samples, seq_len,
+                           config, proxy_dtype)
+        return cls(model, tokenizer, units, blocks, calibration, table, batch_size, stream, proxy_dtype, spec)
 
     @property
     def baseline_nll(self) -> float:
@@ -133,25 +213,57 @@ class QuantProblem:
         """Proxy perplexity of the unquantized model."""
         return math.exp(self.baseline_nll)
 
-    def proxy_nll(self, plan: Sequence[int], progress: bool = False) -> float:
-        """Mean NLL on the calibration blocks with ``plan`` applied (weights restored after).
-        ``last_timing`` then holds the seconds spent assembling weights and the rest of the
-        forward pass. With ``stream=True`` each decoder layer gets its quantized weights only
-        while it runs (one layer's worth of extra memory) and the blocks go as one batch."""
+    def kl_reference(self, blocks: Optional[torch.Tensor] = None, k: int = DEFAULT_TOPK) -> TopKReference:
+        """The unquantized model's top-``k`` next-token distributions on the proxy blocks
+        (cached) or on other ``blocks``, at the proxy's precision: what ``proxy_metric="kl"``
+        and the search's KL fitness compare against (see :mod:`windquant_gym.eval.divergence`).
+        One pass, made with the model's own weights: do not call it inside a
+        ``quantized_weights`` block (:meth:`proxy_losses` makes it before it applies a plan)."""
+        device = next(self.model.parameters()).device
+        if blocks is not None:
+            with proxy_precision(device, self.proxy_dtype):
+                return topk_reference(self.model, blocks, k, batch_size=self.batch_size)
+        key = (self.proxy_dtype, k)
+        if key not in self._kl_reference:
+            with proxy_precision(device, self.proxy_dtype):
+                self._kl_reference[key] = topk_reference(self.model, self.blocks, k, batch_size=self.batch_size)
+        return self._kl_reference[key]
+
+    def proxy_losses(self, plan: Optional[Sequence[int]], kl: bool = False, progress: bool = False) -> TokenLosses:
+        """Mean NLL on the calibration blocks with ``plan`` applied (``None``: the unquantized
+        model), and with ``kl=True`` the mean KL to the unquantized model's next-token
+        distributions (:meth:`kl_reference`), both from one pass; the weights are restored
+        after. ``last_timing`` then holds the seconds spent assembling weights and the rest of
+        the forward pass. With ``stream=True`` each decoder layer gets its quantized weights
+        only while it runs (one layer's worth of extra memory) and the blocks go as one batch."""
+        reference = self.kl_reference() if kl else None  # before a plan is applied
+        device = next(self.model.parameters()).device
+        precision = proxy_precision(device, self.proxy_dtype)
+        if plan is None:
+            with precision:
+                return token_losses(self.model, self.blocks, self.batch_size, reference, progress=progress)
         if self._assembler is None or self._assembler.per_layer != self.stream:
             self._assembler = WeightAssembler(self.model, self.table, per_layer=self.stream)
         assembler = self._assembler
-        precision = proxy_precision(next(self.model.parameters()).device, self.proxy_dtype)
         started, assembled_before = time.perf_counter(), assembler.seconds
         if self.stream:
             with streamed_quantized_weights(self.model, self.table, plan, assembler), precision:
-                nll = mean_nll(self.model, self.blocks, batch_size=len(self.blocks), progress=progress)
+                losses = token_losses(self.model, self.blocks, len(self.blocks), reference, progress=progress)
         else:
             with quantized_weights(self.model, self.table, plan, assembler), precision:
-                nll = mean_nll(self.model, self.blocks, batch_size=self.batch_size, progress=progress)
+                losses = token_losses(self.model, self.blocks, self.batch_size, reference, progress=progress)
         assemble = assembler.seconds - assembled_before
         self.last_timing = {"assemble_seconds": assemble, "forward_seconds": time.perf_counter() - started - assemble}
-        return nll
+        return losses
+
+    def proxy_nll(self, plan: Sequence[int], progress: bool = False) -> float:
+        """Mean NLL on the calibration blocks with ``plan`` applied (see :meth:`proxy_losses`)."""
+        return self.proxy_losses(plan, progress=progress).nll
 
     def proxy_ppl(self, plan: Sequence[int], progress: bool = False) -> float:
         return math.exp(self.proxy_nll(plan, progress))
+
+    def proxy_kl(self, plan: Optional[Sequence[int]], progress: bool = False) -> float:
+        """Mean KL divergence (nats per position) of the plan's next-token distributions from
+        the unquantized model's on the calibration blocks; 0 for ``plan=None``."""
+        return self.proxy_losses(plan, kl=True, progress=progress).kl

@@ -3,6 +3,13 @@
     windquant bench --model smollm2-135m --preset cpu --target-bits 3.0 2.5 2.0 \\
         --allocators all --policy runs/cpu/final_model.zip --hqq --json bench/out.json
 
+Every row's plan is saved as a plan file in a folder beside the JSON (``out_plans/``, named in
+the leaderboard's ``plan`` column): ``windquant export PLAN --out DIR`` packs it.
+
+The search (``search``, ``search-nll``, ``search-kl``) runs once per seed at the largest
+``--evaluations`` budget; the rows of smaller budgets are the plans it held when it had spent
+them, which is what a run with that budget returns.
+
 Zero-shot accuracy columns (pip install -e ".[zeroshot]"; task data must be local):
 
     HF_DATASETS_OFFLINE=1 windquant bench ... --zero-shot my_mc --task-dir my_tasks/ --zero-shot-limit 200
@@ -22,9 +29,31 @@ from ..data import eval_windows, load_texts
 from ..errors import ConfigError, UnknownNameError
 from ..envs import ENV_ID
 from ..eval.perplexity import perplexity
-from .allocators import baseline_allocators
-from .harness import run_allocator
+from ..envs.windquant import PROXY_METRICS
+from ..plan import QuantPlan
+from .allocators import PlannedAllocator, baseline_allocators
+from .harness import EpisodeResult, run_allocator
 from .leaderboard import format_table, write_leaderboard
+from .search import SearchAllocator, SearchConfig
+
+SEARCH_FITNESS = {"search": SearchConfig().fitness, "search-nll": "nll", "search-kl": "kl"}
+"""Search allocator names and their fitness (``search``: the default's)."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of evaluations (full proxy passes), e.g. 300") from None
+    if not (value >= 1 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"evaluations must be at least 1 (the start plan's own pass), got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed (a non-negative integer)")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--preset", default="cpu", help="hyperparams.yml block whose env_kwargs define the env (default: %(default)s)")
     parser.add_argument("--target-bits", type=float, nargs="+", default=[3.0, 2.5, 2.0])
-    parser.add_argument("--allocators", nargs="+", default=["all"], help="'all' or names: " + ", ".join(baseline_allocators()))
+    parser.add_argument("--allocators", nargs="+", default=["all"],
+                        help="'all' (the baselines and 'search') or names: " + ", ".join([*baseline_allocators(), *SEARCH_FITNESS]))
+    parser.add_argument("--evaluations", type=_positive_float, nargs="+", default=[SearchConfig().evaluations], metavar="N",
+                        help="the search's budget(s) in full proxy passes, the start plan's included; one row per budget "
+                             "(compare a policy trained for E episodes at E + 1) (default: %(default)s)")
+    parser.add_argument("--search-seeds", type=_seed, nargs="+", default=[0], metavar="S",
+                        help="seeds of the search; a row per seed, the leaderboard shows the median (default: 0)")
+    parser.add_argument("--proxy-metric", choices=PROXY_METRICS,
+                        help="what the env measures every plan by (reward and leaderboard): 'nll' (the paper) or 'kl' to the "
+                             "unquantized model; default: the preset's (nll)")
     parser.add_argument("--policy", action="append", default=[], help="a saved SB3 model (.zip); MaskablePPO gets masks")
     parser.add_argument("--plan", action="append", default=[], help="a saved plan JSON to replay and validate")
     parser.add_argument("--random-episodes", type=int, default=3, help="episodes of the random allocator")
@@ -48,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zero-shot-batch-size", type=int, default=8, metavar="N")
     parser.add_argument("--task-dir", action="append", default=[], metavar="DIR",
                         help="a folder of lm-eval task YAML files (local data) for --zero-shot; repeatable")
-    parser.add_argument("--json", default="bench/leaderboard.json", help="output; .csv and .md are written beside it")
+    parser.add_argument("--json", default="bench/leaderboard.json",
+                        help="output; .csv and .md are written beside it, and every row's plan in a folder <name>_plans/")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -76,21 +115,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         require_lm_eval()  # fail before the env is built when lm-eval is missing
     elif args.task_dir or args.zero_shot_limit is not None:
         raise ConfigError("--task-dir and --zero-shot-limit go with --zero-shot TASK [TASK ...].")
-    hp = load_hyperparams(args.preset)
-    env = gym.make(ENV_ID, model=args.model, seed=args.seed, **hp["env_kwargs"])
-    problem = env.unwrapped.problem
-    held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, args.eval_seq_len, args.eval_windows)
     baselines = baseline_allocators(args.seed)
-    names = list(baselines) if "all" in args.allocators else args.allocators
-    unknown = [n for n in names if n not in baselines]
+    requested = [n for a in args.allocators for n in ([*baselines, "search"] if a == "all" else [a])]
+    unknown = [n for n in requested if n not in baselines and n not in SEARCH_FITNESS]
     if unknown:
-        raise UnknownNameError(f"Unknown allocators {unknown}; choose from {list(baselines)} or 'all'.")
-    allocators: Dict[str, object] = {n: baselines[n] for n in names}
+        raise UnknownNameError(f"Unknown allocators {unknown}; choose from {[*baselines, *SEARCH_FITNESS]} or 'all'.")
+    # "search" is the default fitness's search: one run however it is named
+    names = list(dict.fromkeys(f"search-{SEARCH_FITNESS[n]}" if n in SEARCH_FITNESS else n for n in requested))
+    policies = {}
     for path in args.policy:
         model = _load_policy(path)
-        label = type(model).__name__ if len(args.policy) == 1 else f"{type(model).__name__} ({Path(path).parent.name})"
-        allocators[label] = model
-    rows = []
+        policies[type(model).__name__ if len(args.policy) == 1 else f"{type(model).__name__} ({Path(path).parent.name})"] = model
+    hp = load_hyperparams(args.preset)
+    env_kwargs = {**hp["env_kwargs"], **({"proxy_metric": args.proxy_metric} if args.proxy_metric else {})}
+    env = gym.make(ENV_ID, model=args.model, seed=args.seed, **env_kwargs)
+    problem = env.unwrapped.problem
+    held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, args.eval_seq_len, args.eval_windows)
+    json_path = Path(args.json)
+    plans_dir = json_path.parent / f"{json_path.stem}_plans"
+    rows: List[Dict[str, Any]] = []
     zero_shot_columns: List[str] = []
 
     def scored(row: Dict[str, Any], plan=None) -> Dict[str, Any]:
@@ -102,39 +145,101 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{row['allocator']:14} zero-shot: " + ", ".join(f"{k} {v:.3f}" for k, v in columns.items()), flush=True)
         return row
 
+    def record(result: EpisodeResult, seed: Optional[int] = None, episodes: int = 1, saved: Optional[str] = None) -> None:
+        print(f"{result.allocator:14} target {result.target_bits}: {result.effective_bits:.3f} b (storage "
+              f"{result.storage_bits:.3f}), proxy {result.proxy_ppl:.2f}, held-out {result.heldout_ppl:.2f}, "
+              f"{result.evaluations if result.evaluations is not None else '?'} evaluations, {result.seconds:.1f} s", flush=True)
+        row = result.row()
+        if seed is not None:
+            row["seed"] = seed
+        if saved is None:
+            saved = _save_plan(plans_dir, problem, result, seed, episodes, args)
+        row["plan_file"] = str(Path(saved).relative_to(json_path.parent)) if Path(saved).is_relative_to(json_path.parent) else str(saved)
+        rows.append(scored(row, result.plan))
+
     started = time.perf_counter()
-    rows.append(scored({"allocator": "unquantized", "target_bits": None, "effective_bits": 16.0, "storage_bits": 16.0,
-                        "proxy_ppl": problem.baseline_ppl, "heldout_ppl": perplexity(problem.model, held_out),
-                        "seconds": 0.0, "fallbacks": 0, "episode": 0}))
+    rows.append(scored({"allocator": "unquantized", "target_bits": None, "evaluations": None, "effective_bits": 16.0,
+                        "storage_bits": 16.0, "proxy_ppl": problem.baseline_ppl,
+                        "heldout_ppl": perplexity(problem.model, held_out), "seconds": 0.0, "fallbacks": 0, "episode": 0}))
     for target in args.target_bits:
         env.unwrapped.set_target_bits(target)
-        for name, allocator in allocators.items():
+        for name in names:
+            if name in SEARCH_FITNESS:
+                for seed in args.search_seeds:
+                    for result in _search_rows(env, name, SEARCH_FITNESS[name], seed, args.evaluations, held_out):
+                        record(result, seed)
+                continue
             episodes = args.random_episodes if name == "random" else 1
-            for result in run_allocator(env, allocator, episodes=episodes, heldout=held_out, name=name):
-                print(f"{name:14} target {target}: {result.effective_bits:.3f} b (storage {result.storage_bits:.3f}), "
-                      f"proxy {result.proxy_ppl:.2f}, held-out {result.heldout_ppl:.2f}, {result.seconds:.1f} s", flush=True)
-                rows.append(scored(result.row(), result.plan))
+            for result in run_allocator(env, baselines[name], episodes=episodes, heldout=held_out, name=name):
+                record(result, episodes=episodes)
+        for label, model in policies.items():
+            for result in run_allocator(env, model, heldout=held_out, name=label):
+                record(result)
     for path in args.plan:
         env.unwrapped.set_target_bits(math.ceil(_plan_bits(path) * 1e6) / 1e6)
         for result in run_allocator(env, path, heldout=held_out):
-            rows.append(scored(result.row(), result.plan))
+            record(result, saved=path)
     if args.hqq:
         from .peers import hqq_rows
 
         settings = [tuple(int(x) for x in s.split(":")) for s in args.hqq_settings] if args.hqq_settings else None
         for row in hqq_rows(problem.model, problem.blocks, held_out, **({"settings": settings} if settings else {})):
-            rows.append({"target_bits": None, **row})
-    meta = {"model": args.model, "preset": args.preset, "env_kwargs": hp["env_kwargs"], "proxy_dtype": problem.proxy_dtype,
-            "heldout_tokens": int(held_out.numel()), "seconds": time.perf_counter() - started}
+            rows.append({"target_bits": None, "evaluations": None, **row})
+    meta = {"model": args.model, "preset": args.preset, "env_kwargs": env_kwargs, "proxy_dtype": problem.proxy_dtype,
+            "proxy_metric": env.unwrapped.proxy_metric, "calibration_seed": args.seed, "search_seeds": args.search_seeds,
+            "search_config": SearchConfig().to_dict(), "heldout_tokens": int(held_out.numel()),
+            "plans": str(plans_dir), "seconds": time.perf_counter() - started}
     if args.zero_shot:
         meta["zero_shot"] = {"tasks": args.zero_shot, "limit": args.zero_shot_limit, "task_dirs": args.task_dir,
                              "columns": zero_shot_columns}
-    paths = write_leaderboard(rows, args.json, meta, extra=zero_shot_columns)
+    paths = write_leaderboard(rows, json_path, meta, extra=zero_shot_columns)
     print()
     print(format_table(rows, extra=zero_shot_columns))
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}; plans in {plans_dir}/ (windquant export PLAN --out DIR)")
     env.close()
     return 0
+
+
+class _Fixed(PlannedAllocator):
+    """Plays a plan found elsewhere (a search's snapshot), reporting what finding it cost."""
+
+    def __init__(self, plan, evaluations: float, seconds: float):
+        super().__init__()
+        self._plan, self.evaluations, self.search_seconds = plan, evaluations, seconds
+
+    def make_plan(self, env):
+        return self._plan
+
+
+def _search_rows(env, name: str, fitness: str, seed: int, budgets: List[float], held_out) -> List[EpisodeResult]:
+    """One row per budget: the search runs once at the largest; smaller budgets get its snapshots."""
+    budgets = sorted(set(budgets))
+    search = SearchAllocator(evaluations=budgets[-1], fitness=fitness, seed=seed, snapshot_at=budgets[:-1])
+    (final,) = run_allocator(env, search, heldout=held_out, name=name)
+    results = []
+    for budget in budgets[:-1]:
+        snapshot = search.result.snapshots[budget]
+        replay = _Fixed(snapshot["plan"], snapshot["evaluations"], snapshot["seconds"])
+        (result,) = run_allocator(env, replay, heldout=held_out, name=name)
+        result.seconds += replay.search_seconds  # the search's time up to this budget, then the episode
+        results.append(result)
+    return [*results, final]
+
+
+def _save_plan(folder: Path, problem, result: EpisodeResult, seed: Optional[int], episodes: int, args) -> Path:
+    """The row's plan as a plan file that rebuilds its problem, named after the row."""
+    parts = [result.allocator.replace(" ", "_").replace("(", "").replace(")", ""), f"{result.target_bits:g}b"]
+    if result.allocator.startswith("search"):
+        parts.append(f"{result.evaluations:g}ev")
+    if seed is not None:
+        parts.append(f"s{seed}")
+    if episodes > 1:
+        parts.append(f"e{result.episode}")
+    metrics = {k: v for k, v in result.row().items() if k not in ("allocator", "episode") and v is not None}
+    plan = QuantPlan.from_problem(problem, result.plan, allocator=result.allocator, proxy_dtype=problem.proxy_dtype,
+                                  heldout=f"wiki-sample eval, {args.eval_windows} x {args.eval_seq_len} tokens",
+                                  **({"seed": seed} if seed is not None else {}), **metrics)
+    return plan.save(folder / ("-".join(parts) + ".json"))
 
 
 def _zero_shot_columns(problem, args, plan=None) -> Dict[str, float]:

@@ -1,8 +1,15 @@
 """Run any allocator on a WindQuant env, episode by episode, with honest accounting.
 
 An allocator is a callable ``(observation, action_mask) -> action`` (optionally with
-``begin_episode(env)`` and ``name``), any SB3 model (MaskablePPO gets the masks), or a
-saved plan (:class:`QuantPlan` or a path to one), which is replayed and validated.
+``begin_episode(env)``, ``name`` and ``evaluations``), any SB3 model (MaskablePPO gets the
+masks), or a saved plan (:class:`QuantPlan` or a path to one), which is replayed and validated.
+
+Every result counts the proxy evaluations its allocator spent to choose the plan, in
+full-proxy-pass equivalents, the plan's own measurement included: 1 for an allocator that
+decides without looking at the model's loss (uniform, heuristic, knapsack, any callable that
+does not say otherwise through an ``evaluations`` attribute); what a search spent; the
+episodes an SB3 model was trained on plus 1 (its ``num_timesteps`` over the env's units); for
+a replayed plan, what its file records.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from ..errors import TableMismatchError
 from ..eval.perplexity import perplexity
 from ..plan import QuantPlan
 from ..quant.apply import quantized_weights
+from .allocators import PlannedAllocator
 
 
 @dataclass
@@ -34,6 +42,11 @@ class EpisodeResult:
     """Wall time of the episode: every decision plus the proxy evaluation."""
     fallbacks: int
     episode: int = 0
+    evaluations: Optional[float] = 1.0
+    """Proxy passes (full-pass equivalents) spent to choose the plan; None when unknown."""
+    proxy_metric: str = "nll"
+    """What the env's reward measured the plan by (``proxy_kl`` is set for ``"kl"``)."""
+    proxy_kl: Optional[float] = None
     plan: List[int] = field(default_factory=list, repr=False)
 
     def row(self) -> Dict[str, Any]:
@@ -49,6 +62,11 @@ class _SB3Allocator:
         self.model = model
         self.masked = isinstance(model, MaskablePPO)
         self.name = type(model).__name__
+        self.evaluations: Optional[float] = None
+
+    def begin_episode(self, env) -> None:
+        # every training episode measured one plan on the proxy; this episode measures one more
+        self.evaluations = self.model.num_timesteps / env.unwrapped.n_units + 1
 
     def __call__(self, observation, action_mask) -> int:
         if self.masked:
@@ -63,6 +81,7 @@ class _Replay:
 
     def __init__(self, plan: QuantPlan, name: str):
         self.saved, self.name, self._t = plan, name, 0
+        self.evaluations = plan.metrics.get("evaluations")
 
     def begin_episode(self, env) -> None:
         self.saved.check(env.unwrapped.table)
@@ -119,6 +138,8 @@ def run_allocator(
         seconds = time.perf_counter() - started
         if isinstance(policy, _Replay):
             _validate_replay(env, policy.saved, info)
+        if isinstance(policy, PlannedAllocator):
+            _check_played(env, policy, info)
         results.append(EpisodeResult(
             allocator=label,
             target_bits=info["target_bits"],
@@ -129,9 +150,24 @@ def run_allocator(
             seconds=seconds,
             fallbacks=info["fallbacks"],
             episode=episode,
+            evaluations=getattr(policy, "evaluations", 1.0),
+            proxy_metric=info.get("proxy_metric", "nll"),
+            proxy_kl=info.get("proxy_kl"),
             plan=list(info["plan"]),
         ))
     return results
+
+
+def _check_played(env, policy: PlannedAllocator, info: Dict[str, Any]) -> None:
+    """A planned allocator's plan must be what the env played: no action projected by the masks."""
+    differ = np.flatnonzero(np.asarray(info["plan"]) != policy.plan)
+    if differ.size:
+        i = int(differ[0])
+        raise TableMismatchError(
+            f"{type(policy).__name__} planned action {policy.plan[i]} for unit {i}, but the env's masks turned it into "
+            f"{info['plan'][i]} ({differ.size} units differ): the plan breaks the budget ({info['target_bits']} bits) "
+            "or the precision rules. A planned allocator must plan within env.budget_bits and env.rule_mask."
+        )
 
 
 def _validate_replay(env, saved: QuantPlan, info: Dict[str, Any]) -> None:

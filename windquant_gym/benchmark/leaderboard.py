@@ -1,7 +1,12 @@
-"""Leaderboard: per-episode rows aggregated per (allocator, target), printed and written as
-JSON (every episode), CSV and Markdown (means).
+"""Leaderboard: per-episode rows aggregated per (allocator, target, evaluations), printed and
+written as JSON (every episode), CSV and Markdown (one line per group).
 
-``extra``: more numeric columns to average and show after the standard ones, e.g. the
+A group of several episodes (seeds of a search, episodes of the random allocator) shows the
+median of each number, the held-out perplexity's range (min-max) beside it, and the plan file
+of its episode with the lowest proxy perplexity: the one a user would pick without looking at
+held-out text.
+
+``extra``: more numeric columns to aggregate and show after the standard ones, e.g. the
 zero-shot ``"{task}/{metric}"`` columns of ``windquant bench --zero-shot`` (a row without
 one shows "-")."""
 
@@ -10,42 +15,75 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-COLUMNS = ("allocator", "target_bits", "effective_bits", "storage_bits", "proxy_ppl", "heldout_ppl", "seconds", "episodes")
+COLUMNS = ("allocator", "target_bits", "evaluations", "effective_bits", "storage_bits", "proxy_ppl", "heldout_ppl",
+           "heldout_range", "seconds", "episodes", "plan_file")
+_NUMERIC = ("evaluations", "effective_bits", "storage_bits", "proxy_ppl", "proxy_kl", "heldout_ppl", "seconds")
+_HEADER = {"target_bits": "target", "evaluations": "evaluations", "effective_bits": "effective bits",
+           "storage_bits": "storage bits", "proxy_ppl": "proxy PPL", "proxy_kl": "proxy KL", "heldout_ppl": "held-out PPL",
+           "heldout_range": "held-out min-max", "episodes": "n", "plan_file": "plan"}
 
 
 def aggregate(rows: List[Dict[str, Any]], extra: Sequence[str] = ()) -> List[Dict[str, Any]]:
-    """Mean of each numeric column per (allocator, target), in first-seen order."""
+    """Median of each numeric column per (allocator, target, evaluations), in first-seen order."""
     groups: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[(row["allocator"], row.get("target_bits"))].append(row)
+        groups[(row["allocator"], row.get("target_bits"), row.get("evaluations"))].append(row)
     table = []
-    for (allocator, target), members in groups.items():
-        entry = {"allocator": allocator, "target_bits": target, "episodes": len(members)}
-        for key in ("effective_bits", "storage_bits", "proxy_ppl", "heldout_ppl", "seconds", *extra):
-            values = [m[key] for m in members if isinstance(m.get(key), (int, float))]
-            entry[key] = sum(values) / len(values) if values else None
+    for (allocator, target, _), members in groups.items():
+        entry: Dict[str, Any] = {"allocator": allocator, "target_bits": target, "episodes": len(members)}
+        for key in (*_NUMERIC, *extra):
+            values = [m[key] for m in members if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool)]
+            entry[key] = statistics.median(values) if values else None
+        heldout = [m["heldout_ppl"] for m in members if isinstance(m.get("heldout_ppl"), (int, float))]
+        entry["heldout_range"] = (min(heldout), max(heldout)) if len(heldout) > 1 else None
+        with_plans = [m for m in members if m.get("plan_file")]
+        if with_plans:
+            entry["plan_file"] = min(with_plans, key=lambda m: m.get("proxy_ppl", math.inf))["plan_file"]
+        else:
+            entry["plan_file"] = None
         table.append(entry)
     return table
+
+
+def _number(value: float, key: str) -> str:
+    if key in ("proxy_ppl", "heldout_ppl") and (value >= 1e4 or not math.isfinite(value)):
+        return f"{value:.3g}"
+    if key == "proxy_kl":
+        return f"{value:.4f}"
+    if key == "evaluations":
+        return f"{value:g}"
+    return f"{value:.2f}" if key in ("proxy_ppl", "heldout_ppl", "seconds") else f"{value:.3f}"
 
 
 def _cell(value: Any, key: str) -> str:
     if value is None:
         return "-"
+    if key == "heldout_range":
+        return f"{_number(value[0], 'heldout_ppl')}-{_number(value[1], 'heldout_ppl')}"
+    if key == "plan_file":
+        return Path(value).name
     if isinstance(value, float):
-        if key in ("proxy_ppl", "heldout_ppl") and (value >= 1e4 or not math.isfinite(value)):
-            return f"{value:.3g}"
-        return f"{value:.2f}" if key in ("proxy_ppl", "heldout_ppl", "seconds") else f"{value:.3f}"
+        return _number(value, key)
     return str(value)
+
+
+def _columns(table: List[Dict[str, Any]], extra: Sequence[str]) -> List[str]:
+    """The standard columns, with proxy KL, held-out range and plan only where some row has one."""
+    optional = {"proxy_kl", "heldout_range", "plan_file"}
+    columns = list(COLUMNS[:6]) + ["proxy_kl"] + list(COLUMNS[6:]) + list(extra)
+    return [c for c in columns if c not in optional or any(r.get(c) is not None for r in table)]
 
 
 def format_table(rows: List[Dict[str, Any]], markdown: bool = False, extra: Sequence[str] = ()) -> str:
     table = aggregate(rows, extra)
-    header = ["allocator", "target", "effective bits", "storage bits", "proxy PPL", "held-out PPL", "seconds", "n", *extra]
-    lines = [[_cell(r[k], k) for k in (*COLUMNS, *extra)] for r in table]
+    columns = _columns(table, extra)
+    header = [_HEADER.get(c, c) for c in columns]
+    lines = [[_cell(r.get(c), c) for c in columns] for r in table]
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(cells) + " |" for cells in lines]
@@ -58,14 +96,18 @@ def format_table(rows: List[Dict[str, Any]], markdown: bool = False, extra: Sequ
 def write_leaderboard(
     rows: List[Dict[str, Any]], json_path: str | Path, meta: Dict[str, Any] | None = None, extra: Sequence[str] = ()
 ) -> Dict[str, Path]:
-    """Write ``json_path`` (all episodes + meta), and ``.csv`` / ``.md`` (means) beside it."""
+    """Write ``json_path`` (all episodes + meta), and ``.csv`` / ``.md`` (one line per group) beside it."""
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"meta": meta or {}, "episodes": rows, "leaderboard": aggregate(rows, extra)}, indent=1))
+    table = aggregate(rows, extra)
+    json_path.write_text(json.dumps({"meta": meta or {}, "episodes": rows, "leaderboard": table}, indent=1))
     csv_path, md_path = json_path.with_suffix(".csv"), json_path.with_suffix(".md")
+    columns = [*COLUMNS[:6], "proxy_kl", *COLUMNS[6:], *extra]
     with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=(*COLUMNS, *extra))
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(aggregate(rows, extra))
+        for entry in table:
+            spread = entry.get("heldout_range")
+            writer.writerow({**entry, "heldout_range": f"{spread[0]}-{spread[1]}" if spread else ""})
     md_path.write_text(format_table(rows, markdown=True, extra=extra) + "\n")
     return {"json": json_path, "csv": csv_path, "md": md_path}

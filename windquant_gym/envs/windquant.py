@@ -22,7 +22,20 @@ from .rewards import RewardConfig, final_reward, step_reward, update_lambda
 from .rules import PrecisionRules
 
 _BITS = np.asarray(ACTION_BITS, dtype=np.float64)
-_TOLERANCE = 1e-6  # bits; guards float sums at the exact budget
+BUDGET_TOLERANCE = 1e-6
+"""Bits by which a plan's summed cost may exceed the budget (guards float sums at the exact budget)."""
+_TOLERANCE = BUDGET_TOLERANCE
+PROXY_METRICS = ("nll", "kl")
+"""What the episode-end reward measures the plan by; the first is WindQuant-v0's default."""
+
+
+def check_proxy_metric(proxy_metric) -> str:
+    if proxy_metric not in PROXY_METRICS:
+        raise ConfigError(
+            f"proxy_metric must be one of {', '.join(map(repr, PROXY_METRICS))}, got {proxy_metric!r}: 'nll' scores a plan "
+            "by the proxy loss on the calibration text (the paper), 'kl' by its KL divergence to the unquantized model."
+        )
+    return proxy_metric
 
 
 def _checked_target(target_bits) -> float:
@@ -92,7 +105,8 @@ class WindQuantEnv(gym.Env):
     Terminates after the last unit (N steps); never truncates. The terminal ``info`` holds
     ``plan`` (requested actions), ``stored_plan`` (after fallback), ``effective_bits``,
     ``storage_bits``, ``proxy_ppl`` (and the ``proxy_dtype`` it was measured in),
-    ``baseline_ppl``, ``ppl_ratio``, ``fallbacks``,
+    ``proxy_metric`` (and with ``"kl"``, ``proxy_kl``), ``baseline_ppl``, ``ppl_ratio``,
+    ``loss_increase``, ``fallbacks``,
     ``reward_terms``, ``lagrange_lambda``, ``episode_seconds`` (and of it ``assemble_seconds``,
     ``forward_seconds``: the proxy evaluation's two parts).
 
@@ -101,7 +115,8 @@ class WindQuantEnv(gym.Env):
     ``gym.make("WindQuant-v0", model=..., tokenizer=None, calibration="wiki-sample",
     target_bits=2.0, chunk_size=256, salient_rate=0.03, n_calibration_samples=64,
     calibration_seq_len=256, device="auto", reward_config=None, precision_rules=None,
-    quant_config=None, seed=0, cache=True, progress=True, problem=None, proxy_dtype=None)``
+    quant_config=None, seed=0, cache=True, progress=True, problem=None, proxy_dtype=None,
+    proxy_metric="nll")``
 
     * ``model``: an ``nn.Module`` causal LM (then ``tokenizer`` is required) or a name for
       ``load_model`` (``"smollm2-135m"``, ``"tiny-llama"``, a local folder, a hub id). A
@@ -114,12 +129,21 @@ class WindQuantEnv(gym.Env):
       ``"bfloat16"`` (bf16 autocast: 1.4x faster on a CPU with avx512_bf16; the proxy PPL
       moves by < 1% and ranked 24 plans identically in ``benchmarks/proxy_precision.py``).
       The reward compares plan and baseline at the same precision.
+    * ``proxy_metric``: what the episode-end reward measures the plan by. ``"nll"``
+      (default, the paper): the proxy loss ``L_Q`` on the calibration blocks,
+      ``loss_increase = (L_Q - L_0) / L_0`` and ``ppl_ratio = exp(L_Q - L_0)``. ``"kl"``: the
+      mean KL divergence ``D`` of the plan's next-token distributions from the unquantized
+      model's on the same tokens (top-128 reference, :mod:`windquant_gym.eval.divergence`),
+      read as the excess loss over the reference: ``loss_increase = D / L_0`` and
+      ``ppl_ratio = exp(D)``, so eq. 5's constants keep their meaning. Costs one extra pass
+      of the unquantized model when the env is made; the episode's pass gives both numbers.
 
     ## Version History
 
     * v0: initial version (paper Table 1 observation, 7 actions, eq. 5 reward). Later
       additions that leave the default's rewards, observations and actions as they were:
-      ``RewardConfig.step_error_coef`` (off by default), ``proxy_dtype`` (float32 by default).
+      ``RewardConfig.step_error_coef`` (off by default), ``proxy_dtype`` (float32 by default),
+      ``proxy_metric`` (``"nll"`` by default).
     """
 
     metadata = {"render_modes": []}
@@ -143,15 +167,19 @@ class WindQuantEnv(gym.Env):
         progress: bool = True,
         problem: Optional[QuantProblem] = None,
         proxy_dtype: Optional[str] = None,
+        proxy_metric: str = "nll",
     ):
         super().__init__()
+        self.proxy_metric = check_proxy_metric(proxy_metric)
         self.reward_config = reward_config or RewardConfig()
         self.precision_rules = precision_rules or PrecisionRules()
         if not isinstance(self.reward_config, RewardConfig):
             raise ConfigError(f"reward_config must be a RewardConfig, got {type(self.reward_config).__name__}.")
         _checked_target(target_bits)  # before the (slow) table build
         if problem is None:
+            model_name = None
             if isinstance(model, str):
+                model_name = model
                 model, loaded_tokenizer = load_model(model, device=device)
                 tokenizer = tokenizer or loaded_tokenizer
             elif not isinstance(model, nn.Module):
@@ -165,7 +193,7 @@ class WindQuantEnv(gym.Env):
             problem = QuantProblem.build(
                 model, tokenizer, calibration, config, n_samples=n_calibration_samples,
                 seq_len=calibration_seq_len, seed=seed, cache=cache, progress=progress,
-                proxy_dtype="float32" if proxy_dtype is None else proxy_dtype,
+                proxy_dtype="float32" if proxy_dtype is None else proxy_dtype, model_name=model_name,
             )
         elif proxy_dtype is not None and check_proxy_dtype(proxy_dtype) != problem.proxy_dtype:
             raise ConfigError(
@@ -173,6 +201,8 @@ class WindQuantEnv(gym.Env):
                 f"leave proxy_dtype out, or build the problem with QuantProblem.build(..., proxy_dtype={proxy_dtype!r})."
             )
         self.problem = problem
+        if self.proxy_metric == "kl":
+            problem.kl_reference()  # now, while the model holds its own weights
         self.table = problem.table
         self.units = problem.units
         self.n_units = len(self.units)
@@ -286,11 +316,15 @@ class WindQuantEnv(gym.Env):
 
     def _finish_episode(self) -> Dict[str, Any]:
         plan = self._plan.copy()
-        nll = self.problem.proxy_nll(plan)
-        base_nll = self.problem.baseline_nll
+        losses = self.problem.proxy_losses(plan, kl=self.proxy_metric == "kl")
+        nll, base_nll = losses.nll, self.problem.baseline_nll
         proxy_ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
-        ratio = proxy_ppl / math.exp(base_nll) if math.isfinite(proxy_ppl) else 1e12
-        loss_increase = (nll - base_nll) / base_nll if math.isfinite(nll) else 1e6
+        if self.proxy_metric == "nll":
+            ratio = proxy_ppl / math.exp(base_nll) if math.isfinite(proxy_ppl) else 1e12
+            loss_increase = (nll - base_nll) / base_nll if math.isfinite(nll) else 1e6
+        else:  # the KL read as the plan's excess loss over the unquantized model's distributions
+            ratio = math.exp(losses.kl) if math.isfinite(losses.kl) and losses.kl < 700 else 1e12
+            loss_increase = losses.kl / base_nll if math.isfinite(losses.kl) else 1e6
         bits = self.table.plan_bits(plan)
         stored_plan = self.table.stored_action[np.arange(self.n_units), plan]
         terms = final_reward(
@@ -313,6 +347,8 @@ class WindQuantEnv(gym.Env):
             "target_bits": self.target_bits,
             "proxy_ppl": proxy_ppl,
             "proxy_dtype": self.problem.proxy_dtype,
+            "proxy_metric": self.proxy_metric,
+            **({"proxy_kl": losses.kl} if losses.kl is not None else {}),
             "baseline_ppl": math.exp(base_nll),
             "ppl_ratio": ratio,
             "loss_increase": loss_increase,

@@ -1,3 +1,4 @@
-from .perplexity import mean_nll, perplexity
+from .divergence import DEFAULT_TOPK, TopKReference
+from .perplexity import TokenLosses, mean_nll, perplexity, token_losses, topk_reference
 
-__all__ = ["mean_nll", "perplexity"]
+__all__ = ["DEFAULT_TOPK", "TopKReference", "TokenLosses", "mean_nll", "perplexity", "token_losses", "topk_reference"]

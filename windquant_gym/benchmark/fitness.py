@@ -1,0 +1,139 @@
+"""What a plan search minimises: the model's loss on token blocks, measured by a forward pass
+(:class:`ProxyFitness`), or a sum of table errors (:class:`TableErrorFitness`, the knapsack's
+objective: for tests and as a free, model-blind baseline).
+
+A fitness is measured on a subset of its token blocks (the search's screening stages) or on
+all of them, and says what one measurement costs in *evaluations*: full proxy passes, so a
+pass on a quarter of the proxy's tokens costs 0.25. Measurements happen inside
+``with fitness.session(start_plan) as evaluate:``, where ``evaluate(plan, rows)`` returns
+the fitness of ``plan`` on ``blocks[rows]`` (``rows=None``: all blocks); lower is better.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+from ..eval.kernels import proxy_precision
+from ..eval.perplexity import token_losses
+from ..quant.apply import WeightAssembler, quantized_weights, streamed_quantized_weights
+
+FITNESS_METRICS = ("nll", "kl")
+"""Names of the proxy fitnesses: mean next-token NLL on the text, or mean KL divergence to
+the unquantized model's next-token distributions on it (top-k reference)."""
+
+Evaluate = Callable[[np.ndarray, Optional[np.ndarray]], float]
+
+
+def check_fitness_metric(metric) -> str:
+    if metric not in FITNESS_METRICS:
+        raise ConfigError(
+            f"fitness must be one of {', '.join(map(repr, FITNESS_METRICS))}, got {metric!r}: 'nll' is the proxy loss on the "
+            "calibration text, 'kl' the KL divergence to the unquantized model's next-token distributions on it."
+        )
+    return metric
+
+
+class ProxyFitness:
+    """The proxy loss of a plan: mean NLL (``metric="nll"``) or mean KL divergence to the
+    unquantized model (``metric="kl"``) on the problem's calibration blocks, or on other
+    ``blocks`` (e.g. more text from the calibration split, against overfitting to the proxy).
+
+    Inside a session the model holds the plans' weights (given back on exit, also on errors);
+    a new plan re-assembles only the modules whose units changed, so a search's offspring cost
+    little more than their forward pass. ``tokens`` counts the tokens every measurement fed
+    through the model, so the evaluations a search reports can be checked."""
+
+    def __init__(self, problem, metric: str = "nll", blocks: Optional[torch.Tensor] = None):
+        self.problem = problem
+        self.metric = check_fitness_metric(metric)
+        if blocks is not None:
+            if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[1] < 2 or not len(blocks):
+                raise DataError(f"blocks must be an [n, L] tensor of token ids with L >= 2, got "
+                                f"{getattr(blocks, 'shape', type(blocks).__name__)}; e.g. sample_token_blocks(...).")
+        self.blocks = problem.blocks if blocks is None else blocks
+        self.n_blocks = len(self.blocks)
+        self._proxy_tokens = problem.blocks.numel()
+        self.tokens = 0
+        self.name = f"proxy-{metric}" if blocks is None else f"{metric}@{self.blocks.numel()}tokens"
+
+    def cost(self, n_rows: int) -> float:
+        """Evaluations (full proxy passes) of one measurement on ``n_rows`` blocks."""
+        return n_rows * self.blocks.shape[1] / self._proxy_tokens
+
+    def _reference(self):
+        if self.metric != "kl":
+            return None
+        return self.problem.kl_reference() if self.blocks is self.problem.blocks else self.problem.kl_reference(self.blocks)
+
+    @contextmanager
+    def session(self, start: Sequence[int]) -> Iterator[Evaluate]:
+        problem = self.problem
+        reference = self._reference()  # with the model's own weights, before any plan is applied
+        model, table = problem.model, problem.table
+        precision = proxy_precision(next(model.parameters()).device, problem.proxy_dtype)
+        unit_module = np.array([u.module for u in problem.units], dtype=object)
+
+        def measure(rows: Optional[np.ndarray], batch_size: int) -> float:
+            blocks = self.blocks if rows is None else self.blocks[torch.as_tensor(rows, dtype=torch.long)]
+            rows_reference = None if reference is None else (reference if rows is None else reference.rows(rows))
+            self.tokens += blocks.numel()
+            losses = token_losses(model, blocks, batch_size, rows_reference)
+            return losses.kl if self.metric == "kl" else losses.nll
+
+        if problem.stream:  # large models: one decoder layer's quantized weights at a time, per measurement
+            def evaluate(plan, rows=None):
+                with streamed_quantized_weights(model, table, plan), precision:
+                    return measure(rows, len(self.blocks))
+            yield evaluate
+            return
+
+        if problem._assembler is None or problem._assembler.per_layer:
+            problem._assembler = WeightAssembler(model, table)
+        assembler = problem._assembler
+        loaded = np.array(start, dtype=np.int64)
+        with quantized_weights(model, table, loaded, assembler), precision:
+            def evaluate(plan, rows=None):
+                plan = np.asarray(plan, dtype=np.int64)
+                changed = np.flatnonzero(plan != loaded)
+                if changed.size:  # the borrowed weights are the assembler's buffers: rewrite them in place
+                    with torch.no_grad():
+                        assembler.assemble(plan, sorted(set(unit_module[changed])))
+                    loaded[:] = plan
+                return measure(rows, problem.batch_size)
+            yield evaluate
+
+
+class TableErrorFitness:
+    """A plan's summed per-unit table error (default: module-normalised, the knapsack's
+    objective): no forward pass, so a search on it is free and its optimum is the knapsack's.
+    For tests and as a sanity check of a search; ``cost`` pretends a measurement on all
+    ``n_blocks`` virtual blocks is one evaluation."""
+
+    metric = "table-error"
+
+    def __init__(self, error: np.ndarray, n_blocks: int = 4):
+        self.error = np.asarray(error, dtype=np.float64)
+        self.n_blocks = int(n_blocks)
+        self.tokens = 0
+        self.name = "table-error"
+
+    def cost(self, n_rows: int) -> float:
+        return n_rows / self.n_blocks
+
+    @contextmanager
+    def session(self, start: Sequence[int]) -> Iterator[Evaluate]:
+        rows = np.arange(len(self.error))
+
+        def evaluate(plan, block_rows=None):
+            self.tokens += self.n_blocks if block_rows is None else len(block_rows)
+            return float(self.error[rows, np.asarray(plan)].sum())
+
+        yield evaluate
+
+
+__all__ = ["FITNESS_METRICS", "ProxyFitness", "TableErrorFitness", "check_fitness_metric"]
