@@ -11,6 +11,7 @@ from typing import Dict, Optional
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm.auto import tqdm
 
+from ..envs.windquant import BUDGET_TOLERANCE
 from ..plan import QuantPlan
 
 EPISODE_FIELDS = (
@@ -56,7 +57,7 @@ class EpisodeRecorder(BaseCallback):
                 self.logger.record(f"windquant/{key}", value)
         self.logger.dump(self.num_timesteps)
         target = info["target_bits"]
-        within = info["effective_bits"] <= target + 1e-6
+        within = info["effective_bits"] <= target + BUDGET_TOLERANCE
         best = self.best.get(target)
         score = "proxy_kl" if info.get("proxy_metric") == "kl" else "proxy_ppl"  # what the env's reward measures
         if within and (best is None or info[score] < best.get(score, float("inf"))):

@@ -186,7 +186,10 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
             heldout = perplexity(problem.model, held_out)
         rows[name] = {**bits, "proxy_ppl": proxy_ppl, "heldout_ppl": heldout}
         slug = "final_plan" if name.startswith("policy") else "best_plan"
+        # proxy passes spent to choose it: every training episode, and for the policy its own rollout
+        evaluations = recorder.episodes + 1 if slug == "final_plan" else recorder.episodes
         QuantPlan.from_problem(problem, actions, target_bits=final_target, proxy_dtype=problem.proxy_dtype,
+                               proxy_metric=base.proxy_metric, evaluations=evaluations,
                                **rows[name]).save(out / f"{slug}.json")
     summary = {
         "model": args.model, "preset": args.preset, "episodes": hp["episodes"], "gamma": hp["gamma"],

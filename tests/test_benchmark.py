@@ -153,33 +153,53 @@ def test_bench_leaderboard_on_tiny_llama(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench" / "board.json"
     assert bench_main(["--model", "tiny-llama", "--preset", "smoke", "--target-bits", "2.5", "--eval-windows", "2",
-                       "--eval-seq-len", "64", "--random-episodes", "2", "--evaluations", "3", "8",
+                       "--eval-seq-len", "64", "--random-episodes", "2", "--evaluations", "3", "4", "8",
                        "--search-seeds", "0", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     board = data["leaderboard"]
     names = [row["allocator"] for row in board]
-    assert names == ["unquantized", "uniform-2b", "uniform-3b", "random", "heuristic", "knapsack", "search-nll", "search-nll"]
-    assert [r["episodes"] for r in board] == [1, 1, 1, 2, 1, 1, 2, 2]
-    assert [r["evaluations"] for r in board] == [None, 1, 1, 1, 1, 1, 1, 5]  # search: its start, then one generation
+    assert names == ["unquantized", "uniform-2b", "uniform-3b", "random", "heuristic", "knapsack"] + ["search-nll"] * 3
+    assert [r["episodes"] for r in board] == [1, 1, 1, 2, 1, 1, 2, 2, 2]
+    # grouped by the budget asked for; evaluations is what was spent: the start (1), then generations of 4
+    assert [r["budget"] for r in board[-3:]] == [3, 4, 8] and [r["evaluations"] for r in board] == [None, 1, 1, 1, 1, 1, 1, 1, 5]
     for row in board[1:]:
         assert row["effective_bits"] <= 2.5 + 1e-9 and row["heldout_ppl"] > 1
     # A row of several episodes shows the median, the held-out range, and its plan with the lowest proxy PPL.
-    episodes = [r for r in data["episodes"] if r["allocator"] == "search-nll" and r["evaluations"] == 5]
+    episodes = [r for r in data["episodes"] if r["allocator"] == "search-nll" and r["budget"] == 8]
     assert [r["seed"] for r in episodes] == [0, 1]
     assert board[-1]["heldout_ppl"] == pytest.approx(sum(r["heldout_ppl"] for r in episodes) / 2)
-    assert board[-1]["heldout_range"] == [min(r["heldout_ppl"] for r in episodes), max(r["heldout_ppl"] for r in episodes)]
+    assert (board[-1]["heldout_min"], board[-1]["heldout_max"]) == (min(r["heldout_ppl"] for r in episodes),
+                                                                    max(r["heldout_ppl"] for r in episodes))
     assert board[-1]["plan_file"] == min(episodes, key=lambda r: r["proxy_ppl"])["plan_file"]
-    # Every row's plan is a plan file beside the JSON that replays to the row's figures.
+    # Every row's plan is a plan file beside the JSON that replays to the row's figures; none overwrites another.
+    files = [row["plan_file"] for row in data["episodes"][1:]]
+    assert len(set(files)) == len(files) == 12
     for row in data["episodes"][1:]:
         saved = QuantPlan.load(out.parent / row["plan_file"])
         assert saved.metrics["heldout_ppl"] == row["heldout_ppl"] and saved.metrics["evaluations"] == row["evaluations"]
         assert saved.problem.model == "tiny-llama" and (saved.problem.n_samples, saved.problem.seq_len) == (8, 64)
-    assert sorted(p.name for p in (out.parent / "board_plans").iterdir())[:3] == [
-        "heuristic-2.5b.json", "knapsack-2.5b.json", "random-2.5b-e0.json"]
-    assert out.with_suffix(".csv").read_text().startswith("allocator,target_bits,evaluations")
-    assert "| knapsack | 2.500 | 1 |" in out.with_suffix(".md").read_text()
+    assert "board_plans/search-nll-2.5b-4ev-s1.json" in files and "board_plans/random-2.5b-e0.json" in files
+    assert out.with_suffix(".csv").read_text().startswith("allocator,target_bits,budget,evaluations")
+    assert "| knapsack | 2.500 | - | 1 |" in out.with_suffix(".md").read_text()
+    assert data["meta"]["search_configs"]["search-nll"]["evaluations"] == 8
     printed = capsys.readouterr().out
     assert "held-out PPL" in printed and "board_plans" in printed
+
+
+def test_bench_with_the_kl_metric_and_the_kl_search(tmp_path, monkeypatch):
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "kl.json"
+    assert bench_main(["--model", "tiny-llama", "--preset", "smoke", "--target-bits", "2.0", "--eval-windows", "2",
+                       "--eval-seq-len", "64", "--allocators", "knapsack", "search-kl", "search", "--evaluations", "5",
+                       "--proxy-metric", "kl", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["allocator"] for r in data["leaderboard"]] == ["unquantized", "knapsack", "search-kl", "search-nll"]
+    for row in data["episodes"][1:]:
+        assert row["proxy_metric"] == "kl" and row["proxy_kl"] > 0
+        assert QuantPlan.load(out.parent / row["plan_file"]).metrics["proxy_kl"] == row["proxy_kl"]
+    knapsack, search_kl = data["leaderboard"][1:3]
+    assert search_kl["proxy_kl"] <= knapsack["proxy_kl"]  # the search never ends worse than its start, by its fitness
+    assert data["meta"]["proxy_metric"] == "kl" and set(data["meta"]["search_configs"]) == {"search-kl", "search-nll"}
 
 
 def test_bench_plan_exports_without_a_preset(tmp_path, monkeypatch):
@@ -199,6 +219,8 @@ def test_bench_plan_exports_without_a_preset(tmp_path, monkeypatch):
     assert problem.table.fingerprint == saved.table_fingerprint
     assert wq.perplexity(loaded, problem.blocks) == pytest.approx(saved.metrics["proxy_ppl"], rel=1e-3)  # fp16 rest
     assert main(["plot", str(plan_path)]) == 0
+    with pytest.raises(wq.ConfigError, match="drop --preset"):
+        main(["export", str(plan_path), "--out", str(tmp_path / "again"), "--preset", "cpu"])
     # An old plan (no problem recorded) exported the old way, with the env's preset, is refused by its table.
     old = dataclasses.replace(saved, problem=None).save(tmp_path / "old.json")
     with pytest.raises(wq.TableMismatchError, match="belongs to table"):
@@ -221,13 +243,18 @@ def test_sb3_allocator_counts_its_training_episodes(tiny_problem):
 def test_leaderboard_median_range_and_plan_of_the_lowest_proxy():
     from windquant_gym.benchmark.leaderboard import aggregate, format_table
 
-    rows = [{"allocator": "search-nll", "target_bits": 2.0, "evaluations": 300, "effective_bits": 2.0, "storage_bits": 2.4,
-             "proxy_ppl": proxy, "heldout_ppl": heldout, "seconds": 1.0, "plan_file": f"plans/s{i}.json"}
-            for i, (proxy, heldout) in enumerate([(210.0, 280.0), (190.0, 300.0), (200.0, 250.0)])]
-    rows.append({**rows[0], "evaluations": 100, "plan_file": "plans/e100.json"})
-    (three, one) = aggregate(rows)
-    assert (three["episodes"], three["proxy_ppl"], three["heldout_ppl"]) == (3, 200.0, 280.0)  # medians
-    assert three["heldout_range"] == (250.0, 300.0) and three["plan_file"] == "plans/s1.json"  # lowest proxy, not held-out
-    assert (one["episodes"], one["heldout_range"], one["evaluations"]) == (1, None, 100)
+    rows = [{"allocator": "search-nll", "target_bits": 2.0, "budget": 300, "evaluations": spent, "effective_bits": 2.0,
+             "storage_bits": 2.4, "proxy_ppl": proxy, "heldout_ppl": heldout, "seconds": 1.0, "plan_file": f"plans/s{i}.json"}
+            for i, (spent, proxy, heldout) in enumerate([(297, 210.0, 280.0), (297, 190.0, 300.0), (293, 200.0, 250.0)])]
+    rows.append({**rows[0], "budget": 100, "evaluations": 97, "plan_file": "plans/e100.json"})
+    rows.append({**rows[0], "budget": 1000, "heldout_ppl": float("nan"), "plan_file": "plans/nan.json"})
+    (three, one, broken) = aggregate(rows)
+    assert (three["episodes"], three["evaluations"], three["proxy_ppl"], three["heldout_ppl"]) == (3, 297, 200.0, 280.0)
+    assert (three["heldout_min"], three["heldout_max"]) == (250.0, 300.0)
+    assert three["plan_file"] == "plans/s1.json"  # the lowest proxy PPL, not the lowest held-out
+    assert (one["episodes"], one["heldout_min"], one["budget"], one["evaluations"]) == (1, None, 100, 97)
+    assert broken["heldout_ppl"] is None  # a NaN is not a measurement
+    kl_rows = [{**r, "proxy_metric": "kl", "proxy_kl": kl} for r, kl in zip(rows[:3], (0.3, 0.5, 0.1))]
+    assert aggregate(kl_rows)[0]["plan_file"] == "plans/s2.json"  # by the metric the env measured
     text = format_table(rows, markdown=True)
-    assert "| search-nll | 2.000 | 300 |" in text and "250.00-300.00" in text and "| s1.json |" in text
+    assert "| search-nll | 2.000 | 300 | 297 |" in text and "250.00-300.00" in text and "| s1.json |" in text

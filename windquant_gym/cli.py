@@ -46,10 +46,17 @@ def _problem_for_plan(saved, model_name: Optional[str] = None, preset: Optional[
     env is rebuilt from ``preset``'s calibration sizes (default ``cpu``) with seed 0 on
     wiki-sample, and a plan made otherwise is refused by its table fingerprint."""
     from .agents.hyperparams import load_hyperparams
+    from .errors import ConfigError
     from .models import load_model
     from .problem import QuantProblem
 
-    if saved.problem is not None and preset is None:
+    if saved.problem is not None:
+        if preset is not None:
+            spec = saved.problem
+            raise ConfigError(
+                f"--preset is for plan files that do not record their problem; this one does (model {spec.model!r}, "
+                f"calibration {spec.calibration!r}, seed {spec.seed}, {spec.n_samples} x {spec.seq_len} tokens): drop --preset."
+            )
         return saved.problem_spec(model=model_name).build()
     env_kwargs = load_hyperparams(preset or "cpu")["env_kwargs"]
     model_name = model_name or saved.model or "smollm2-135m"

@@ -4,6 +4,7 @@ everything an episode (or any allocator) needs, prepared once and cached on disk
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -65,11 +66,15 @@ class ProblemSpec:
     version: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("seed", "n_samples", "seq_len"):
+        for name, least, example in (("seed", 0, "seed=0"), ("n_samples", 1, "n_samples=64"), ("seq_len", 2, "seq_len=256")):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-                raise ConfigError(f"ProblemSpec.{name} must be a {'non-negative' if name == 'seed' else 'positive'} "
-                                  f"integer, got {value!r}.")
+            try:
+                number = operator.index(value)  # ints and numpy integers, not floats or bools
+            except TypeError:
+                number = None
+            if isinstance(value, bool) or number is None or number < least:
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}; e.g. {example}.")
+            object.__setattr__(self, name, int(number))
         if not isinstance(self.quant_config, QuantConfig):
             raise ConfigError(f"ProblemSpec.quant_config must be a QuantConfig, got {type(self.quant_config).__name__}.")
         object.__setattr__(self, "proxy_dtype", check_proxy_dtype(self.proxy_dtype))
@@ -184,14 +189,14 @@ class QuantProblem:
                 f"QuantProblem.build got a {type(model).__name__} but no tokenizer: pass the tokenizer that goes "
                 "with the model (load_model returns both)."
             )
+        spec = ProblemSpec(model_name, str(texts) if isinstance(texts, (str, Path)) else None, seed, n_samples, seq_len,
+                           config, proxy_dtype)  # checks the sizes and the seed too
         units = find_units(model, config.chunk_size)
         check_weights(model, units)
         documents = load_texts(texts, split="calibration") if isinstance(texts, (str, Path)) else texts
-        blocks = sample_token_blocks(documents, tokenizer, n_samples, seq_len, seed)
+        blocks = sample_token_blocks(documents, tokenizer, spec.n_samples, spec.seq_len, spec.seed)
         calibration = _cached_calibration(model, units, blocks, batch_size, cache, progress)
         table = build_table(model, calibration.act_scales, config, cache=cache, progress=progress, storage_device=table_device)
-        spec = ProblemSpec(model_name, str(texts) if isinstance(texts, (str, Path)) else None, seed, n_samples, seq_len,
-                           config, proxy_dtype)
         return cls(model, tokenizer, units, blocks, calibration, table, batch_size, stream, proxy_dtype, spec)
 
     @property
@@ -242,9 +247,7 @@ class QuantProblem:
         if plan is None:
             with precision:
                 return token_losses(self.model, self.blocks, self.batch_size, reference, progress=progress)
-        if self._assembler is None or self._assembler.per_layer != self.stream:
-            self._assembler = WeightAssembler(self.model, self.table, per_layer=self.stream)
-        assembler = self._assembler
+        assembler = self.assembler(per_layer=self.stream)
         started, assembled_before = time.perf_counter(), assembler.seconds
         if self.stream:
             with streamed_quantized_weights(self.model, self.table, plan, assembler), precision:
@@ -255,6 +258,13 @@ class QuantProblem:
         assemble = assembler.seconds - assembled_before
         self.last_timing = {"assemble_seconds": assemble, "forward_seconds": time.perf_counter() - started - assemble}
         return losses
+
+    def assembler(self, per_layer: bool = False) -> WeightAssembler:
+        """The problem's reusable weight buffers (one layer's, shared by every layer, with
+        ``per_layer=True``, as the streamed pass needs)."""
+        if self._assembler is None or self._assembler.per_layer != per_layer:
+            self._assembler = WeightAssembler(self.model, self.table, per_layer=per_layer)
+        return self._assembler
 
     def proxy_nll(self, plan: Sequence[int], progress: bool = False) -> float:
         """Mean NLL on the calibration blocks with ``plan`` applied (see :meth:`proxy_losses`)."""

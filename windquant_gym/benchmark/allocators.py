@@ -27,9 +27,13 @@ def nearest_allowed(action: int, mask: np.ndarray) -> int:
 
 class PlannedAllocator:
     """Base class: computes a whole plan at ``begin_episode`` and plays it step by step,
-    projected onto the mask (so a plan that would break the budget never does)."""
+    projected onto the mask (so a plan that would break the budget never does).
+
+    ``exact = True`` promises a plan within the budget and the rules, which the masks leave
+    as it is; the harness then refuses one they change, instead of measuring another plan."""
 
     name = "planned"
+    exact = False
 
     def __init__(self) -> None:
         self.plan: Optional[np.ndarray] = None
@@ -115,6 +119,8 @@ class KnapsackAllocator(PlannedAllocator):
     ``error="normalized"`` (default): activation-weighted error over the module's
     full-precision energy, comparable across layers. ``error="raw"``: the activation-
     weighted error as is (measured worse: late layers' large activations dominate it)."""
+
+    exact = True  # the knapsack's plan fits the budget (costs are rounded up)
 
     def __init__(self, error: str = "normalized", resolution: int = 100_000):
         super().__init__()

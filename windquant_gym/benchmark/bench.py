@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import gymnasium as gym
 
@@ -29,7 +31,7 @@ from ..data import eval_windows, load_texts
 from ..errors import ConfigError, UnknownNameError
 from ..envs import ENV_ID
 from ..eval.perplexity import perplexity
-from ..envs.windquant import PROXY_METRICS
+from ..eval.divergence import PROXY_METRICS
 from ..plan import QuantPlan
 from .allocators import PlannedAllocator, baseline_allocators
 from .harness import EpisodeResult, run_allocator
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="cpu", help="hyperparams.yml block whose env_kwargs define the env (default: %(default)s)")
     parser.add_argument("--target-bits", type=float, nargs="+", default=[3.0, 2.5, 2.0])
     parser.add_argument("--allocators", nargs="+", default=["all"],
-                        help="'all' (the baselines and 'search') or names: " + ", ".join([*baseline_allocators(), *SEARCH_FITNESS]))
+                        help="'all' (the baselines and 'search') or names: " + ", ".join([*baseline_allocators(), *SEARCH_FITNESS])
+                             + f"; 'search' is the search with the default fitness ({SearchConfig().fitness}), whatever "
+                               "--proxy-metric says")
     parser.add_argument("--evaluations", type=_positive_float, nargs="+", default=[SearchConfig().evaluations], metavar="N",
                         help="the search's budget(s) in full proxy passes, the start plan's included; one row per budget "
                              "(compare a policy trained for E episodes at E + 1) (default: %(default)s)")
@@ -125,7 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     policies = {}
     for path in args.policy:
         model = _load_policy(path)
-        policies[type(model).__name__ if len(args.policy) == 1 else f"{type(model).__name__} ({Path(path).parent.name})"] = model
+        label = type(model).__name__ if len(args.policy) == 1 else f"{type(model).__name__} ({Path(path).parent.name})"
+        policies[f"{type(model).__name__} ({path})" if label in policies else label] = model
     hp = load_hyperparams(args.preset)
     env_kwargs = {**hp["env_kwargs"], **({"proxy_metric": args.proxy_metric} if args.proxy_metric else {})}
     env = gym.make(ENV_ID, model=args.model, seed=args.seed, **env_kwargs)
@@ -145,16 +150,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{row['allocator']:14} zero-shot: " + ", ".join(f"{k} {v:.3f}" for k, v in columns.items()), flush=True)
         return row
 
-    def record(result: EpisodeResult, seed: Optional[int] = None, episodes: int = 1, saved: Optional[str] = None) -> None:
+    def record(result: EpisodeResult, seed: Optional[int] = None, budget: Optional[float] = None, episodes: int = 1,
+               saved: Optional[str] = None) -> None:
         print(f"{result.allocator:14} target {result.target_bits}: {result.effective_bits:.3f} b (storage "
               f"{result.storage_bits:.3f}), proxy {result.proxy_ppl:.2f}, held-out {result.heldout_ppl:.2f}, "
               f"{result.evaluations if result.evaluations is not None else '?'} evaluations, {result.seconds:.1f} s", flush=True)
         row = result.row()
-        if seed is not None:
-            row["seed"] = seed
+        row.update({k: v for k, v in (("seed", seed), ("budget", budget)) if v is not None})
         if saved is None:
-            saved = _save_plan(plans_dir, problem, result, seed, episodes, args)
-        row["plan_file"] = str(Path(saved).relative_to(json_path.parent)) if Path(saved).is_relative_to(json_path.parent) else str(saved)
+            saved = _save_plan(plans_dir, problem, row, result.plan, episodes, args)
+        row["plan_file"] = os.path.relpath(Path(saved).resolve(), json_path.parent.resolve())  # read beside the JSON
         rows.append(scored(row, result.plan))
 
     started = time.perf_counter()
@@ -166,8 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name in names:
             if name in SEARCH_FITNESS:
                 for seed in args.search_seeds:
-                    for result in _search_rows(env, name, SEARCH_FITNESS[name], seed, args.evaluations, held_out):
-                        record(result, seed)
+                    for budget, result in _search_rows(env, name, SEARCH_FITNESS[name], seed, args.evaluations, held_out):
+                        record(result, seed, budget)
                 continue
             episodes = args.random_episodes if name == "random" else 1
             for result in run_allocator(env, baselines[name], episodes=episodes, heldout=held_out, name=name):
@@ -187,7 +192,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append({"target_bits": None, "evaluations": None, **row})
     meta = {"model": args.model, "preset": args.preset, "env_kwargs": env_kwargs, "proxy_dtype": problem.proxy_dtype,
             "proxy_metric": env.unwrapped.proxy_metric, "calibration_seed": args.seed, "search_seeds": args.search_seeds,
-            "search_config": SearchConfig().to_dict(), "heldout_tokens": int(held_out.numel()),
+            "search_configs": {n: _search_config(SEARCH_FITNESS[n], max(args.evaluations)).to_dict()
+                               for n in names if n in SEARCH_FITNESS},
+            "heldout_tokens": int(held_out.numel()),
             "plans": str(plans_dir), "seconds": time.perf_counter() - started}
     if args.zero_shot:
         meta["zero_shot"] = {"tasks": args.zero_shot, "limit": args.zero_shot_limit, "task_dirs": args.task_dir,
@@ -203,6 +210,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 class _Fixed(PlannedAllocator):
     """Plays a plan found elsewhere (a search's snapshot), reporting what finding it cost."""
 
+    exact = True
+
     def __init__(self, plan, evaluations: float, seconds: float):
         super().__init__()
         self._plan, self.evaluations, self.search_seconds = plan, evaluations, seconds
@@ -211,10 +220,11 @@ class _Fixed(PlannedAllocator):
         return self._plan
 
 
-def _search_rows(env, name: str, fitness: str, seed: int, budgets: List[float], held_out) -> List[EpisodeResult]:
-    """One row per budget: the search runs once at the largest; smaller budgets get its snapshots."""
+def _search_rows(env, name: str, fitness: str, seed: int, budgets: List[float], held_out) -> List[Tuple[float, EpisodeResult]]:
+    """``(budget, result)`` per budget: the search runs once at the largest; smaller budgets get
+    its snapshots (each what a run with that budget returns, replayed and measured)."""
     budgets = sorted(set(budgets))
-    search = SearchAllocator(evaluations=budgets[-1], fitness=fitness, seed=seed, snapshot_at=budgets[:-1])
+    search = SearchAllocator(_search_config(fitness, budgets[-1]), seed=seed, snapshot_at=budgets[:-1])
     (final,) = run_allocator(env, search, heldout=held_out, name=name)
     results = []
     for budget in budgets[:-1]:
@@ -222,24 +232,28 @@ def _search_rows(env, name: str, fitness: str, seed: int, budgets: List[float], 
         replay = _Fixed(snapshot["plan"], snapshot["evaluations"], snapshot["seconds"])
         (result,) = run_allocator(env, replay, heldout=held_out, name=name)
         result.seconds += replay.search_seconds  # the search's time up to this budget, then the episode
-        results.append(result)
-    return [*results, final]
+        results.append((budget, result))
+    return [*results, (budgets[-1], final)]
 
 
-def _save_plan(folder: Path, problem, result: EpisodeResult, seed: Optional[int], episodes: int, args) -> Path:
-    """The row's plan as a plan file that rebuilds its problem, named after the row."""
-    parts = [result.allocator.replace(" ", "_").replace("(", "").replace(")", ""), f"{result.target_bits:g}b"]
-    if result.allocator.startswith("search"):
-        parts.append(f"{result.evaluations:g}ev")
-    if seed is not None:
-        parts.append(f"s{seed}")
+def _search_config(fitness: str, budget: float) -> SearchConfig:
+    return SearchConfig(evaluations=budget, fitness=fitness)
+
+
+def _save_plan(folder: Path, problem, row: Dict[str, Any], plan, episodes: int, args) -> Path:
+    """The row's plan as a plan file that rebuilds its problem, named after the row (allocator,
+    target, the search's budget and seed, the episode when there are several)."""
+    parts = [re.sub(r"[^A-Za-z0-9.+_-]+", "_", row["allocator"]).strip("_"), f"{row['target_bits']:g}b"]
+    if "budget" in row:
+        parts.append(f"{row['budget']:g}ev")
+    if "seed" in row:
+        parts.append(f"s{row['seed']}")
     if episodes > 1:
-        parts.append(f"e{result.episode}")
-    metrics = {k: v for k, v in result.row().items() if k not in ("allocator", "episode") and v is not None}
-    plan = QuantPlan.from_problem(problem, result.plan, allocator=result.allocator, proxy_dtype=problem.proxy_dtype,
-                                  heldout=f"wiki-sample eval, {args.eval_windows} x {args.eval_seq_len} tokens",
-                                  **({"seed": seed} if seed is not None else {}), **metrics)
-    return plan.save(folder / ("-".join(parts) + ".json"))
+        parts.append(f"e{row['episode']}")
+    metrics = {k: v for k, v in row.items() if k not in ("allocator", "episode") and v is not None}
+    saved = QuantPlan.from_problem(problem, plan, allocator=row["allocator"], proxy_dtype=problem.proxy_dtype,
+                                   heldout=f"wiki-sample eval, {args.eval_windows} x {args.eval_seq_len} tokens", **metrics)
+    return saved.save(folder / ("-".join(parts) + ".json"))
 
 
 def _zero_shot_columns(problem, args, plan=None) -> Dict[str, float]:

@@ -17,12 +17,13 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
+from ..eval.divergence import PROXY_METRICS, check_proxy_metric
 from ..eval.kernels import proxy_precision
 from ..eval.perplexity import token_losses
-from ..quant.apply import WeightAssembler, quantized_weights, streamed_quantized_weights
+from ..quant.apply import quantized_weights, streamed_quantized_weights
 
-FITNESS_METRICS = ("nll", "kl")
+FITNESS_METRICS = PROXY_METRICS
 """Names of the proxy fitnesses: mean next-token NLL on the text, or mean KL divergence to
 the unquantized model's next-token distributions on it (top-k reference)."""
 
@@ -30,12 +31,7 @@ Evaluate = Callable[[np.ndarray, Optional[np.ndarray]], float]
 
 
 def check_fitness_metric(metric) -> str:
-    if metric not in FITNESS_METRICS:
-        raise ConfigError(
-            f"fitness must be one of {', '.join(map(repr, FITNESS_METRICS))}, got {metric!r}: 'nll' is the proxy loss on the "
-            "calibration text, 'kl' the KL divergence to the unquantized model's next-token distributions on it."
-        )
-    return metric
+    return check_proxy_metric(metric, "fitness")
 
 
 class ProxyFitness:
@@ -45,7 +41,8 @@ class ProxyFitness:
 
     Inside a session the model holds the plans' weights (given back on exit, also on errors);
     a new plan re-assembles only the modules whose units changed, so a search's offspring cost
-    little more than their forward pass. ``tokens`` counts the tokens every measurement fed
+    little more than their forward pass (a streamed problem, ``stream=True``, assembles every
+    layer anew as it runs, as its proxy pass does). ``tokens`` counts the tokens every measurement fed
     through the model, so the evaluations a search reports can be checked."""
 
     def __init__(self, problem, metric: str = "nll", blocks: Optional[torch.Tensor] = None):
@@ -85,16 +82,16 @@ class ProxyFitness:
             losses = token_losses(model, blocks, batch_size, rows_reference)
             return losses.kl if self.metric == "kl" else losses.nll
 
-        if problem.stream:  # large models: one decoder layer's quantized weights at a time, per measurement
+        if problem.stream:  # large models: each layer's weights assembled anew as it runs, every measurement
+            assembler = problem.assembler(per_layer=True)
+
             def evaluate(plan, rows=None):
-                with streamed_quantized_weights(model, table, plan), precision:
+                with streamed_quantized_weights(model, table, plan, assembler), precision:
                     return measure(rows, len(self.blocks))
             yield evaluate
             return
 
-        if problem._assembler is None or problem._assembler.per_layer:
-            problem._assembler = WeightAssembler(model, table)
-        assembler = problem._assembler
+        assembler = problem.assembler()
         loaded = np.array(start, dtype=np.int64)
         with quantized_weights(model, table, loaded, assembler), precision:
             def evaluate(plan, rows=None):

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, TableMismatchError
 from ..envs.windquant import BUDGET_TOLERANCE
 from .allocators import HeuristicAllocator, KnapsackAllocator, PlannedAllocator
-from .fitness import ProxyFitness, check_fitness_metric
+from .fitness import FITNESS_METRICS, ProxyFitness, check_fitness_metric
 
 
 def _positive_number(value, name: str, hint: str, integer: bool = False) -> None:
@@ -75,7 +75,8 @@ class SearchConfig:
     at a time traps plans in local optima (measured on small knapsack instances: 45 of 60
     optima reached with 1, all 60 with 3)."""
     max_changes: int = 10
-    """Units a mutant may change in all (moved first, plus those moved to compensate)."""
+    """Moves a mutant may make in all (those made first plus the compensating ones; a unit
+    lowered twice counts twice)."""
     same_shape: float = 0.5
     """Chance that a lowered unit is drawn among those of the same shape as a raised one (an
     exchange of like for like, as EvoPress does); otherwise among all units, so that budget
@@ -111,14 +112,6 @@ class SearchConfig:
                 "E.g. ((0.125, 2), (1.0, 1))."
             )
         object.__setattr__(self, "stages", stages)
-
-    def generation_cost(self, offspring: Optional[int] = None, cost=lambda fraction: fraction) -> float:
-        """Evaluations of one generation with ``offspring`` mutants (default: all)."""
-        count, total = self.offspring if offspring is None else offspring, 0.0
-        for fraction, survivors in self.stages:
-            total += count * cost(fraction)
-            count = min(count, survivors)
-        return total
 
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)
@@ -281,8 +274,8 @@ def evolve(
     """Search from ``start`` for a plan of lower ``fitness`` within ``budget`` (summed ``cost[i, a]``)
     and ``allowed[i, a]``. ``stored[i, a]``: the action stored when ``a`` is requested (fallback),
     so that actions storing the same thing count as one level. ``start_fitness``: its full
-    fitness when already known (then not measured, nor counted). ``fitness.metric`` of a
-    :class:`ProxyFitness` is used as is; ``config.fitness`` names it for results."""
+    fitness when already known (then not measured, nor counted). A :class:`ProxyFitness` must
+    measure what ``config.fitness`` names."""
     cost = np.asarray(cost, dtype=np.float64)
     allowed = np.asarray(allowed, dtype=bool)
     plan = np.asarray(start, dtype=np.int64).copy()
@@ -297,68 +290,83 @@ def evolve(
             f"The start plan spends {cost[rows, plan].sum() / budget:.4f} x the budget; start from a plan within it "
             "(e.g. the knapsack's)."
         )
-    rng = np.random.default_rng(seed)
-    ladders = _Ladders(cost, allowed, stored)
-    groups = _same_shape_groups(cost, allowed)
+    metric = getattr(fitness, "metric", None)
+    if metric in FITNESS_METRICS and metric != config.fitness:
+        raise ConfigError(f"The fitness measures {metric!r} but config.fitness is {config.fitness!r}; make them agree "
+                          f"(SearchConfig(fitness={metric!r})).")
     stage_rows = [max(1, min(fitness.n_blocks, round(fraction * fitness.n_blocks))) for fraction, _ in config.stages]
     stage_rows[-1] = fitness.n_blocks
     stage_cost = [fitness.cost(n) for n in stage_rows]
-    planned = config.generation_cost(cost=lambda fraction: stage_cost[[f for f, _ in config.stages].index(fraction)])
-    full_cost = stage_cost[-1]
+    planned, count = 0.0, config.offspring  # evaluations of a generation with every offspring made
+    for (_, survivors), one_cost in zip(config.stages, stage_cost):
+        planned, count = planned + count * one_cost, min(count, survivors)
+    full_cost = stage_cost[-1] if start_fitness is None else 0.0
+    too_small = [b for b in (config.evaluations, *snapshot_at) if b + 1e-9 < full_cost]
+    if too_small:
+        raise ConfigError(f"A budget of {too_small[0]:g} evaluations does not pay for one full measurement of the start "
+                          f"plan ({full_cost:g}); give at least {full_cost:g}.")
+
+    def stops_at(limit: float) -> bool:  # the one rule: a run with this budget stops here
+        return spent + planned > limit + 1e-9
+
+    rng = np.random.default_rng(seed)
+    ladders = _Ladders(cost, allowed, stored)
+    groups = _same_shape_groups(cost, allowed)
     pending = sorted(float(b) for b in snapshot_at)
     snapshots: Dict[float, Dict[str, Any]] = {}
     seen = {plan.tobytes()}
     started = time.perf_counter()
     spent, generations, measured, accepted = 0.0, 0, 0, 0
     history: List[Dict[str, float]] = []
+
+    def snapshot() -> Dict[str, Any]:
+        return {"plan": plan.copy(), "fitness": best, "evaluations": spent, "seconds": time.perf_counter() - started}
+
     bar = tqdm(total=config.evaluations, desc=f"search ({config.fitness})", unit="eval", disable=not progress,
                bar_format="{l_bar}{bar}| {n:.1f}/{total:g} evaluations [{elapsed}<{remaining}{postfix}]")
-    with fitness.session(plan) as evaluate:
-        if start_fitness is None:
-            if full_cost > config.evaluations:
-                raise ConfigError(f"evaluations={config.evaluations} does not pay for one full measurement of the start "
-                                  f"plan ({full_cost:g}); give at least {full_cost:g}.")
-            start_fitness = evaluate(plan, None)
-            spent += full_cost
-            bar.update(full_cost)
-        best = float(start_fitness)
-        bar.set_postfix_str(f"best {best:.4f}")
-        while True:
-            for budget_mark in [b for b in pending if spent + planned > b]:
-                snapshots[budget_mark] = {"plan": plan.copy(), "fitness": best, "evaluations": spent,
-                                          "seconds": time.perf_counter() - started}
-                pending.remove(budget_mark)
-            if spent + planned > config.evaluations + 1e-9:
-                break
-            children: List[np.ndarray] = []
-            for _ in range(50 * config.offspring):
-                if len(children) == config.offspring:
+    try:
+        with fitness.session(plan) as evaluate:
+            if start_fitness is None:
+                start_fitness = evaluate(plan, None)
+                spent += full_cost
+                bar.update(full_cost)
+            best = float(start_fitness)
+            bar.set_postfix_str(f"best {best:.4f}")
+            while True:
+                for mark in [b for b in pending if stops_at(b)]:
+                    snapshots[mark] = snapshot()
+                    pending.remove(mark)
+                if stops_at(config.evaluations):
                     break
-                child = _mutate(plan, rng, ladders, groups, budget, config)
-                if child is not None and child.tobytes() not in seen:
-                    seen.add(child.tobytes())
-                    children.append(child)
-            if not children:  # every neighbour has been tried: nothing left to find from here
-                break
-            measured += len(children)
-            scores: List[float] = []
-            for (fraction, survivors), n_rows, one_cost in zip(config.stages, stage_rows, stage_cost):
-                subset = None if n_rows == fitness.n_blocks else np.sort(rng.choice(fitness.n_blocks, n_rows, replace=False))
-                scores = [evaluate(child, subset) for child in children]
-                spent += one_cost * len(children)
-                bar.update(one_cost * len(children))
-                keep = np.argsort(scores, kind="stable")[:survivors]
-                children, scores = [children[k] for k in keep], [scores[k] for k in keep]
-            generations += 1
-            if scores[0] <= best:  # the last stage measured the winner on all blocks, like the parent
-                plan, best = children[0], float(scores[0])
-                accepted += 1
-            history.append({"generation": generations, "evaluations": spent, "fitness": best})
-            bar.set_postfix_str(f"best {best:.4f}, generation {generations}")
-    bar.close()
-    for budget_mark in pending:  # budgets beyond where the search stopped: its final plan
-        snapshots[budget_mark] = {"plan": plan.copy(), "fitness": best, "evaluations": spent,
-                                          "seconds": time.perf_counter() - started}
+                children: List[np.ndarray] = []
+                for _ in range(20 * config.offspring):
+                    if len(children) == config.offspring:
+                        break
+                    child = _mutate(plan, rng, ladders, groups, budget, config)
+                    if child is not None and child.tobytes() not in seen:
+                        seen.add(child.tobytes())
+                        children.append(child)
+                if not children:  # 20 draws per offspring found nothing new: the neighbourhood is (nearly) used up
+                    break
+                measured += len(children)
+                scores: List[float] = []
+                for (fraction, survivors), n_rows, one_cost in zip(config.stages, stage_rows, stage_cost):
+                    subset = None if n_rows == fitness.n_blocks else np.sort(rng.choice(fitness.n_blocks, n_rows, replace=False))
+                    scores = [evaluate(child, subset) for child in children]
+                    spent += one_cost * len(children)
+                    bar.update(one_cost * len(children))
+                    keep = np.argsort(scores, kind="stable")[:survivors]
+                    children, scores = [children[k] for k in keep], [scores[k] for k in keep]
+                generations += 1
+                if scores[0] <= best:  # the last stage measured the winner on all blocks, like the parent
+                    plan, best = children[0], float(scores[0])
+                    accepted += 1
+                history.append({"generation": generations, "evaluations": spent, "fitness": best})
+                bar.set_postfix_str(f"best {best:.4f}, generation {generations}")
+    finally:
+        bar.close()
+    for mark in pending:  # budgets beyond where the search stopped: its final plan
+        snapshots[mark] = snapshot()
     return SearchResult(plan, best, float(start_fitness), spent, generations, measured, accepted,
                         time.perf_counter() - started, history, snapshots)
 
@@ -376,6 +384,8 @@ class SearchAllocator(PlannedAllocator):
     token blocks instead of the problem's calibration blocks (costs count their tokens).
     After a plan is made, ``result`` holds the :class:`SearchResult` and ``evaluations`` what
     it spent."""
+
+    exact = True  # every plan it makes meets the budget and the rules
 
     def __init__(self, config: Optional[SearchConfig] = None, *, seed: int = 0, start: Any = "knapsack",
                  blocks=None, snapshot_at: Sequence[float] = (), progress: bool = True, **config_fields):

@@ -12,6 +12,7 @@ import torch.nn as nn
 from gymnasium import spaces
 
 from ..errors import ConfigError
+from ..eval.divergence import check_proxy_metric
 from ..eval.kernels import check_proxy_dtype
 from ..models.loading import load_model
 from ..problem import QuantProblem
@@ -24,18 +25,6 @@ from .rules import PrecisionRules
 _BITS = np.asarray(ACTION_BITS, dtype=np.float64)
 BUDGET_TOLERANCE = 1e-6
 """Bits by which a plan's summed cost may exceed the budget (guards float sums at the exact budget)."""
-_TOLERANCE = BUDGET_TOLERANCE
-PROXY_METRICS = ("nll", "kl")
-"""What the episode-end reward measures the plan by; the first is WindQuant-v0's default."""
-
-
-def check_proxy_metric(proxy_metric) -> str:
-    if proxy_metric not in PROXY_METRICS:
-        raise ConfigError(
-            f"proxy_metric must be one of {', '.join(map(repr, PROXY_METRICS))}, got {proxy_metric!r}: 'nll' scores a plan "
-            "by the proxy loss on the calibration text (the paper), 'kl' by its KL divergence to the unquantized model."
-        )
-    return proxy_metric
 
 
 def _checked_target(target_bits) -> float:
@@ -247,7 +236,7 @@ class WindQuantEnv(gym.Env):
     def set_target_bits(self, target_bits: float) -> None:
         """Change the budget (takes effect at the next reset; the curriculum uses this)."""
         target = _checked_target(target_bits)
-        if target < self.min_feasible_bits - _TOLERANCE:
+        if target < self.min_feasible_bits - BUDGET_TOLERANCE:
             raise ConfigError(
                 f"target_bits={target} is below {self.min_feasible_bits:.4f}, the least the minimum-precision "
                 f"rules {self.precision_rules} and {self.table.config.salient_rate:.0%} INT8 protection allow; "
@@ -275,11 +264,11 @@ class WindQuantEnv(gym.Env):
         """Allowed actions for the current unit, ``bool[7]``, never all false."""
         if self._mask is None:
             t = min(self._t, self.n_units - 1)
-            fits = self._used + self._cost[t] + self._suffix_min[t + 1] <= self._budget + _TOLERANCE
+            fits = self._used + self._cost[t] + self._suffix_min[t + 1] <= self._budget + BUDGET_TOLERANCE
             mask = self._rule_ok[t] & fits
             if not mask.any():  # infeasible already: the cheapest allowed action(s) stay open
                 cost = np.where(self._rule_ok[t], self._cost[t], np.inf)
-                mask = cost <= cost.min() + _TOLERANCE
+                mask = cost <= cost.min() + BUDGET_TOLERANCE
             self._mask = mask
         return self._mask.copy()
 

@@ -130,7 +130,7 @@ def topk_reference(
     vocab = model.get_output_embeddings().weight.shape[0]
     k = min(int(k), vocab)
     log_probs = torch.empty(n * length, k)
-    token_ids = torch.empty(n * length, k, dtype=torch.long)
+    token_ids = torch.empty(n * length, k, dtype=torch.int32)  # half the memory of int64; gathers widen a chunk
     rest = torch.empty(n * length)
     for start, positions, logits, _ in _logit_chunks(model, blocks, batch_size, None, progress, None, "KL reference"):
         offset = start * length

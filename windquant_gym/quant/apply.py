@@ -47,6 +47,7 @@ class WeightAssembler:
         # per_layer: the same module of every layer shares a buffer ("self_attn.q_proj")
         self._buffer_key = {name: _name_in_layer(name, self._layer_of[name]) if per_layer else name for name in self.modules}
         self._buffers: Dict[str, torch.Tensor] = {}
+        self._originals: Dict[str, torch.Tensor] = {}
         self.seconds = 0.0
         """Wall time spent assembling, summed over calls (read by the episode timing)."""
 
@@ -66,8 +67,9 @@ class WeightAssembler:
         started = time.perf_counter()
         actions = self.table.check_plan(plan).tolist()
         result = {}
+        lent = {buffer.data_ptr() for buffer in self._buffers.values()}
         for name in names:
-            original = self.model.get_submodule(name).weight.data
+            original = self._original(name, lent)
             key = self._buffer_key[name]
             buffer = self._buffers.get(key)
             if buffer is None or buffer.shape != original.shape or buffer.dtype != original.dtype or buffer.device != original.device:
@@ -79,6 +81,17 @@ class WeightAssembler:
         _synchronize(self.model)  # so that the time is the assembly's, not the next kernel's
         self.seconds += time.perf_counter() - started
         return result
+
+
+    def _original(self, name: str, lent: set) -> torch.Tensor:
+        """The module's own weight, also while the model holds one of our buffers in its place
+        (a plan re-assembled in place, as the search does): a skipped unit's FP16 columns must
+        come from the original, not from the buffer it is lent."""
+        current = self.model.get_submodule(name).weight.data
+        if current.data_ptr() in lent and name in self._originals:
+            return self._originals[name]
+        self._originals[name] = current
+        return current
 
 
 def _name_in_layer(name: str, layer: int) -> str:
