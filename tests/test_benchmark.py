@@ -243,10 +243,10 @@ def test_sb3_allocator_counts_its_training_episodes(tiny_problem):
 def test_leaderboard_median_range_and_plan_of_the_lowest_proxy():
     from windquant_gym.benchmark.leaderboard import aggregate, format_table
 
-    rows = [{"allocator": "search-nll", "target_bits": 2.0, "budget": 300, "evaluations": spent, "effective_bits": 2.0,
+    rows = [{"allocator": "search-nll", "target_bits": 2.0, "budget": 300.0, "evaluations": spent, "effective_bits": 2.0,
              "storage_bits": 2.4, "proxy_ppl": proxy, "heldout_ppl": heldout, "seconds": 1.0, "plan_file": f"plans/s{i}.json"}
             for i, (spent, proxy, heldout) in enumerate([(297, 210.0, 280.0), (297, 190.0, 300.0), (293, 200.0, 250.0)])]
-    rows.append({**rows[0], "budget": 100, "evaluations": 97, "plan_file": "plans/e100.json"})
+    rows.append({**rows[0], "budget": 100.0, "evaluations": 97, "plan_file": "plans/e100.json"})
     rows.append({**rows[0], "budget": 1000, "heldout_ppl": float("nan"), "plan_file": "plans/nan.json"})
     (three, one, broken) = aggregate(rows)
     assert (three["episodes"], three["evaluations"], three["proxy_ppl"], three["heldout_ppl"]) == (3, 297, 200.0, 280.0)

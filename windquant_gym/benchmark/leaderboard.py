@@ -63,7 +63,7 @@ def _number(value: float, key: str) -> str:
         return f"{value:.3g}"
     if key == "proxy_kl":
         return f"{value:.4f}"
-    if key == "evaluations":
+    if key in ("budget", "evaluations"):  # counts of proxy passes, fractional only when a stage was
         return f"{value:g}"
     return f"{value:.2f}" if key in ("proxy_ppl", "heldout_ppl", "seconds") else f"{value:.3f}"
 
