@@ -82,7 +82,6 @@ class WeightAssembler:
         self.seconds += time.perf_counter() - started
         return result
 
-
     def _original(self, name: str, lent: set) -> torch.Tensor:
         """The module's own weight, also while the model holds one of our buffers in its place
         (a plan re-assembled in place, as the search does): a skipped unit's FP16 columns must
