@@ -31,6 +31,7 @@ class EpisodeRecorder(BaseCallback):
         self.problem = problem
         self.best: Dict[float, Dict] = {}
         self.episodes = 0
+        self.total_episodes = total_episodes
         self.bar = tqdm(total=total_episodes, desc="training", unit="episode", disable=not progress)
         self.csv_path = self.out_dir / "episodes.csv"
         if not self.csv_path.exists():
@@ -41,7 +42,8 @@ class EpisodeRecorder(BaseCallback):
         for info, done in zip(self.locals["infos"], self.locals["dones"]):
             if done and "proxy_ppl" in info:
                 self._record(info)
-        return True
+        # a rollout of several episodes may overrun the run's length: stop at exactly its episodes
+        return self.episodes < self.total_episodes
 
     def _record(self, info: Dict) -> None:
         self.episodes += 1
@@ -57,17 +59,26 @@ class EpisodeRecorder(BaseCallback):
                 self.logger.record(f"windquant/{key}", value)
         self.logger.dump(self.num_timesteps)
         target = info["target_bits"]
+        self.consider(info, self.episodes)
+        self.bar.update(1)
+        self.bar.set_postfix(target=target, bits=f"{info['effective_bits']:.3f}", ppl=f"{info['proxy_ppl']:.1f}")
+
+    def consider(self, info: Dict, episode: int) -> bool:
+        """Keep the measured plan of ``info`` (an episode's last ``info``) as its target's best
+        if it is within budget and better by the env's proxy metric; episode 0 marks a plan
+        measured before training (the warm start's). Returns whether it was kept."""
+        target = info["target_bits"]
         within = info["effective_bits"] <= target + BUDGET_TOLERANCE
         best = self.best.get(target)
         score = "proxy_kl" if info.get("proxy_metric") == "kl" else "proxy_ppl"  # what the env's reward measures
-        if within and (best is None or info[score] < best.get(score, float("inf"))):
-            metrics = {k: info[k] for k in ("target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio", "proxy_dtype",
-                                                 "proxy_metric", "proxy_kl")
-                       if k in info}
-            self.best[target] = {**metrics, "episode": self.episodes, "plan": info["plan"]}
-            self._save_best(target)
-        self.bar.update(1)
-        self.bar.set_postfix(target=target, bits=f"{info['effective_bits']:.3f}", ppl=f"{info['proxy_ppl']:.1f}")
+        if not within or (best is not None and info[score] >= best.get(score, float("inf"))):
+            return False
+        metrics = {k: info[k] for k in ("target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio", "proxy_dtype",
+                                             "proxy_metric", "proxy_kl")
+                   if k in info}
+        self.best[target] = {**metrics, "episode": episode, "plan": list(info["plan"])}
+        self._save_best(target)
+        return True
 
     def _save_best(self, target: float) -> None:
         best = dict(self.best[target])

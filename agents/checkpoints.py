@@ -135,7 +135,8 @@ def clear_run(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "tb", ignore_errors=True)
-    for path in [run_dir / "episodes.csv", *run_dir.glob("best_plan*.json"), run_dir / "final_plan.json",
+    plans = [*run_dir.glob("best_plan*.json"), *run_dir.glob("policy_plan_*.json"), *run_dir.glob("returned_plan*.json")]
+    for path in [run_dir / "episodes.csv", *plans, run_dir / "final_plan.json", run_dir / "warm_start_plans.json",
                  run_dir / "final_model.zip", run_dir / "summary.json", run_dir / "training_curves.png"]:
         path.unlink(missing_ok=True)
 

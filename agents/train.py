@@ -1,8 +1,15 @@
 """Train MaskablePPO on WindQuant-v0: ``windquant train --model smollm2-135m --preset cpu``.
 
 Writes to ``--out``: ``episodes.csv`` (one row per episode), TensorBoard logs (``tb/``),
-checkpoints (``checkpoints/``), ``best_plan_<target>.json``, ``final_plan.json`` and
-``summary.json``; ends with a printed summary against the unquantized model.
+checkpoints (``checkpoints/``), ``best_plan_<target>.json`` (the best plan seen in training),
+``policy_plan_<target>.json`` (the trained policy's deterministic plan) and
+``returned_plan_<target>.json`` (the better of the two by proxy) for every target of the
+curriculum; ``final_plan.json``, ``best_plan.json`` and ``returned_plan.json`` at the final
+target, and ``summary.json``; ends with a printed summary beside the knapsack and the
+unquantized model.
+
+A preset may warm-start the policy (``warm_start:``): behaviour cloning on the knapsack's
+plans at the curriculum's targets, before PPO (:mod:`windquant_gym.agents.imitation`).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -28,8 +35,13 @@ from ..quant.apply import quantized_weights
 from ..errors import ConfigError
 from .callbacks import EpisodeRecorder
 from .checkpoints import LATEST, ResumableCheckpoint, clear_run, has_run, latest_checkpoint, read_state
+from ..benchmark.allocators import KnapsackAllocator
+from ..benchmark.calibrated import CalibratedKnapsack
 from .hyperparams import load_hyperparams
+from .imitation import behaviour_clone, collect_demonstrations
 from .policy import WindQuantPolicy
+from .self_imitation import SelfImitation
+from .wrappers import policy_view
 
 
 @dataclass
@@ -47,6 +59,10 @@ class TrainArgs:
     target_bits: Optional[float] = None
     """Train at one fixed target instead of the curriculum."""
     seed: int = 0
+    """The agent's seed: policy initialisation, sampling, minibatches."""
+    calibration_seed: Optional[int] = None
+    """Override the preset's ``env_kwargs.seed``, which picks the calibration blocks (the
+    proxy's text, hence the table); the preset fixes it so that agent seeds mean one thing."""
     device: str = "auto"
     """Where the LM runs; the small policy always runs on the CPU."""
     progress: bool = True
@@ -60,13 +76,23 @@ class TrainArgs:
     """Start afresh in an ``out`` folder that already holds a run (its checkpoints and logs are removed)."""
 
 
+def calibration_seed(args: TrainArgs, hp: Dict[str, Any]) -> int:
+    return int(args.calibration_seed if args.calibration_seed is not None else hp["env_kwargs"].get("seed", 0))
+
+
+def stages(args: TrainArgs, hp: Dict[str, Any]) -> List[float]:
+    return [float(args.target_bits)] if args.target_bits is not None else [float(t) for t in hp["curriculum"]]
+
+
 def make_env(args: TrainArgs, hp: Dict[str, Any]) -> gym.Env:
+    """``Monitor(CurriculumWrapper(observation(reward(WindQuant-v0))))`` as the preset says."""
     reward = RewardConfig(**hp["reward"]) if hp.get("reward") else None
-    env = gym.make(ENV_ID, model=args.model, device=args.device, seed=args.seed, progress=args.progress,
-                   reward_config=reward, **hp["env_kwargs"])
-    stages = [args.target_bits] if args.target_bits is not None else hp["curriculum"]
-    episodes_per_stage = max(1, math.ceil(hp["episodes"] / len(stages)))
-    return Monitor(CurriculumWrapper(env, stages, episodes_per_stage))
+    env_kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
+    env = gym.make(ENV_ID, model=args.model, device=args.device, seed=calibration_seed(args, hp), progress=args.progress,
+                   reward_config=reward, **env_kwargs)
+    targets = stages(args, hp)
+    episodes_per_stage = max(1, math.ceil(hp["episodes"] / len(targets)))
+    return Monitor(CurriculumWrapper(policy_view(env, hp), targets, episodes_per_stage))
 
 
 def _rollout(model: MaskablePPO, env: gym.Env) -> Dict[str, Any]:
@@ -126,36 +152,120 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         env.get_wrapper_attr("load_state_dict")(state["curriculum"])
     else:
         model = _new_model(env, hp, n_units, out, args.seed)
+    targets = sorted(set(stages(args, hp)))
+    knapsack = _knapsack_plans(base, [stages(args, hp)[-1]])  # the summary's baseline at the final target
+    # a second view of the same problem, for walks that must not touch the training episode
+    view = policy_view(gym.make(ENV_ID, model=base.problem.model, problem=base.problem, proxy_metric=base.proxy_metric,
+                                progress=False), hp)
+    warm_start = _warm_start(model, view, hp, targets, stages(args, hp)[-1], args) if checkpoint is None and hp.get("warm_start") else None
+    start_plans = _start_plans(out, (warm_start or {}).pop("plans", None))
     recorder = EpisodeRecorder(out, base.problem, hp["episodes"], progress=args.progress)
+    for info in (warm_start or {}).pop("final_infos", {}).values():  # measured plans count as seen
+        recorder.consider(info, episode=0)
+    callbacks = [recorder]
+    if hp.get("self_imitation"):
+        callbacks.append(SelfImitation(view, recorder, start_plans, seed=args.seed, **hp["self_imitation"]))
     if checkpoint is not None:
         recorder.load_state_dict(state["recorder"])
     checkpoints = ResumableCheckpoint(out / "checkpoints", hp["checkpoint_every"], env, recorder)
     setup_seconds = time.perf_counter() - started
     remaining = max(0, hp["episodes"] - recorder.episodes)
     if remaining:
-        model.learn(total_timesteps=remaining * n_units, callback=CallbackList([recorder, checkpoints]),
+        model.learn(total_timesteps=remaining * n_units, callback=CallbackList([*callbacks, checkpoints]),
                     tb_log_name="maskable_ppo", reset_num_timesteps=checkpoint is None)
     checkpoints.init_callback(model)
     checkpoints.save()
     train_seconds = time.perf_counter() - started - setup_seconds
     model.save(out / "final_model")
-    return _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out, trained=remaining)
+    return _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out, trained=remaining,
+                     knapsack=knapsack, warm_start=warm_start)
+
+
+def _knapsack_plans(base, targets: List[float]) -> Dict[float, np.ndarray]:
+    """The knapsack's plan at each target."""
+    plans = {}
+    for target in targets:
+        base.set_target_bits(target)
+        plans[target] = KnapsackAllocator().make_plan(base)
+    return plans
+
+
+def _start_plans(out: Path, plans: Optional[Dict[float, np.ndarray]]) -> Dict[float, np.ndarray]:
+    """The plans self-imitation holds to at targets with nothing seen yet: the warm start's
+    (kept in the run folder, so that a resumed run has them), else none."""
+    path = out / "warm_start_plans.json"
+    if plans is not None:
+        path.write_text(json.dumps({f"{t:g}": np.asarray(p).tolist() for t, p in plans.items()}))
+        return plans
+    if path.exists():
+        return {float(t): np.asarray(p, dtype=np.int64) for t, p in json.loads(path.read_text()).items()}
+    return {}  # no warm start: self-imitation follows the policy's own best plans only
+
+
+DEMONSTRATIONS = ("knapsack", "calibrated-knapsack")
+
+
+def _warm_start(model: MaskablePPO, view: gym.Env, hp: Dict[str, Any], targets: List[float], final_target: float,
+                args) -> Dict[str, Any]:
+    """Behaviour cloning of the fresh policy on a teacher's plans at the curriculum's targets:
+    the knapsack's (no proxy pass), or the calibrated knapsack's (its scales chosen at the final
+    target: 7 proxy passes). With ``fit_critic`` the critic is fitted to the returns of measured
+    walks through those plans (one proxy pass per target); the measured plans count as seen."""
+    settings = dict(hp["warm_start"])
+    source = settings.pop("demonstrations", "knapsack")
+    fit_critic = bool(settings.pop("fit_critic", True))
+    if source not in DEMONSTRATIONS:
+        raise ConfigError(f"warm_start.demonstrations must be one of {DEMONSTRATIONS}, got {source!r} (hyperparams.yml).")
+    started = time.perf_counter()
+    base = view.unwrapped
+    stats: Dict[str, Any] = {"demonstrations": source}
+    if source == "calibrated-knapsack":
+        teacher = CalibratedKnapsack(calibrate_at=final_target)
+        scales, _ = teacher.calibrate(base)
+        plans = {t: teacher.plan_at(base, t) for t in targets}
+        stats.update(scales=scales, calibration_evaluations=teacher.evaluations)
+    else:
+        plans = _knapsack_plans(base, targets)
+    # measured walks (one proxy pass per target) give the critic its targets
+    demos = collect_demonstrations(view, plans, gamma=float(hp["gamma"]) if fit_critic else None)
+    stats.update(behaviour_clone(model.policy, demos, seed=args.seed, progress=args.progress, **settings))
+    stats["seconds"] = time.perf_counter() - started
+    stats["steps"] = len(demos)
+    stats["evaluations"] = len(demos.final_infos) + stats.get("calibration_evaluations", 0)  # proxy passes spent
+    stats["teacher_proxy_ppl"] = {f"{t:g}": info["proxy_ppl"] for t, info in demos.final_infos.items()}
+    stats["final_infos"] = demos.final_infos
+    stats["plans"] = plans
+    return stats
+
+
+def _learning_rate(hp: Dict[str, Any]):
+    """The preset's learning rate, constant or (``lr_schedule: linear``) falling to 0."""
+    rate = float(hp["learning_rate"])
+    schedule = hp.get("lr_schedule", "constant")
+    if schedule == "constant":
+        return rate
+    if schedule == "linear":
+        return lambda progress_remaining: rate * progress_remaining
+    raise ConfigError(f"lr_schedule must be 'constant' or 'linear', got {schedule!r} (hyperparams.yml).")
 
 
 def _new_model(env, hp, n_units, out, seed) -> MaskablePPO:
+    episodes_per_update = int(hp.get("episodes_per_update", 1))
+    if episodes_per_update < 1:
+        raise ConfigError(f"episodes_per_update must be a positive integer, got {hp.get('episodes_per_update')!r}.")
     return MaskablePPO(
         WindQuantPolicy,
         env,
-        learning_rate=hp["learning_rate"],
-        n_steps=n_units,  # one rollout = one episode
-        batch_size=min(hp["batch_size"], n_units),
+        learning_rate=_learning_rate(hp),
+        n_steps=n_units * episodes_per_update,  # a rollout = whole episodes
+        batch_size=min(hp["batch_size"], n_units * episodes_per_update),
         n_epochs=hp["n_epochs"],
         gamma=hp["gamma"],
         gae_lambda=hp["gae_lambda"],
         clip_range=hp["clip_range"],
         ent_coef=hp["ent_coef"],
         vf_coef=hp["vf_coef"],
-        policy_kwargs={"hidden_size": hp["hidden_size"]},
+        policy_kwargs={"hidden_size": hp["hidden_size"], "shared_trunk": bool(hp.get("shared_trunk", True))},
         tensorboard_log=str(out / "tb"),
         seed=seed,
         device="cpu",
@@ -163,41 +273,81 @@ def _new_model(env, hp, n_units, out, seed) -> MaskablePPO:
     )
 
 
-def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out, trained) -> Dict[str, Any]:
+def _score(info: Dict[str, Any]) -> float:
+    """What the env's reward measures a plan by: lower is better."""
+    return info["proxy_kl"] if info.get("proxy_metric") == "kl" else info["proxy_ppl"]
+
+
+def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out, trained, knapsack,
+              warm_start=None) -> Dict[str, Any]:
+    """At every target of the curriculum: the deterministic policy's plan (one proxy pass), the
+    best plan seen in training, and the one of them with the better proxy (the run's result).
+    At the final target, held-out perplexity of those and of the knapsack's plan."""
     base = env.unwrapped
-    n_units = base.n_units
-    # Evaluation at the final target: the deterministic policy, and the best plan seen.
-    curriculum = env.get_wrapper_attr("freeze")
-    final_target = args.target_bits if args.target_bits is not None else hp["curriculum"][-1]
-    curriculum(final_target)
-    final = _rollout(model, env)
     problem = base.problem
+    n_units = base.n_units
+    freeze = env.get_wrapper_attr("freeze")
+    targets = list(dict.fromkeys(stages(args, hp)))
+    final_target = targets[-1]
+    metric = base.proxy_metric
+    warm_evaluations = (warm_start or {}).get("evaluations", 0)
+    episodes = recorder.episodes + warm_evaluations  # proxy passes spent before the final rollouts
+    per_target = {}
+    for target in targets:
+        freeze(target)
+        rollout = _rollout(model, env)
+        candidates = {"policy": rollout}
+        best = recorder.best.get(target)
+        if best is not None:
+            candidates["best seen"] = best
+        chosen = min(candidates, key=lambda name: _score(candidates[name]))
+        per_target[target] = {"candidates": candidates, "returned": chosen}
+        # proxy passes spent to choose each: every training episode, plus the policy's own rollout
+        for slug, info, evaluations in (("policy_plan", rollout, episodes + 1),
+                                        ("best_plan", best, episodes),
+                                        ("returned_plan", candidates[chosen], episodes + 1)):
+            if info is None:
+                continue
+            metrics = {k: info[k] for k in ("effective_bits", "storage_bits", "proxy_ppl", "proxy_kl") if k in info}
+            QuantPlan.from_problem(problem, info["plan"], target_bits=target, proxy_dtype=problem.proxy_dtype,
+                                   proxy_metric=metric, evaluations=evaluations, allocator=f"MaskablePPO {slug}",
+                                   **metrics).save(out / f"{slug}_{target:g}.json")
     held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, hp["eval_seq_len"], hp["eval_windows"])
     fp_heldout = perplexity(problem.model, held_out)
     rows = {"unquantized": {"effective_bits": 16.0, "storage_bits": 16.0, "proxy_ppl": problem.baseline_ppl, "heldout_ppl": fp_heldout}}
-    # (plan, its proxy PPL as the env measured it: the proxy is deterministic, no need to rerun it)
-    candidates = {"policy (deterministic)": (final["plan"], final["proxy_ppl"])}
-    best = recorder.best.get(final_target)
-    if best is not None:
-        candidates["best plan seen in training"] = (best["plan"], best["proxy_ppl"])
-    for name, (actions, proxy_ppl) in candidates.items():
+    final = per_target[final_target]
+    names = {"policy": "policy (deterministic)", "best seen": "best plan seen in training"}
+    plans = {names[name]: info["plan"] for name, info in final["candidates"].items()}
+    proxies = {names[name]: info["proxy_ppl"] for name, info in final["candidates"].items()}
+    plans["knapsack"] = knapsack[final_target]
+    proxies["knapsack"] = math.exp(problem.proxy_nll(plans["knapsack"]))  # not counted: the summary's baseline
+    for name, actions in plans.items():
         bits = problem.table.plan_bits(actions)
         with quantized_weights(problem.model, problem.table, actions):
             heldout = perplexity(problem.model, held_out)
-        rows[name] = {**bits, "proxy_ppl": proxy_ppl, "heldout_ppl": heldout}
-        slug = "final_plan" if name.startswith("policy") else "best_plan"
-        # proxy passes spent to choose it: every training episode, and for the policy its own rollout
-        evaluations = recorder.episodes + 1 if slug == "final_plan" else recorder.episodes
-        QuantPlan.from_problem(problem, actions, target_bits=final_target, proxy_dtype=problem.proxy_dtype,
-                               proxy_metric=base.proxy_metric, evaluations=evaluations,
-                               **rows[name]).save(out / f"{slug}.json")
+        rows[name] = {**bits, "proxy_ppl": proxies[name], "heldout_ppl": heldout}
+    returned_name = names[final["returned"]]
+    rows[returned_name]["returned"] = True
+    # the final target's files under their historical names
+    for slug in ("policy_plan", "best_plan", "returned_plan"):
+        path = out / f"{slug}_{final_target:g}.json"
+        if path.exists():
+            (out / f"{'final_plan' if slug == 'policy_plan' else slug}.json").write_text(path.read_text())
     summary = {
         "model": args.model, "preset": args.preset, "episodes": hp["episodes"], "gamma": hp["gamma"],
         "target_bits": final_target, "n_units": n_units, "setup_seconds": setup_seconds,
         "train_seconds": train_seconds, "seconds_per_episode": train_seconds / max(1, trained),
         "resumed_from_episode": hp["episodes"] - trained if args.resume else None,
+        "agent_seed": args.seed, "calibration_seed": calibration_seed(args, hp), "evaluations": episodes + 1,
+        "training_episodes": recorder.episodes,
+        "warm_start": warm_start,
         "heldout_tokens": int(held_out.numel()), "proxy_dtype": problem.proxy_dtype,
         "model_dtype": str(next(problem.model.parameters()).dtype).replace("torch.", ""), "results": rows,
+        "returned": returned_name,
+        "targets": {f"{t:g}": {"returned": names[v["returned"]],
+                               **{names[n]: {"proxy_ppl": i["proxy_ppl"], **({"proxy_kl": i["proxy_kl"]} if "proxy_kl" in i else {})}
+                                  for n, i in v["candidates"].items()}}
+                    for t, v in per_target.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     env.close()
@@ -211,7 +361,14 @@ def print_summary(summary: Dict[str, Any]) -> None:
           f"({summary['seconds_per_episode']:.1f} s/episode) after {summary['setup_seconds']:.0f} s setup")
     print(f"{'':30} {'effective':>9} {'storage':>8} {'proxy PPL':>10} {'held-out PPL':>12}")
     for name, row in summary["results"].items():
-        print(f"{name:30} {row['effective_bits']:9.3f} {row['storage_bits']:8.3f} {row['proxy_ppl']:10.2f} {row['heldout_ppl']:12.2f}")
+        mark = "  <- returned" if row.get("returned") else ""
+        print(f"{name:30} {row['effective_bits']:9.3f} {row['storage_bits']:8.3f} {row['proxy_ppl']:10.2f} "
+              f"{row['heldout_ppl']:12.2f}{mark}")
+    others = {t: v for t, v in summary.get("targets", {}).items() if float(t) != summary["target_bits"]}
+    for target, entry in others.items():
+        proxies = ", ".join(f"{name} {value['proxy_ppl']:.2f}" for name, value in entry.items() if name != "returned")
+        print(f"at {target} bits, proxy PPL: {proxies} (returned: {entry['returned']}; held-out: windquant bench --plan "
+              f"returned_plan_{target}.json)")
     model_dtype = summary.get("model_dtype", "float32")
     proxy = "matrix products in bf16 (autocast)" if summary.get("proxy_dtype") == "bfloat16" else f"in {model_dtype}"
     print(f"(proxy PPL: {proxy}; held-out PPL in {model_dtype}: {summary['heldout_tokens']} tokens of the "

@@ -26,9 +26,15 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     assert (hp["learning_rate"], hp["clip_range"], hp["ent_coef"], hp["vf_coef"]) == (5e-4, 0.2, 0.05, 0.5)
     assert (hp["n_epochs"], hp["gamma"], hp["gae_lambda"]) == (3, 0.99, 0.95)
     assert hp["curriculum"] == [3.0, 2.5, 2.0, 2.0]
-    cpu = load_hyperparams("cpu")
-    assert cpu["learning_rate"] == 5e-4 and cpu["env_kwargs"]["salient_rate"] == 0.03
-    assert cpu["env_kwargs"]["n_calibration_samples"] == 16
+    paper_cpu = load_hyperparams("cpu-paper")  # the paper's recipe on the small proxy
+    assert paper_cpu["learning_rate"] == 5e-4 and paper_cpu["env_kwargs"]["salient_rate"] == 0.03
+    assert "warm_start" not in paper_cpu and paper_cpu.get("observation", "paper") == "paper"
+    cpu = load_hyperparams("cpu")  # the README's: the recipe that wins (issue 12)
+    assert cpu["env_kwargs"]["n_calibration_samples"] == 16 and cpu["env_kwargs"]["seed"] == 0
+    assert (cpu["observation"], cpu["reward_kind"], cpu["warm_start"]["demonstrations"]) == ("action-costs", "proxy-loss", "calibrated-knapsack")
+    for ablation in ("cpu-no-action-costs", "cpu-no-loss-reward", "cpu-no-shaping", "cpu-no-warm-start", "cpu-no-normalization",
+                     "cpu-knapsack-teacher", "cpu-no-self-imitation"):
+        assert load_hyperparams(ablation) != cpu
     with pytest.raises(wq.UnknownNameError, match="cpu"):
         load_hyperparams("nope")
 

@@ -106,6 +106,7 @@ def test_cpu_bf16_preset_sets_the_proxy_precision():
     from windquant_gym.agents.hyperparams import preset_names
 
     assert load_hyperparams("cpu-bf16")["env_kwargs"]["proxy_dtype"] == "bfloat16"
+    assert load_hyperparams("cpu-paper-bf16")["env_kwargs"]["proxy_dtype"] == "bfloat16"
     assert "cpu-bf16" in preset_names() and "default" not in preset_names()
     assert "proxy_dtype" not in load_hyperparams("cpu")["env_kwargs"]
 

@@ -14,7 +14,10 @@ from .errors import (
     UnknownNameError,
     WindQuantError,
 )
-from .envs import ENV_ID, CurriculumWrapper, PrecisionRules, RewardConfig, WindQuantEnv
+from .envs import (
+    ENV_ID, ActionCostObservation, CurriculumWrapper, LossRewardConfig, PrecisionRules, ProxyLossReward, RewardConfig,
+    WindQuantEnv,
+)
 from .eval import mean_nll, perplexity
 from .export import export_plan, load_quantized, packed_size
 from .models import load_model
@@ -41,4 +44,5 @@ __all__ = [
     "TableMismatchError", "UnknownNameError", "OutputExistsError", "IncompleteExportError", "ExportFormatError",
     "export_plan", "load_quantized", "packed_size", "keep_freed_memory",
     "ENV_ID", "CurriculumWrapper", "WindQuantEnv", "RewardConfig", "PrecisionRules",
+    "ActionCostObservation", "ProxyLossReward", "LossRewardConfig",
 ]

@@ -20,7 +20,9 @@ def _train(argv: List[str]) -> int:
     parser.add_argument("--episodes", type=int, help="override the preset's episode count")
     parser.add_argument("--gamma", type=float, help="override the discount (paper: 0.99)")
     parser.add_argument("--target-bits", type=float, help="one fixed target instead of the curriculum")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the agent's seed: policy initialisation, sampling (default: 0)")
+    parser.add_argument("--calibration-seed", type=int,
+                        help="override the preset's env_kwargs.seed, which picks the calibration blocks (the proxy's text)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--hyperparams", help="another hyperparameter YAML")
     parser.add_argument("--no-progress", action="store_true")
@@ -28,7 +30,7 @@ def _train(argv: List[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that already holds a run")
     ns = parser.parse_args(argv)
     train(TrainArgs(model=ns.model, preset=ns.preset, out=ns.out, episodes=ns.episodes, gamma=ns.gamma,
-                    target_bits=ns.target_bits, seed=ns.seed, device=ns.device, hyperparams=ns.hyperparams,
+                    target_bits=ns.target_bits, seed=ns.seed, calibration_seed=ns.calibration_seed, device=ns.device, hyperparams=ns.hyperparams,
                     progress=not ns.no_progress, resume=ns.resume, overwrite=ns.overwrite))
     return 0
 

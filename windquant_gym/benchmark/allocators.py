@@ -147,10 +147,13 @@ def _unit_saliency(env, unit) -> float:
 
 def baseline_allocators(seed: int = 0) -> dict:
     """The named baselines of ``windquant bench --allocators all``."""
+    from .calibrated import CalibratedKnapsack  # it builds on this module
+
     return {
         "uniform-2b": UniformAllocator(2),
         "uniform-3b": UniformAllocator(3),
         "random": RandomAllocator(seed),
         "heuristic": HeuristicAllocator(),
         "knapsack": KnapsackAllocator(),
+        "calibrated-knapsack": CalibratedKnapsack(),
     }

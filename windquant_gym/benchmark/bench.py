@@ -34,7 +34,7 @@ from ..eval.perplexity import perplexity
 from ..eval.divergence import PROXY_METRICS
 from ..plan import QuantPlan
 from .allocators import PlannedAllocator, baseline_allocators
-from .harness import EpisodeResult, run_allocator
+from .harness import EpisodeResult, as_allocator, run_allocator
 from .leaderboard import format_table, write_leaderboard
 from .search import SearchAllocator, SearchConfig
 
@@ -109,6 +109,32 @@ def _load_policy(path: str):
                       "pass e.g. runs/cpu/final_model.zip.")
 
 
+def _policy_view(env, model, path: str):
+    """``(env as the policy saw it in training, the policy as an allocator)``: its run folder's
+    ``config.json`` names the observation (a policy saved elsewhere is taken to see the env's
+    own), its ``summary.json`` the proxy passes a warm start spent besides the episodes."""
+    import json
+
+    from ..agents.wrappers import wrap_observation
+
+    config = Path(path).parent / "config.json"
+    summary = Path(path).parent / "summary.json"
+    allocator = as_allocator(model)
+    if summary.exists():
+        allocator.extra_evaluations = float((json.loads(summary.read_text()).get("warm_start") or {}).get("evaluations", 0))
+    hp = json.loads(config.read_text())["hyperparams"] if config.exists() else {}
+    view = wrap_observation(env, hp)
+    expected, got = model.observation_space.shape, view.observation_space.shape
+    if expected != got:
+        raise ConfigError(
+            f"--policy {path} was trained on observations of shape {expected}, but this env gives {got}"
+            f"{' (no config.json beside the policy to say which observation it saw)' if not config.exists() else ''}: "
+            "keep the run folder's config.json beside the .zip (windquant train writes it), or pass a policy trained "
+            "on WindQuant-v0's own observation."
+        )
+    return view, allocator
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from ..agents.hyperparams import load_hyperparams
 
@@ -135,6 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     env_kwargs = {**hp["env_kwargs"], **({"proxy_metric": args.proxy_metric} if args.proxy_metric else {})}
     env = gym.make(ENV_ID, model=args.model, seed=args.seed, **env_kwargs)
     problem = env.unwrapped.problem
+    policy_views = {label: _policy_view(env, model, path) for (label, model), path in zip(policies.items(), args.policy)}
     held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, args.eval_seq_len, args.eval_windows)
     json_path = Path(args.json)
     plans_dir = json_path.parent / f"{json_path.stem}_plans"
@@ -178,7 +205,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for result in run_allocator(env, baselines[name], episodes=episodes, heldout=held_out, name=name):
                 record(result, episodes=episodes)
         for label, model in policies.items():
-            for result in run_allocator(env, model, heldout=held_out, name=label):
+            view, allocator = policy_views[label]
+            for result in run_allocator(view, allocator, heldout=held_out, name=label):
                 record(result)
     for path in args.plan:
         env.unwrapped.set_target_bits(math.ceil(_plan_bits(path) * 1e6) / 1e6)

@@ -63,10 +63,12 @@ class _SB3Allocator:
         self.masked = isinstance(model, MaskablePPO)
         self.name = type(model).__name__
         self.evaluations: Optional[float] = None
+        self.extra_evaluations = 0.0
+        """Proxy passes spent besides the training episodes (a measured warm start)."""
 
     def begin_episode(self, env) -> None:
         # every training episode measured one plan on the proxy; this episode measures one more
-        self.evaluations = self.model.num_timesteps / env.unwrapped.n_units + 1
+        self.evaluations = self.model.num_timesteps / env.unwrapped.n_units + 1 + self.extra_evaluations
 
     def __call__(self, observation, action_mask) -> int:
         if self.masked:

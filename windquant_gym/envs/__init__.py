@@ -2,7 +2,10 @@
 
 from gymnasium.envs.registration import register, registry
 
+from .action_costs import ActionCostObservation
+from .budget_price import BudgetPrice
 from .curriculum import CurriculumWrapper
+from .loss_reward import LossRewardConfig, ProxyLossReward
 from .rewards import RewardConfig
 from .rules import PrecisionRules
 from .windquant import WindQuantEnv
@@ -12,4 +15,7 @@ ENV_ID = "WindQuant-v0"
 if ENV_ID not in registry:
     register(id=ENV_ID, entry_point="windquant_gym.envs.windquant:WindQuantEnv")
 
-__all__ = ["ENV_ID", "CurriculumWrapper", "WindQuantEnv", "RewardConfig", "PrecisionRules"]
+__all__ = [
+    "ENV_ID", "ActionCostObservation", "BudgetPrice", "CurriculumWrapper", "LossRewardConfig", "PrecisionRules",
+    "ProxyLossReward", "RewardConfig", "WindQuantEnv",
+]

@@ -18,6 +18,7 @@ from ..models.loading import load_model
 from ..problem import QuantProblem
 from ..quant.bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION
 from ..quant.config import QuantConfig
+from .budget_price import BudgetPrice
 from .features import unit_features
 from .rewards import RewardConfig, final_reward, step_reward, update_lambda
 from .rules import PrecisionRules
@@ -132,7 +133,13 @@ class WindQuantEnv(gym.Env):
     * v0: initial version (paper Table 1 observation, 7 actions, eq. 5 reward). Later
       additions that leave the default's rewards, observations and actions as they were:
       ``RewardConfig.step_error_coef`` (off by default), ``proxy_dtype`` (float32 by default),
-      ``proxy_metric`` (``"nll"`` by default).
+      ``proxy_metric`` (``"nll"`` by default). Opt-in wrappers that leave the env as it is:
+      :class:`ActionCostObservation` (a 48-dim observation with each action's table error
+      and bits, the budget's Lagrangian price and the unit's position) and
+      :class:`ProxyLossReward` (``-ln`` of the proxy perplexity ratio plus a potential-based
+      dense part), both used by the ``cpu`` training preset; read-only accessors
+      ``unit_index``, ``bits_spent``, ``remaining_bits``, ``remaining_weights``,
+      ``unit_statistics`` and ``budget_price()`` for them.
     """
 
     metadata = {"render_modes": []}
@@ -205,6 +212,7 @@ class WindQuantEnv(gym.Env):
         cheapest = np.where(self._rule_ok, self._cost, np.inf).min(axis=1)
         self._suffix_min = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0.0]])
 
+        self._budget_price: Optional[BudgetPrice] = None
         self._step_error = None  # optional per-step error shaping, RewardConfig.step_error_coef
         if self.reward_config.step_error_coef > 0:
             n_modules = len({u.module for u in self.units})
@@ -232,6 +240,38 @@ class WindQuantEnv(gym.Env):
     def min_feasible_bits(self) -> float:
         """Lowest average effective bits the precision rules allow."""
         return float(self._suffix_min[0] / self._total)
+
+    @property
+    def unit_index(self) -> int:
+        """Index of the unit the next action decides (``n_units`` once the episode has ended)."""
+        return self._t
+
+    @property
+    def remaining_weights(self) -> float:
+        """Weights of the units still to decide."""
+        return float(self._remaining_weights[self._t])
+
+    @property
+    def unit_statistics(self) -> np.ndarray:
+        """``[N, 10]`` the per-unit statistics of the observation (:data:`STATIC_FEATURES` order)."""
+        return self._static
+
+    @property
+    def bits_spent(self) -> float:
+        """Effective bits the episode's decisions so far have spent."""
+        return self._used
+
+    @property
+    def remaining_bits(self) -> float:
+        """Effective bits the budget leaves for the units still to decide."""
+        return self._budget - self._used
+
+    def budget_price(self) -> BudgetPrice:
+        """The table's :class:`BudgetPrice` (the knapsack's Lagrangian prices) over the
+        module-normalised errors and the rules' allowed actions; built once, on first use."""
+        if self._budget_price is None:
+            self._budget_price = BudgetPrice(self._cost, self.table.module_normalized_error(), self._rule_ok)
+        return self._budget_price
 
     def set_target_bits(self, target_bits: float) -> None:
         """Change the budget (takes effect at the next reset; the curriculum uses this)."""

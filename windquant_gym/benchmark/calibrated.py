@@ -1,0 +1,129 @@
+"""The knapsack's rule with layer sensitivities calibrated on the proxy: a handful of proxy
+passes that correct the table error where it is most wrong.
+
+The table's error of a unit is its own reconstruction error; it cannot see that an error in
+the first decoder layer propagates through every later one, or that the last layer's output
+goes straight to the logits. llama.cpp's mixes and exllamav2's measurements give those layers
+more bits for this reason, and the search's plans do too (benchmarks/RESULTS.md). Here the
+table errors of each layer *group* are multiplied by a factor chosen by coordinate search on
+the proxy loss (a few evaluations), and the plan is the sequential Lagrangian rule at the
+exact budget (:func:`lagrange_rule_plan`).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..envs.budget_price import BudgetPrice
+from ..errors import ConfigError
+from .allocators import PlannedAllocator
+
+LAYER_GROUPS = ("first", "last")
+"""Groups whose errors are rescaled: the first decoder layer, the last."""
+
+
+def lagrange_rule_plan(cost: np.ndarray, error: np.ndarray, allowed: np.ndarray, budget: float,
+                       prices: Optional[BudgetPrice] = None) -> np.ndarray:
+    """The knapsack's Lagrangian rule applied unit by unit at the exact budget: each unit takes
+    ``argmin_a error + lam * cost`` at the price ``lam`` that would spend the bits left on the
+    units left, among the actions after which the rest can still fit (as the env masks).
+    Within a fraction of a percent of the exact knapsack's summed error, in milliseconds."""
+    prices = prices or BudgetPrice(cost, error, allowed)
+    n_units = len(cost)
+    cheapest = np.where(allowed, cost, np.inf).min(axis=1)
+    suffix_min = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0.0]])
+    plan = np.empty(n_units, dtype=np.int64)
+    used = 0.0
+    for t in range(n_units):
+        lam = max(prices.price(t, budget - used), prices.lowest_price)
+        fits = allowed[t] & (used + cost[t] + suffix_min[t + 1] <= budget * (1 + 1e-12))
+        if not fits.any():
+            fits = allowed[t] & (cost[t] <= cheapest[t])
+        plan[t] = int(np.argmin(np.where(fits, error[t] + lam * cost[t], np.inf)))
+        used += cost[t, plan[t]]
+    return plan
+
+
+def group_masks(layers: np.ndarray) -> Dict[str, np.ndarray]:
+    """Units of each of :data:`LAYER_GROUPS`, from the units' decoder-layer indices."""
+    return {"first": layers == layers.min(), "last": layers == layers.max()}
+
+
+class CalibratedKnapsack(PlannedAllocator):
+    """The knapsack's rule on table errors rescaled per layer group, the scales chosen on the
+    proxy by coordinate search: start at 1 everywhere (one evaluation), then for each group in
+    turn try every factor of ``factors`` and keep the best (``len(groups) * (len(factors) - 1)``
+    more). Spends ``evaluations`` proxy passes (7 by default); ``scales`` holds the choice.
+
+    ``calibrate_at``: target bits to calibrate at, once, the scales then serving every target
+    (:meth:`plan_at`); default None: at each episode's own target."""
+
+    exact = True
+
+    def __init__(self, factors: Sequence[float] = (1.0, 2.0, 4.0, 8.0), groups: Sequence[str] = LAYER_GROUPS,
+                 calibrate_at: Optional[float] = None):
+        super().__init__()
+        factors = tuple(float(f) for f in factors)
+        if not factors or any(not np.isfinite(f) or f <= 0 for f in factors) or 1.0 not in factors:
+            raise ConfigError(f"factors must be positive numbers including 1.0, got {factors!r}; e.g. (1, 2, 4, 8).")
+        unknown = sorted(set(groups) - set(LAYER_GROUPS))
+        if unknown:
+            raise ConfigError(f"Unknown layer groups {unknown}; choose from {list(LAYER_GROUPS)}.")
+        self.factors, self.groups, self.calibrate_at = factors, tuple(groups), calibrate_at
+        self.name = "calibrated-knapsack"
+        self.scales: Optional[Dict[str, float]] = None
+        self.evaluations = 0.0
+        self.history: list = []
+        """``(scales, proxy NLL)`` of every evaluation, in order."""
+
+    def _scaled_error(self, env, scales: Dict[str, float]) -> np.ndarray:
+        error = env.table.module_normalized_error().copy()
+        masks = group_masks(np.array([u.layer for u in env.units]))
+        for group, factor in scales.items():
+            error[masks[group]] *= factor
+        return error
+
+    def plan_at(self, env, target_bits: float, scales: Optional[Dict[str, float]] = None) -> np.ndarray:
+        """The rule's plan at ``target_bits`` with ``scales`` (default: the calibrated ones)."""
+        scales = self.scales if scales is None else scales
+        if scales is None:
+            raise ConfigError("CalibratedKnapsack has no scales yet: call calibrate(env) (or begin_episode) first.")
+        budget = target_bits * float(env.table.n_weights.sum())
+        return lagrange_rule_plan(env.table.effective_bits, self._scaled_error(env, scales), env.rule_mask, budget)
+
+    def calibrate(self, env) -> Tuple[Dict[str, float], float]:
+        """Choose the scales on the proxy; returns them and their proxy NLL."""
+        target = env.target_bits if self.calibrate_at is None else float(self.calibrate_at)
+        problem = env.problem
+        scales = {g: 1.0 for g in self.groups}
+
+        def measure(candidate: Dict[str, float]) -> float:
+            nll = problem.proxy_nll(self.plan_at(env, target, candidate))
+            self.evaluations += 1
+            self.history.append((dict(candidate), nll))
+            return nll
+
+        best = measure(scales)
+        for group in self.groups:
+            for factor in self.factors:
+                if factor == scales[group]:
+                    continue
+                candidate = {**scales, group: factor}
+                nll = measure(candidate)
+                if nll < best:
+                    best, scales = nll, candidate
+        self.scales = scales
+        return scales, best
+
+    def make_plan(self, env) -> np.ndarray:
+        """Calibrated anew at every episode's target (``calibrate_at=None``), or once at
+        ``calibrate_at`` and reused."""
+        if self.calibrate_at is None or self.scales is None:
+            self.evaluations, self.history = 0.0, []
+            self.calibrate(env)
+        return self.plan_at(env, env.target_bits)
+
+
+__all__ = ["CalibratedKnapsack", "LAYER_GROUPS", "group_masks", "lagrange_rule_plan"]
