@@ -58,7 +58,8 @@ def run(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {_run_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
     hp = load_hyperparams(args.preset)
-    env = gym.make("WindQuant-v0", model=args.model, seed=args.calibration_seed, **hp["env_kwargs"]).unwrapped
+    env_kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
+    env = gym.make("WindQuant-v0", model=args.model, seed=args.calibration_seed, **env_kwargs).unwrapped
     problem = env.problem
     held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, 256, args.eval_windows)
     other = None

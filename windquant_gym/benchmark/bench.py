@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a folder of lm-eval task YAML files (local data) for --zero-shot; repeatable")
     parser.add_argument("--json", default="bench/leaderboard.json",
                         help="output; .csv and .md are written beside it, and every row's plan in a folder <name>_plans/")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="calibration seed: picks the proxy's text (default: the preset's env_kwargs.seed, else 0); "
+                             "also seeds the random allocator")
     return parser
 
 
@@ -145,7 +147,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         require_lm_eval()  # fail before the env is built when lm-eval is missing
     elif args.task_dir or args.zero_shot_limit is not None:
         raise ConfigError("--task-dir and --zero-shot-limit go with --zero-shot TASK [TASK ...].")
-    baselines = baseline_allocators(args.seed)
+    hp = load_hyperparams(args.preset)
+    env_kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
+    seed = args.seed if args.seed is not None else int(hp["env_kwargs"].get("seed", 0))
+    baselines = baseline_allocators(seed)
     requested = [n for a in args.allocators for n in ([*baselines, "search"] if a == "all" else [a])]
     unknown = [n for n in requested if n not in baselines and n not in SEARCH_FITNESS]
     if unknown:
@@ -157,9 +162,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = _load_policy(path)
         label = type(model).__name__ if len(args.policy) == 1 else f"{type(model).__name__} ({Path(path).parent.name})"
         policies[f"{type(model).__name__} ({path})" if label in policies else label] = model
-    hp = load_hyperparams(args.preset)
-    env_kwargs = {**hp["env_kwargs"], **({"proxy_metric": args.proxy_metric} if args.proxy_metric else {})}
-    env = gym.make(ENV_ID, model=args.model, seed=args.seed, **env_kwargs)
+    env_kwargs.update({"proxy_metric": args.proxy_metric} if args.proxy_metric else {})
+    env = gym.make(ENV_ID, model=args.model, seed=seed, **env_kwargs)
     problem = env.unwrapped.problem
     policy_views = {label: _policy_view(env, model, path) for (label, model), path in zip(policies.items(), args.policy)}
     held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, args.eval_seq_len, args.eval_windows)
@@ -219,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for row in hqq_rows(problem.model, problem.blocks, held_out, **({"settings": settings} if settings else {})):
             rows.append({"target_bits": None, "evaluations": None, **row})
     meta = {"model": args.model, "preset": args.preset, "env_kwargs": env_kwargs, "proxy_dtype": problem.proxy_dtype,
-            "proxy_metric": env.unwrapped.proxy_metric, "calibration_seed": args.seed, "search_seeds": args.search_seeds,
+            "proxy_metric": env.unwrapped.proxy_metric, "calibration_seed": seed, "search_seeds": args.search_seeds,
             "search_configs": {n: _search_config(SEARCH_FITNESS[n], max(args.evaluations)).to_dict()
                                for n in names if n in SEARCH_FITNESS},
             "heldout_tokens": int(held_out.numel()),
