@@ -108,6 +108,7 @@ class ProxyLossReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self._n_modules = len({u.module for u in base.units})
         self._error_spent = 0.0
         self._shaping = 0.0
+        self._potential = 0.0  # Phi of the current state: each step computes it once, for s'
 
     def potential(self) -> float:
         """``Phi`` of the env's current state (0 once the episode has ended)."""
@@ -121,16 +122,18 @@ class ProxyLossReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         obs, info = self.env.reset(seed=seed, options=options)
         self._error_spent = 0.0
         self._shaping = 0.0
+        self._potential = self.potential()
         return obs, info
 
     def step(self, action):
         base = self.env.unwrapped
-        before = self.potential()
+        before = self._potential
         t = base.unit_index
         obs, _, terminated, truncated, info = self.env.step(action)
         if t < base.n_units:
             self._error_spent += float(self._prices.error[t, info["action"]])
-        shaping = self.config.gamma * self.potential() - before
+        self._potential = self.potential()
+        shaping = self.config.gamma * self._potential - before
         self._shaping += shaping
         reward = shaping
         if terminated:
