@@ -41,7 +41,8 @@ from windquant_gym.eval.perplexity import mean_nll
 from windquant_gym.problem import _cached_calibration
 from windquant_gym.quant import BIT_WIDTHS, borrowed_weights
 from windquant_gym.quant.quantizers import fake_quantize, initial_scale, int8_outliers, protect_salient, to_fp16_scale
-from windquant_gym.quant.table import build_table
+from windquant_gym.envs.windquant import quant_config_from_kwargs
+from windquant_gym.quant.build import build_table
 from windquant_gym.quant.units import find_units
 
 
@@ -159,13 +160,14 @@ def main(args: Args) -> Dict[str, float]:
     torch.manual_seed(args.seed)
     env_kwargs = load_hyperparams(args.preset)["env_kwargs"]
     model, tokenizer = wq.load_model(args.model)
-    config = wq.QuantConfig(chunk_size=env_kwargs["chunk_size"], salient_rate=env_kwargs["salient_rate"])
+    config = quant_config_from_kwargs(env_kwargs["chunk_size"], env_kwargs["salient_rate"], env_kwargs.get("quant_config"))
     blocks = sample_token_blocks(wq.load_texts("wiki-sample"), tokenizer, env_kwargs["n_calibration_samples"],
                                  env_kwargs["calibration_seq_len"], args.seed)
     units = find_units(model, config.chunk_size)
     calibration = _cached_calibration(model, units, blocks, 8, True, False)
     started = time.perf_counter()
-    table = build_table(model, calibration.act_scales, config, cache=args.cached_table, progress=True)
+    table = build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=args.cached_table,
+                        progress=True)
     table_seconds = time.perf_counter() - started
     problem = wq.QuantProblem(model, tokenizer, units, blocks, calibration, table,
                               proxy_dtype=env_kwargs.get("proxy_dtype", "float32"))

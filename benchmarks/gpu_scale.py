@@ -29,7 +29,7 @@ import torch
 
 import windquant_gym as wq
 from windquant_gym.problem import _cached_calibration
-from windquant_gym.quant.table import build_table
+from windquant_gym.quant.build import build_table
 from windquant_gym.quant.units import find_units
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -95,7 +95,7 @@ def run(size: str, episodes: int, paper_episodes: int, stream: bool | None, devi
     sync(device)
     print(f"calibration (64 x 256): {time.perf_counter() - t:.1f} s, {len(units)} units")
     t = time.perf_counter()
-    table = build_table(model, calibration.act_scales, config, cache=False, progress=True,
+    table = build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=False, progress=True,
                         storage_device="cpu" if stream else None)
     sync(device)
     table_seconds = time.perf_counter() - t

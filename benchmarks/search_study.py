@@ -96,7 +96,7 @@ def run(args) -> None:
                     print(f"target {target}: knapsack proxy {start_row['proxy_ppl']:.2f}, held-out {start_row['heldout_ppl']:.2f}")
                 fitness = ProxyFitness(problem, fitness_name, other)
                 config = SearchConfig(evaluations=budgets[-1], fitness=fitness_name)
-                result = evolve(start, fitness, env.table.effective_bits, env.rule_mask, env.budget_bits, config,
+                result = evolve(start, fitness, env.table.unit_effective_bits, env.rule_mask, env.budget_bits, config,
                                 seed=seed, stored=env.table.stored_action, snapshot_at=budgets[:-1], progress=True)
                 marks = {**result.snapshots, budgets[-1]: {"plan": result.plan, "fitness": result.fitness,
                                                            "evaluations": result.evaluations, "seconds": result.seconds}}

@@ -2,6 +2,7 @@
 vs storage bits, fallbacks. The engine's sanity sheet (issue 2's closing note).
 
     python benchmarks/uniform_plans.py --model smollm2-135m --salient-rates 0.03 0
+    python benchmarks/uniform_plans.py --salient-rates 0.03 --compensation none gptq   # issue 13
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=96, help="held-out windows, spread over the whole eval split")
     parser.add_argument("--no-cache", action="store_true", help="rebuild tables (to time them)")
+    parser.add_argument("--compensation", nargs="+", default=["gptq"], choices=["none", "gptq"],
+                        help="QuantConfig.compensation of each table ('none': the paper's fit)")
     args = parser.parse_args()
 
     model, tokenizer = wq.load_model(args.model)
@@ -31,12 +34,12 @@ def main() -> None:
     print(f"model {args.model}, chunk {args.chunk_size}, proxy {args.n_samples}x{args.seq_len}, "
           f"held-out {len(held_out)}x{args.seq_len} tokens of the wiki-sample eval split")
     fp_heldout = None
-    for rate in args.salient_rates:
-        config = wq.QuantConfig(chunk_size=args.chunk_size, salient_rate=rate)
+    for rate, compensation in ((r, c) for r in args.salient_rates for c in args.compensation):
+        config = wq.QuantConfig(chunk_size=args.chunk_size, salient_rate=rate, compensation=compensation)
         started = time.perf_counter()
         problem = wq.QuantProblem.build(model, tokenizer, "wiki-sample", config, n_samples=args.n_samples,
                                         seq_len=args.seq_len, cache=not args.no_cache, progress=False)
-        print(f"\nsalient_rate {rate}: {len(problem.units)} units, prepare {time.perf_counter() - started:.1f} s "
+        print(f"\nsalient_rate {rate}, compensation {compensation}: {len(problem.units)} units, prepare {time.perf_counter() - started:.1f} s "
               f"(table build {problem.table.build_seconds:.1f} s), proxy PPL of the unquantized model {problem.baseline_ppl:.2f}")
         if fp_heldout is None:
             fp_heldout = wq.perplexity(model, held_out)

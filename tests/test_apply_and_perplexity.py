@@ -144,7 +144,7 @@ def test_streamed_restores_after_an_exception_mid_forward(tiny_problem):
 
 def test_table_kept_in_host_memory_assembles_the_same(tiny_problem, tmp_path):
     table = wq.build_table(tiny_problem.model, tiny_problem.calibration.act_scales, tiny_problem.table.config,
-                           cache=False, progress=False, storage_device="cpu")
+                           hessians=tiny_problem.calibration.hessians, cache=False, progress=False, storage_device="cpu")
     plan = [3] * len(tiny_problem.units)
     name = tiny_problem.table.units[0].module
     original = tiny_problem.model.get_submodule(name).weight.data

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 import windquant_gym as wq
+from _helpers import random_hessians
 import windquant_gym.problem as problem_module
-import windquant_gym.quant.table as table_module
+import windquant_gym.quant.build as table_module
 from windquant_gym.agents import load_hyperparams
 from windquant_gym.plan import QuantPlan
 
@@ -39,7 +40,7 @@ def ones_scales(model, chunk_size: int = 64):
 
 def uncached_table(model, scales=None, config=wq.QuantConfig(chunk_size=64)):
     return wq.build_table(model, ones_scales(model, config.chunk_size) if scales is None else scales, config,
-                          cache=False, progress=False)
+                          hessians=random_hessians(model, config.chunk_size), cache=False, progress=False)
 
 
 @pytest.fixture

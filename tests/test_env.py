@@ -162,7 +162,7 @@ def test_terminal_info_and_lagrange_update(env):
     assert set(terms) >= {"gain", "quality_penalty", "budget_penalty", "ppl_penalty", "skip_penalty", "quality_bonus", "total"}
     base = env.unwrapped
     last, action = base.n_units - 1, info["plan"][-1]
-    unit_bits = base.table.effective_bits[last, action] / base.table.n_weights[last]
+    unit_bits = base.table.unit_effective_bits[last, action] / base.table.n_weights[last]
     shaping = step_reward(base.reward_config, unit_bits, 2.0, info["stored_plan"][-1] == 0, base.n_units)
     assert rewards[-1] == pytest.approx(terms["total"] + shaping)
     assert terms["total"] == pytest.approx(

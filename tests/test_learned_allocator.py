@@ -45,7 +45,7 @@ def test_action_cost_features_equal_the_tables_values_at_every_step(tiny_problem
     error = table.module_normalized_error()
     log_error = np.log(np.maximum(error, ERROR_FLOOR))
     log_error = (log_error - log_error.mean()) / log_error.std()
-    bits = table.effective_bits / table.n_weights[:, None]
+    bits = table.unit_effective_bits / table.n_weights[:, None]
     prices = base.budget_price()
     rng = np.random.default_rng(0)
     obs, _ = env.reset()
@@ -58,14 +58,14 @@ def test_action_cost_features_equal_the_tables_values_at_every_step(tiny_problem
         # the price: the least grid price at which the remaining units' rule choices fit
         price = prices.price(t, remaining)
         k = int(np.flatnonzero(prices.prices == price)[0])
-        spend = lambda lam: sum(table.effective_bits[i, np.argmin(np.where(base.rule_mask[i], error[i] + lam * table.effective_bits[i], np.inf))]
+        spend = lambda lam: sum(table.unit_effective_bits[i, np.argmin(np.where(base.rule_mask[i], error[i] + lam * table.unit_effective_bits[i], np.inf))]
                                 for i in range(t, base.n_units))
         assert spend(price) <= remaining * (1 + 1e-9) or k == len(prices.prices) - 2
         if k > 0:
             assert spend(prices.prices[k - 1]) > remaining
         # the gap is 0 at the rule's action, in bits per weight elsewhere, capped for forbidden actions
         lam = max(price, prices.lowest_price)
-        score = np.where(base.rule_mask[t], error[t] / lam + table.effective_bits[t], np.inf)
+        score = np.where(base.rule_mask[t], error[t] / lam + table.unit_effective_bits[t], np.inf)
         expected = np.minimum((score - score.min()) / table.n_weights[t], GAP_CAP_BITS) / GAP_CAP_BITS
         np.testing.assert_allclose(obs[29:36], expected, rtol=1e-5, atol=1e-6)
         assert obs[38] == pytest.approx(unit.layer / (n_layers - 1))
@@ -256,9 +256,9 @@ def test_lagrange_rule_meets_the_budget_and_nearly_matches_the_knapsack(tiny_pro
     rows = np.arange(env.n_units)
     for target in (2.0, 2.5, 3.0):
         env.set_target_bits(target)
-        rule = lagrange_rule_plan(table.effective_bits, error, env.rule_mask, env.budget_bits)
-        exact = solve_knapsack(table.effective_bits, error, env.rule_mask, env.budget_bits)
-        assert table.effective_bits[rows, rule].sum() <= env.budget_bits * (1 + 1e-12)
+        rule = lagrange_rule_plan(table.unit_effective_bits, error, env.rule_mask, env.budget_bits)
+        exact = solve_knapsack(table.unit_effective_bits, error, env.rule_mask, env.budget_bits)
+        assert table.unit_effective_bits[rows, rule].sum() <= env.budget_bits * (1 + 1e-12)
         assert env.rule_mask[rows, rule].all()
         assert error[rows, rule].sum() <= 1.05 * error[rows, exact].sum()
 

@@ -48,7 +48,8 @@ def make_table(units):
     return QuantTable(
         units=units, config=wq.QuantConfig(chunk_size=CHUNK), fingerprint="fake-table", codes={}, scales={},
         outlier_index={}, outlier_codes={}, outlier_scales={}, n_weights=n_weights, n_protected=n_protected,
-        fit_error_plain=zeros, fit_error_act=zeros, energy_plain=ones, energy_act=ones, stored_action=stored,
+        fit_error_plain=zeros, fit_error_act=zeros, fit_error_output=zeros, energy_plain=ones, energy_act=ones,
+        energy_output=ones, stored_action=stored,
     )
 
 

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import windquant_gym as wq
+from _helpers import random_hessians
 from windquant_gym.quant.accounting import effective_bits, n_protected, storage_bits, unit_bit_tables
 from windquant_gym.quant.bitwidths import ACTION_BITS, BIT_WIDTHS, N_ACTIONS, SKIP_ACTION
 from windquant_gym.quant.quantizers import (
@@ -301,7 +302,7 @@ def test_table_is_finite_and_its_bits_are_consistent(model, chunk_size, rate, da
     units = wq.find_units(model, chunk_size)
     scales = {u.module: torch.rand(u.in_features, generator=torch.Generator().manual_seed(1)) + 0.1 for u in units}
     config = wq.QuantConfig(chunk_size=chunk_size, salient_rate=rate, fit_steps=2)
-    table = wq.build_table(model, scales, config, cache=False, progress=False)
+    table = wq.build_table(model, scales, config, hessians=random_hessians(model, chunk_size), cache=False, progress=False)
     n = len(units)
 
     # Stored codes and scales are in range for every action; outliers are finite.
@@ -323,11 +324,12 @@ def test_table_is_finite_and_its_bits_are_consistent(model, chunk_size, rate, da
     assert np.all(table.stored_action <= np.arange(N_ACTIONS)[None, :])
     assert np.all(np.diff(table.stored_action, axis=1) >= 0)
     assert np.all(np.isfinite(table.fit_error_plain)) and np.all(np.isfinite(table.fit_error_act))
+    assert np.all(np.isfinite(table.fit_error_output)) and np.all(table.fit_error_output >= 0)
 
     # Bits: storage >= effective; per weight, requesting fewer bits never costs more.
-    effective = table.effective_bits / table.n_weights[:, None]
-    storage = table.storage_bits / table.n_weights[:, None]
-    assert np.all(table.effective_bits <= table.storage_bits + 1e-9)
+    effective = table.unit_effective_bits / table.n_weights[:, None]
+    storage = table.unit_storage_bits / table.n_weights[:, None]
+    assert np.all(table.unit_effective_bits <= table.unit_storage_bits + 1e-9)
     assert np.all(np.diff(effective, axis=1) <= 1e-9)
     # Storage is monotone among quantized actions (and from skip, since fallback can store
     # skip for a quantized request; see test_unit_bits_invariants for narrow chunks).

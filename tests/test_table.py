@@ -5,20 +5,21 @@ import pytest
 import torch
 
 import windquant_gym as wq
-from windquant_gym.quant import table as table_module
+from windquant_gym.quant import build as table_module
 from windquant_gym.quant.bitwidths import N_ACTIONS
+from _helpers import random_hessians
 
 
 def test_table_shapes_bits_and_errors(tiny_problem):
     table = tiny_problem.table
     n = len(table.units)
-    assert table.effective_bits.shape == table.storage_bits.shape == (n, N_ACTIONS)
+    assert table.unit_effective_bits.shape == table.unit_storage_bits.shape == (n, N_ACTIONS)
     # Lower precision, fewer bits, larger error (on average over units).
-    mean_bits = table.effective_bits.sum(0) / table.n_weights.sum()
+    mean_bits = table.unit_effective_bits.sum(0) / table.n_weights.sum()
     assert np.all(np.diff(mean_bits) < 0)
     errors = table.fit_rel_error.mean(0)
     assert np.all(np.diff(errors) > 0)
-    assert np.all(table.storage_bits[:, 1:] > table.effective_bits[:, 1:])
+    assert np.all(table.unit_storage_bits[:, 1:] > table.unit_effective_bits[:, 1:])
     assert table.n_protected.sum() > 0
 
 
@@ -58,15 +59,16 @@ def test_cache_round_trips_and_second_build_loads(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
     units = wq.find_units(model, 64)
     scales = {u.module: torch.rand(u.in_features) + 0.5 for u in units}
+    hessians = random_hessians(model, 64)
     config = wq.QuantConfig(chunk_size=64, fit_steps=2)
-    first = wq.build_table(model, scales, config, cache=tmp_path, progress=False)
+    first = wq.build_table(model, scales, config, hessians=hessians, cache=tmp_path, progress=False)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
 
     def refuse(*args, **kwargs):
         raise AssertionError("the cached table should have been loaded")
 
     monkeypatch.setattr(table_module, "_fit_all", refuse)
-    second = wq.build_table(model, scales, config, cache=tmp_path, progress=False)
+    second = wq.build_table(model, scales, config, hessians=hessians, cache=tmp_path, progress=False)
     assert second.fingerprint == first.fingerprint and second.config == first.config
     assert second.units == first.units
     for name in first.codes:
@@ -75,14 +77,16 @@ def test_cache_round_trips_and_second_build_loads(tiny, tmp_path, monkeypatch):
         assert torch.equal(first.outlier_index[name], second.outlier_index[name])
         assert torch.equal(first.outlier_codes[name], second.outlier_codes[name])
         assert torch.equal(first.outlier_scales[name], second.outlier_scales[name])
-    np.testing.assert_array_equal(first.fit_error_act, second.fit_error_act)
-    np.testing.assert_array_equal(first.stored_action, second.stored_action)
-    # A different config or different scales is a different table.
+    for name in ("fit_error_plain", "fit_error_act", "fit_error_output", "energy_output", "stored_action"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+    # A different config, different scales or different Hessians is a different table.
     with pytest.raises(AssertionError, match="cached table"):
-        wq.build_table(model, scales, wq.QuantConfig(chunk_size=64, fit_steps=3), cache=tmp_path, progress=False)
+        wq.build_table(model, scales, wq.QuantConfig(chunk_size=64, fit_steps=3), hessians=hessians, cache=tmp_path, progress=False)
+    with pytest.raises(AssertionError, match="cached table"):
+        wq.build_table(model, scales, config, hessians=random_hessians(model, 64, seed=1), cache=tmp_path, progress=False)
     scales[units[0].module] = scales[units[0].module] * 2
     with pytest.raises(AssertionError, match="cached table"):
-        wq.build_table(model, scales, config, cache=tmp_path, progress=False)
+        wq.build_table(model, scales, config, hessians=hessians, cache=tmp_path, progress=False)
 
 
 def test_fallback_takes_next_higher_precision_and_is_recorded(tiny):
@@ -90,7 +94,8 @@ def test_fallback_takes_next_higher_precision_and_is_recorded(tiny):
     units = wq.find_units(model, 64)
     scales = {u.module: torch.ones(u.in_features) for u in units}
     strict = (math.inf, 1.0, 1.0, 1.0, 1e-9, 1e-9, 1.0)  # 2 and 1.58 bit always fail
-    table = wq.build_table(model, scales, wq.QuantConfig(chunk_size=64, fallback_thresholds=strict), cache=False, progress=False)
+    table = wq.build_table(model, scales, wq.QuantConfig(chunk_size=64, fallback_thresholds=strict),
+                           hessians=random_hessians(model, 64), cache=False, progress=False)
     assert (table.stored_action[:, 4] == 3).all()  # 2 bit -> 3 bit
     assert (table.stored_action[:, 5] == 3).all()  # 1.58 -> 2 (fails) -> 3 bit
     assert (table.stored_action[:, 6] == 6).all()

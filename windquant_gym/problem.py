@@ -3,6 +3,7 @@ everything an episode (or any allocator) needs, prepared once and cached on disk
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 import time
@@ -23,26 +24,41 @@ from .fingerprint import tensors_fingerprint
 from .paths import cache_dir
 from .quant.apply import WeightAssembler, quantized_weights, streamed_quantized_weights
 from .quant.config import QuantConfig
-from .quant.table import QuantTable, build_table
+from .quant.build import build_table
+from .quant.table import QuantTable
 from .quant.units import Unit, check_weights, find_units, module_names
 
 
 def _cached_calibration(model, units, blocks, batch_size, cache, progress) -> Calibration:
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     names = module_names(units)
-    key = tensors_fingerprint([(n, model.get_submodule(n).weight) for n in names] + [("blocks", blocks)], "calibration-1")
+    widths = ",".join(str(u.width) for u in units)  # the Hessian blocks follow the chunking
+    key = tensors_fingerprint([(n, model.get_submodule(n).weight) for n in names] + [("blocks", blocks)],
+                              "calibration-2", widths)
     path = (cache_dir("calibration") if cache is True else Path(cache)) / f"{key}.safetensors" if cache else None
     if path is not None and path.exists():
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata()
-        return Calibration(load_file(str(path)), float(meta["nll"]), int(meta["n_tokens"]))
+        tensors = load_file(str(path))
+        scales = {k[len("scale:"):]: v for k, v in tensors.items() if k.startswith("scale:")}
+        owners = json.loads(meta["hessian_owners"])
+        hessians = {name: tensors[f"hessian:{owner}"] for name, owner in owners.items()}
+        return Calibration(scales, float(meta["nll"]), int(meta["n_tokens"]), hessians, json.loads(meta["chunk_size"]))
     result = calibrate(model, units, blocks, batch_size=batch_size, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in result.act_scales.items()}, str(path),
-                  metadata={"nll": repr(result.nll), "n_tokens": str(result.n_tokens)})
+        # modules reading one input share one Hessian tensor: store it once, under its first reader
+        owners, first = {}, {}
+        for name, hessian in result.hessians.items():
+            owners[name] = first.setdefault(id(hessian), name)
+        tensors = {f"scale:{k}": v.contiguous() for k, v in result.act_scales.items()}
+        tensors.update({f"hessian:{owner}": result.hessians[owner].contiguous() for owner in set(owners.values())})
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"nll": repr(result.nll), "n_tokens": str(result.n_tokens),
+                                              "hessian_owners": json.dumps(owners), "chunk_size": json.dumps(result.chunk_size)})
+        tmp.replace(path)  # atomic: a crash mid-write never leaves a half file behind
     return result
 
 
@@ -196,7 +212,7 @@ class QuantProblem:
         documents = load_texts(texts, split="calibration") if isinstance(texts, (str, Path)) else texts
         blocks = sample_token_blocks(documents, tokenizer, spec.n_samples, spec.seq_len, spec.seed)
         calibration = _cached_calibration(model, units, blocks, batch_size, cache, progress)
-        table = build_table(model, calibration.act_scales, config, cache=cache, progress=progress, storage_device=table_device)
+        table = build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=cache, progress=progress, storage_device=table_device)
         return cls(model, tokenizer, units, blocks, calibration, table, batch_size, stream, proxy_dtype, spec)
 
     @property

@@ -91,7 +91,7 @@ class HeuristicAllocator(PlannedAllocator):
         order = np.argsort(-saliency, kind="stable")  # most salient first
         plan = np.full(len(env.units), action_index(2))
         plan = np.where(rules[:, action_index(2)], plan, 0)  # a rule above 2 bit: keep FP16
-        cost = table.effective_bits
+        cost = table.unit_effective_bits
         rows = np.arange(len(plan))
         spent = cost[rows, plan].sum()
         for target in (action_index(1.58), action_index(1)):
@@ -116,9 +116,9 @@ class KnapsackAllocator(PlannedAllocator):
     and llama.cpp's target-bpw mixes: an exact (to ``resolution``) multiple-choice knapsack
     over the table's per-unit costs and errors.
 
-    ``error="normalized"`` (default): activation-weighted error over the module's
-    full-precision energy, comparable across layers. ``error="raw"``: the activation-
-    weighted error as is (measured worse: late layers' large activations dominate it)."""
+    ``error="normalized"`` (default): the table's error (``QuantConfig.error_metric``) over
+    the module's full-precision energy, comparable across layers. ``error="raw"``: the
+    error as is (measured worse: late layers' large activations dominate it)."""
 
     exact = True  # the knapsack's plan fits the budget (costs are rounded up)
 
@@ -134,9 +134,8 @@ class KnapsackAllocator(PlannedAllocator):
         if self.error == "normalized":
             error = table.module_normalized_error()
         else:
-            rows = np.arange(len(table.units))[:, None]
-            error = table.fit_error_act[rows, table.stored_action]
-        return solve_knapsack(table.effective_bits, error, env.rule_mask, env.budget_bits, self.resolution)
+            error = table.stored_error()
+        return solve_knapsack(table.unit_effective_bits, error, env.rule_mask, env.budget_bits, self.resolution)
 
 
 def _unit_saliency(env, unit) -> float:

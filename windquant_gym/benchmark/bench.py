@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hqq", action="store_true", help="add HQQ uniform rows (pip install hqq)")
     parser.add_argument("--hqq-settings", nargs="+", metavar="BITS:GROUP",
                         help="HQQ settings, e.g. 4:64 3:64 2:64 (default: 4:64 4:128 3:64 3:128 2:32 2:64)")
+    parser.add_argument("--gptq", action="store_true",
+                        help="add GPTQ uniform rows (llm-compressor, calibrated on the proxy's blocks; "
+                             "pip install llmcompressor)")
+    parser.add_argument("--gptq-settings", nargs="+", metavar="BITS:GROUP",
+                        help="GPTQ settings, e.g. 3:64 2:64 (default: 3:64 2:64); the group must divide every decoder "
+                             "Linear's in_features (not 128 on SmolLM2)")
     parser.add_argument("--zero-shot", nargs="+", metavar="TASK", default=None,
                         help="lm-eval task names: add each task's main metric as a column, for the unquantized row and "
                              "every plan (HQQ rows: '-'); needs pip install -e \".[zeroshot]\" and the tasks' data present locally")
@@ -147,6 +153,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         require_lm_eval()  # fail before the env is built when lm-eval is missing
     elif args.task_dir or args.zero_shot_limit is not None:
         raise ConfigError("--task-dir and --zero-shot-limit go with --zero-shot TASK [TASK ...].")
+    if args.gptq:
+        from .gptq_peer import require_llmcompressor
+
+        require_llmcompressor()  # fail before the env is built when llm-compressor is missing
     hp = load_hyperparams(args.preset)
     env_kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
     seed = args.seed if args.seed is not None else int(hp["env_kwargs"].get("seed", 0))
@@ -221,6 +231,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         settings = [tuple(int(x) for x in s.split(":")) for s in args.hqq_settings] if args.hqq_settings else None
         for row in hqq_rows(problem.model, problem.blocks, held_out, **({"settings": settings} if settings else {})):
+            rows.append({"target_bits": None, "evaluations": None, **row})
+    if args.gptq:
+        from .gptq_peer import gptq_rows
+
+        settings = [tuple(int(x) for x in s.split(":")) for s in args.gptq_settings] if args.gptq_settings else None
+        for row in gptq_rows(problem.model, problem.blocks, held_out, **({"settings": settings} if settings else {})):
             rows.append({"target_bits": None, "evaluations": None, **row})
     meta = {"model": args.model, "preset": args.preset, "env_kwargs": env_kwargs, "proxy_dtype": problem.proxy_dtype,
             "proxy_metric": env.unwrapped.proxy_metric, "calibration_seed": seed, "search_seeds": args.search_seeds,

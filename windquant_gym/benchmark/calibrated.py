@@ -91,7 +91,7 @@ class CalibratedKnapsack(PlannedAllocator):
         if scales is None:
             raise ConfigError("CalibratedKnapsack has no scales yet: call calibrate(env) (or begin_episode) first.")
         budget = target_bits * float(env.table.n_weights.sum())
-        return lagrange_rule_plan(env.table.effective_bits, self._scaled_error(env, scales), env.rule_mask, budget)
+        return lagrange_rule_plan(env.table.unit_effective_bits, self._scaled_error(env, scales), env.rule_mask, budget)
 
     def calibrate(self, env) -> Tuple[Dict[str, float], float]:
         """Choose the scales on the proxy; returns them and their proxy NLL."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import gc
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -145,10 +145,24 @@ def hqq_rows(
     Each quantized copy is freed before the next; ``model`` is left unchanged.
     """
     _hqq()
+    return peer_rows("HQQ", hqq_quantize, model, proxy_blocks, heldout_blocks, settings, **perplexity_kwargs)
+
+
+def peer_rows(
+    library: str,
+    quantize: Callable[..., Tuple[nn.Module, Dict[str, float]]],
+    model: nn.Module,
+    proxy_blocks: torch.Tensor,
+    heldout_blocks: torch.Tensor,
+    settings: Sequence[Tuple[int, int]],
+    **perplexity_kwargs,
+) -> List[Dict[str, object]]:
+    """One row per ``(nbits, group_size)``: ``quantize(model, nbits, group_size)`` returns a
+    quantized copy and its bits; the copy is evaluated on both token sets and freed."""
     rows: List[Dict[str, object]] = []
     for nbits, group_size in settings:
         start = time.perf_counter()
-        quantized, bits = hqq_quantize(model, nbits, group_size)
+        quantized, bits = quantize(model, nbits, group_size)
         proxy = perplexity(quantized, proxy_blocks, **perplexity_kwargs)
         heldout = perplexity(quantized, heldout_blocks, **perplexity_kwargs)
         seconds = time.perf_counter() - start
@@ -156,7 +170,7 @@ def hqq_rows(
         gc.collect()
         rows.append(
             {
-                "allocator": f"HQQ {nbits}b g{group_size}",
+                "allocator": f"{library} {nbits}b g{group_size}",
                 "effective_bits": bits["effective_bits"],
                 "storage_bits": bits["storage_bits"],
                 "proxy_ppl": proxy,

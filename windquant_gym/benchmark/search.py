@@ -415,7 +415,7 @@ class SearchAllocator(PlannedAllocator):
         problem = env.problem
         fitness = ProxyFitness(problem, self.config.fitness, self.blocks)
         self.result = evolve(
-            self.start_plan(env), fitness, env.table.effective_bits, env.rule_mask, env.budget_bits, self.config,
+            self.start_plan(env), fitness, env.table.unit_effective_bits, env.rule_mask, env.budget_bits, self.config,
             seed=self.seed, stored=env.table.stored_action, snapshot_at=self.snapshot_at, progress=self.progress,
         )
         self.evaluations = self.result.evaluations

@@ -100,7 +100,7 @@ class ActionCostObservation(gym.ObservationWrapper, gym.utils.RecordConstructorA
         self._prices = base.budget_price()
         table, units = base.table, base.units
         n_weights = table.n_weights.astype(np.float64)
-        self._bits = table.effective_bits / n_weights[:, None]
+        self._bits = table.unit_effective_bits / n_weights[:, None]
         self._n = n_weights
         log_error = np.log(np.maximum(self._prices.error, ERROR_FLOOR))
         self._static_shift = np.zeros(15)

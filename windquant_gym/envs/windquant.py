@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -38,6 +38,23 @@ def _checked_target(target_bits) -> float:
     if not 1.0 <= target <= 16.0:
         raise ConfigError(f"target_bits must lie in [1, 16] bits per weight, got {target_bits!r}; e.g. target_bits=2.0.")
     return target
+
+
+def quant_config_from_kwargs(
+    chunk_size: int = 256, salient_rate: float = 0.03, quant_config: Optional[QuantConfig | Mapping[str, Any]] = None
+) -> QuantConfig:
+    """The env's :class:`QuantConfig` from its kwargs: ``quant_config`` as given, or a dict of
+    its fields (a preset's YAML) read over ``chunk_size`` and ``salient_rate``."""
+    if isinstance(quant_config, QuantConfig):
+        return quant_config
+    if quant_config is None:
+        return QuantConfig(chunk_size=chunk_size, salient_rate=salient_rate)
+    if isinstance(quant_config, Mapping):
+        return QuantConfig.from_dict({"chunk_size": chunk_size, "salient_rate": salient_rate, **quant_config})
+    raise ConfigError(
+        f"quant_config must be a QuantConfig or a dict of its fields, got {type(quant_config).__name__}; "
+        "e.g. quant_config={'compensation': 'none'}."
+    )
 
 
 class WindQuantEnv(gym.Env):
@@ -112,8 +129,9 @@ class WindQuantEnv(gym.Env):
       ``load_model`` (``"smollm2-135m"``, ``"tiny-llama"``, a local folder, a hub id). A
       module is borrowed: its weights are back, bit for bit, after every episode.
     * ``calibration``: corpus name/path for ``load_texts`` or a list of strings.
-    * ``quant_config``: a full :class:`QuantConfig`; when given it overrides
-      ``chunk_size`` and ``salient_rate``.
+    * ``quant_config``: a full :class:`QuantConfig`, which then overrides ``chunk_size`` and
+      ``salient_rate``; or a dict of some of its fields (a preset's YAML), read over them,
+      e.g. ``{"compensation": "none", "error_metric": "activation"}`` for the paper's fit.
     * ``problem``: a prepared :class:`QuantProblem` to share between envs.
     * ``proxy_dtype``: precision of the proxy pass, ``"float32"`` (default) or
       ``"bfloat16"`` (bf16 autocast: 1.4x faster on a CPU with avx512_bf16; the proxy PPL
@@ -140,6 +158,14 @@ class WindQuantEnv(gym.Env):
       dense part), both used by the ``cpu`` training preset; read-only accessors
       ``unit_index``, ``bits_spent``, ``remaining_bits``, ``remaining_weights``,
       ``unit_statistics`` and ``budget_price()`` for them.
+      The default :class:`QuantConfig` became version 2 (issue 13): chunk-local error
+      compensation (GPTQ) chooses the codes of every quantized copy and the table's error is
+      the output error on the calibration tokens. An action still means the same bit width,
+      and eq. 5 the same reward, but the same plan now gets better weights, so its proxy loss
+      and reward differ from before: ``quant_config={"compensation": "none", "error_metric":
+      "activation"}`` rebuilds the earlier table exactly. Plan files carry their quant config
+      and table fingerprint, so a plan made on the earlier table is refused on the new one
+      with an error that names the difference, never silently re-scored.
     """
 
     metadata = {"render_modes": []}
@@ -157,7 +183,7 @@ class WindQuantEnv(gym.Env):
         device: str = "auto",
         reward_config: Optional[RewardConfig] = None,
         precision_rules: Optional[PrecisionRules] = None,
-        quant_config: Optional[QuantConfig] = None,
+        quant_config: Optional[QuantConfig | Mapping[str, Any]] = None,
         seed: int = 0,
         cache: bool | str = True,
         progress: bool = True,
@@ -185,7 +211,7 @@ class WindQuantEnv(gym.Env):
                     f"WindQuant-v0 got a model module ({type(model).__name__}) but no tokenizer: pass tokenizer=... (the one that goes "
                     "with the model), or pass the model by name, e.g. model='smollm2-135m'."
                 )
-            config = quant_config or QuantConfig(chunk_size=chunk_size, salient_rate=salient_rate)
+            config = quant_config_from_kwargs(chunk_size, salient_rate, quant_config)
             problem = QuantProblem.build(
                 model, tokenizer, calibration, config, n_samples=n_calibration_samples,
                 seq_len=calibration_seq_len, seed=seed, cache=cache, progress=progress,
@@ -204,7 +230,7 @@ class WindQuantEnv(gym.Env):
         self.n_units = len(self.units)
 
         self._static = unit_features(problem.model, self.units, problem.calibration.act_scales)
-        self._cost = self.table.effective_bits  # [N, 7] bits of each unit per requested action
+        self._cost = self.table.unit_effective_bits  # [N, 7] bits of each unit per requested action
         self._n = self.table.n_weights.astype(np.float64)
         self._total = float(self._n.sum())
         self._remaining_weights = np.concatenate([np.cumsum(self._n[::-1])[::-1], [0.0]])

@@ -2,7 +2,8 @@ from .accounting import effective_bits, n_protected, storage_bits
 from .apply import WeightAssembler, borrowed_weights, quantized_weights
 from .bitwidths import ACTION_BITS, BIT_WIDTHS, N_ACTIONS, SKIP_ACTION, action_index
 from .config import QuantConfig
-from .table import QuantTable, build_table
+from .build import build_table
+from .table import QuantTable
 from .units import Unit, find_decoder_layers, find_units
 
 __all__ = [

@@ -19,6 +19,13 @@ from .units import positive_int
 DEFAULT_FALLBACK_THRESHOLDS: Tuple[float, ...] = (math.inf, 0.01, 0.08, 0.25, 0.6, 0.8, 1.0)
 
 _LOSSES = ("activation", "plain")
+#: How codes are chosen once the scales are fitted (see :mod:`windquant_gym.quant.fitting`).
+COMPENSATIONS = ("none", "gptq")
+#: Which error of a unit the allocators and the env's features read (``QuantTable.rel_error``).
+ERROR_METRICS = ("activation", "output")
+#: Version 1 configs (before ``compensation``/``damping``/``error_metric``) meant these.
+_VERSION_1 = {"compensation": "none", "damping": 0.01, "error_metric": "activation"}
+CONFIG_VERSION = 2
 
 
 def _real(value) -> "float | None":
@@ -48,8 +55,19 @@ class QuantConfig:
     fallback_thresholds: Tuple[float, ...] = DEFAULT_FALLBACK_THRESHOLDS
     """Per action index: relative error (in ``fit_loss``'s metric) above which the unit takes
     the next higher precision. Index 0 (skip) must be inf."""
-    version: int = 1
-    """Bumped when what the table holds for the same fields changes."""
+    compensation: str = "gptq"
+    """'gptq': each column's rounding error is compensated on the unit's later columns through
+    the inverse of the unit's block of the calibration Hessian (GPTQ, in activation order;
+    units stay independent). 'none': every weight rounded on its own (the paper)."""
+    damping: float = 0.01
+    """GPTQ's damping: ``H + damping * mean(diag H) * I`` before inverting."""
+    error_metric: str = "output"
+    """The unit error allocators and features read: 'output', ``mean_t ||(W - Q) x_t||^2`` on the
+    calibration tokens (what compensation minimises); 'activation', ``||(W - Q) diag(s)||^2``
+    with ``s = mean |x|`` (AWQ-style; the paper-era metric)."""
+    version: int = CONFIG_VERSION
+    """Bumped when what the table holds for the same fields changes (2: compensation,
+    damping, error_metric; a version-1 dict reads as compensation 'none', metric 'activation')."""
 
     def __post_init__(self) -> None:
         chunk_size = positive_int(self.chunk_size, "chunk_size", "the paper uses 256")
@@ -65,6 +83,20 @@ class QuantConfig:
             raise ConfigError(f"fit_lr must be a positive finite number, got {self.fit_lr!r}; the default is 0.1.")
         if self.fit_loss not in _LOSSES:
             raise ConfigError(f"fit_loss must be one of {_LOSSES}, got {self.fit_loss!r}.")
+        if self.compensation not in COMPENSATIONS:
+            raise ConfigError(
+                f"compensation must be one of {COMPENSATIONS}, got {self.compensation!r}; 'none' is the paper's fit."
+            )
+        damping = _real(self.damping)
+        if damping is None or not (0.0 < damping < math.inf):
+            raise ConfigError(f"damping must be a positive finite number, got {self.damping!r}; GPTQ uses 0.01.")
+        if self.error_metric not in ERROR_METRICS:
+            raise ConfigError(f"error_metric must be one of {ERROR_METRICS}, got {self.error_metric!r}.")
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(
+                f"QuantConfig version must be {CONFIG_VERSION}, got {self.version!r}; build configs from their "
+                "fields, or read saved ones with QuantConfig.from_dict (it upgrades version 1)."
+            )
         try:
             thresholds = tuple(float(t) for t in self.fallback_thresholds)
         except (TypeError, ValueError):
@@ -81,6 +113,7 @@ class QuantConfig:
         object.__setattr__(self, "chunk_size", chunk_size)
         object.__setattr__(self, "fallback_thresholds", thresholds)
         object.__setattr__(self, "salient_rate", salient_rate)
+        object.__setattr__(self, "damping", damping)
 
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)
@@ -98,8 +131,18 @@ class QuantConfig:
         if unknown:
             raise ConfigError(f"Unknown QuantConfig fields {sorted(unknown)}; known fields are {sorted(known)}.")
         data = dict(data)
-        if data.get("version", 1) != 1:
-            raise ConfigError(f"QuantConfig version {data['version']} is newer than this windquant_gym understands (1).")
+        # Saved configs always carry their version; a dict without one (a preset's YAML) is current.
+        version = data.get("version", CONFIG_VERSION)
+        if version not in (1, CONFIG_VERSION):
+            raise ConfigError(
+                f"QuantConfig version {version!r} is not one this windquant_gym reads (1, {CONFIG_VERSION}); "
+                "upgrade windquant_gym to read newer configs."
+            )
+        if version == 1:
+            extra = set(_VERSION_1) & set(data)
+            if extra:
+                raise ConfigError(f"A version-1 QuantConfig has no fields {sorted(extra)}; set version {CONFIG_VERSION}.")
+            data.update(_VERSION_1, version=CONFIG_VERSION)
         if "fallback_thresholds" in data:
             data["fallback_thresholds"] = tuple(float(t) for t in data["fallback_thresholds"])
         return cls(**data)

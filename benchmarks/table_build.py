@@ -1,0 +1,78 @@
+"""Table build time, the paper's fit against chunk-local error compensation (issue 13),
+measured side by side in one process on the same calibration.
+
+    python benchmarks/table_build.py --model smollm2-135m --preset cpu --repeats 2
+
+Each config is built ``--repeats`` times, alternating, uncached; the last build of each is
+reported (the first build in a process also pays page faults: see RESULTS.md). Also times
+the calibration pass with and without the Hessian blocks. Prints ratios to the paper's fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+import windquant_gym as wq
+from windquant_gym.agents import load_hyperparams
+from windquant_gym.data import sample_token_blocks
+from windquant_gym.envs.windquant import quant_config_from_kwargs
+from windquant_gym.quant.build import build_table
+from windquant_gym.quant.units import find_units
+
+CONFIGS = {
+    "paper (round, activation metric)": dict(compensation="none", error_metric="activation"),
+    "round, output metric": dict(compensation="none", error_metric="output"),
+    "gptq, output metric (default)": dict(compensation="gptq", error_metric="output"),
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--preset", default="cpu", help="hyperparams.yml block whose env_kwargs give chunk and calibration size")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    env_kwargs = load_hyperparams(args.preset)["env_kwargs"]
+    model, tokenizer = wq.load_model(args.model)
+    blocks = sample_token_blocks(wq.load_texts("wiki-sample"), tokenizer, env_kwargs["n_calibration_samples"],
+                                 env_kwargs["calibration_seq_len"], int(env_kwargs.get("seed", 0)))
+    units = find_units(model, env_kwargs["chunk_size"])
+    print(f"{args.model}, {len(units)} units, calibration {tuple(blocks.shape)}, {cpu_name()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    timings = {}
+    for hessians in (False, True, False, True):
+        started = time.perf_counter()
+        calibration = wq.calibrate(model, units, blocks, progress=False, hessians=hessians)
+        timings[hessians] = time.perf_counter() - started
+    print(f"calibration pass: {timings[False]:.2f} s without Hessians, {timings[True]:.2f} s with "
+          f"({timings[True] / timings[False]:.2f}x)")
+    seconds = {}
+    for _ in range(args.repeats):
+        for name, fields in CONFIGS.items():
+            preset = dict(env_kwargs.get("quant_config") or {}, **fields)  # e.g. the preset's damping
+            config = quant_config_from_kwargs(env_kwargs["chunk_size"], env_kwargs.get("salient_rate", 0.03), preset)
+            started = time.perf_counter()
+            build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=False, progress=False)
+            seconds[name] = time.perf_counter() - started
+    base = seconds[next(iter(CONFIGS))]
+    for name, value in seconds.items():
+        print(f"table build, {name:34} {value:6.1f} s  ({value / base:.2f}x the paper's fit)")
+
+
+if __name__ == "__main__":
+    wq.keep_freed_memory()
+    main()

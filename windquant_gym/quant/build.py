@@ -1,0 +1,236 @@
+"""Building the quantization table: its cache key, its inputs' checks, and the batched fit
+of every (unit, action) (:mod:`.fitting` fits one batch of same-shape units)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError, TableMismatchError
+from ..fingerprint import tensors_fingerprint
+from ..paths import cache_dir
+from .accounting import unit_bit_tables
+from .bitwidths import N_ACTIONS
+from .config import QuantConfig
+from .fitting import fit_units, stored_actions
+from .table import TABLE_FORMAT, QuantTable
+from .units import Unit, check_weights, find_units, module_names
+
+
+def needs_hessians(config: QuantConfig) -> bool:
+    """Whether building a table with ``config`` reads the calibration's Hessian blocks."""
+    return config.compensation != "none" or config.error_metric == "output"
+
+
+def table_fingerprint(
+    model: nn.Module,
+    units: List[Unit],
+    act_scales: Dict[str, torch.Tensor],
+    config: QuantConfig,
+    hessians: Optional[Dict[str, torch.Tensor]] = None,
+) -> str:
+    """Changes when the weights, the calibration (scales, and Hessians when used), or the
+    config change."""
+    names = module_names(units)
+    weights = ((f"w:{n}", model.get_submodule(n).weight) for n in names)
+    scales = ((f"s:{n}", act_scales[n]) for n in names)
+    key = tensors_fingerprint(weights, *[f"format={TABLE_FORMAT}", config.to_json()]) + tensors_fingerprint(scales)[:16]
+    if hessians is not None and needs_hessians(config):
+        seen = {}
+        for n in names:  # shared blocks (q/k/v) are hashed once
+            seen.setdefault(id(hessians[n]), (f"h:{n}", hessians[n]))
+        key = key[:40] + tensors_fingerprint(seen.values())[:8]
+    return key
+
+
+def build_table(
+    model: nn.Module,
+    act_scales: Dict[str, torch.Tensor],
+    config: QuantConfig = QuantConfig(),
+    *,
+    hessians: Optional[Dict[str, torch.Tensor]] = None,
+    device: Optional[torch.device | str] = None,
+    cache: bool | str | Path = True,
+    progress: bool = True,
+    batch_elements: int = 1 << 23,
+    storage_device: Optional[torch.device | str] = None,
+) -> QuantTable:
+    """Fit every (unit, non-skip action) of ``model`` and return the table.
+
+    ``act_scales`` and ``hessians`` come from :func:`windquant_gym.calibrate` (its
+    ``act_scales`` and ``hessians``); the Hessian blocks are needed unless
+    ``config.compensation == "none"`` and ``config.error_metric == "activation"``.
+    ``cache``: True for the user cache folder, a folder path, or False. A cached table is
+    reused when the weights, the calibration and the config match. ``batch_elements``
+    bounds the weights fitted at once (memory, not results). ``device`` is where the
+    fitting runs (default: the model's); ``storage_device`` where the table is kept
+    (default: the same; ``"cpu"`` for models too large to hold six quantized copies beside
+    them on the GPU).
+    """
+    units = find_units(model, config.chunk_size)
+    check_weights(model, units)  # NaN / Inf / beyond-fp16 weights never reach the fit
+    _check_act_scales(model, units, act_scales)
+    if needs_hessians(config):
+        _check_hessians(model, units, hessians, config)
+    else:
+        hessians = None
+    fingerprint = table_fingerprint(model, units, act_scales, config, hessians)
+    path = None
+    if cache:
+        folder = cache_dir("tables") if cache is True else Path(cache)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{fingerprint}.safetensors"
+        if path.exists():
+            return QuantTable.load(path, device=storage_device or device or _model_device(model))
+    device = torch.device(device) if device is not None else _model_device(model)
+    storage = torch.device(storage_device) if storage_device is not None else device
+    started = time.perf_counter()
+    table = _fit_all(model, units, act_scales, hessians, config, device, progress, batch_elements, fingerprint, storage)
+    table.build_seconds = time.perf_counter() - started
+    if path is not None:
+        table.save(path)
+    return table
+
+
+def _check_act_scales(model: nn.Module, units: List[Unit], act_scales: Dict[str, torch.Tensor]) -> None:
+    """Every module needs a finite, non-negative ``[in_features]`` activation scale."""
+    names = module_names(units)
+    missing = [n for n in names if n not in act_scales]
+    if missing:
+        raise TableMismatchError(f"act_scales lacks {len(missing)} modules, e.g. {missing[0]!r}; run calibrate() on this model.")
+    for name in names:
+        scale = act_scales[name]
+        in_features = model.get_submodule(name).weight.shape[1]
+        shape = tuple(getattr(scale, "shape", ()))
+        if shape != (in_features,):
+            raise TableMismatchError(
+                f"act_scales[{name!r}] has shape {shape}, the module has {in_features} input features: these "
+                "scales belong to another model; run calibrate() on this one."
+            )
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise DataError(
+                f"act_scales[{name!r}] holds NaN, Inf or negative values (min {float(scale.min())}, max "
+                f"{float(scale.max())}): the calibration pass overflowed. Calibrate in float32 or bfloat16, "
+                "on text the model handles."
+            )
+
+
+def _check_hessians(model, units: List[Unit], hessians, config: QuantConfig) -> None:
+    """Every module needs finite ``[n_chunks, chunk_size, chunk_size]`` blocks at the config's chunk size."""
+    if not hessians:
+        raise ConfigError(
+            f"QuantConfig(compensation={config.compensation!r}, error_metric={config.error_metric!r}) needs the "
+            "calibration's Hessian blocks: pass hessians=calibration.hessians (calibrate() collects them), or use "
+            "QuantConfig(compensation='none', error_metric='activation'), which needs only act_scales."
+        )
+    for name in module_names(units):
+        hessian = hessians.get(name)
+        in_features = model.get_submodule(name).weight.shape[1]
+        n_chunks = -(-in_features // config.chunk_size)
+        size = min(config.chunk_size, in_features)
+        shape = tuple(getattr(hessian, "shape", ()))
+        if hessian is None or len(shape) != 3 or shape[0] != n_chunks or shape[1] != shape[2] or shape[1] < size:
+            raise TableMismatchError(
+                f"hessians[{name!r}] has shape {shape if hessian is not None else 'missing'}, the table needs "
+                f"{n_chunks} blocks of {size} x {size} (chunk_size {config.chunk_size}, {in_features} inputs): "
+                "calibrate() this model with the same chunk size as the QuantConfig."
+            )
+        if not bool(torch.isfinite(hessian).all()):
+            raise DataError(
+                f"hessians[{name!r}] holds NaN or Inf: the calibration pass overflowed. Calibrate in float32 or "
+                "bfloat16, on text the model handles."
+            )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _fit_all(model, units, act_scales, hessians, config, device, progress, batch_elements, fingerprint, storage) -> QuantTable:
+    n_units = len(units)
+    n_weights, n_salient, _, _ = unit_bit_tables([u.out_features for u in units], [u.width for u in units], config.salient_rate)
+    errors = {kind: np.full((n_units, N_ACTIONS), np.nan) for kind in ("plain", "act", "output")}
+    energy = {kind: np.full(n_units, np.nan) for kind in ("plain", "act", "output")}
+    codes, scales, protected_masks, outlier_codes, outlier_scales = {}, {}, {}, {}, {}
+    for name in module_names(units):
+        weight = model.get_submodule(name).weight
+        out_f, in_f = weight.shape
+        n_chunks = -(-in_f // config.chunk_size)
+        codes[name] = torch.empty((N_ACTIONS - 1, out_f, in_f), dtype=torch.int8, device=storage)
+        scales[name] = torch.empty((N_ACTIONS - 1, out_f, n_chunks), dtype=torch.float16, device=storage)
+        protected_masks[name] = torch.zeros((out_f, in_f), dtype=torch.bool, device=storage)
+        outlier_codes[name] = torch.zeros((out_f, in_f), dtype=torch.int8, device=storage)
+        outlier_scales[name] = torch.zeros((out_f, n_chunks), dtype=torch.float16, device=storage)
+
+    groups = defaultdict(list)  # same shape -> one batched fit
+    for unit in units:
+        groups[(unit.out_features, unit.width)].append(unit)
+    bar = tqdm(total=n_units, desc="quantization table", unit="unit", disable=not progress)
+    for (out_f, width), members in groups.items():
+        per_batch = max(1, batch_elements // (out_f * width))
+        for start in range(0, len(members), per_batch):
+            batch = members[start : start + per_batch]
+            w = torch.stack([_unit_weight(model, u, device) for u in batch])
+            s = torch.stack([act_scales[u.module][u.col_start : u.col_end].to(device, torch.float32) for u in batch])[:, None, :]
+            hessian = None if hessians is None else torch.stack([_unit_hessian(hessians, u, config, device) for u in batch])
+            index = [u.index for u in batch]
+            fitted = fit_units(w, s, hessian, config, int(n_salient[index[0]]))
+            for kind in errors:
+                errors[kind][index] = getattr(fitted, f"error_{kind}")
+                energy[kind][index] = getattr(fitted, f"energy_{kind}")
+            for j, unit in enumerate(batch):
+                cols, chunk = slice(unit.col_start, unit.col_end), unit.col_start // config.chunk_size
+                for action_codes, action_scales, stored_codes, stored_scales in zip(
+                    fitted.codes, fitted.scales, codes[unit.module], scales[unit.module]
+                ):
+                    stored_codes[:, cols] = action_codes[j]
+                    stored_scales[:, chunk] = action_scales[j, :, 0].half()
+                protected_masks[unit.module][:, cols] = fitted.protected[j]
+                outlier_codes[unit.module][:, cols] = fitted.outlier_codes[j]
+                outlier_scales[unit.module][:, chunk] = fitted.outlier_scale[j, :, 0].half()
+            bar.update(len(batch))
+    bar.close()
+
+    outlier_index, outlier_values = {}, {}
+    for name, mask in protected_masks.items():
+        flat = mask.view(-1).nonzero().squeeze(1)
+        outlier_index[name] = flat
+        outlier_values[name] = outlier_codes[name].view(-1)[flat].clone()
+    kind = "act" if config.fit_loss == "activation" else "plain"
+    rel = errors[kind] / np.maximum(energy[kind], 1e-30)[:, None]
+    return QuantTable(
+        units=units,
+        config=config,
+        fingerprint=fingerprint,
+        codes=codes,
+        scales=scales,
+        outlier_index=outlier_index,
+        outlier_codes=outlier_values,
+        outlier_scales=outlier_scales,
+        n_weights=n_weights,
+        n_protected=n_salient,
+        fit_error_plain=errors["plain"],
+        fit_error_act=errors["act"],
+        fit_error_output=errors["output"],
+        energy_plain=energy["plain"],
+        energy_act=energy["act"],
+        energy_output=energy["output"],
+        stored_action=stored_actions(rel, config.fallback_thresholds),
+    )
+
+
+def _unit_weight(model: nn.Module, unit: Unit, device) -> torch.Tensor:
+    return model.get_submodule(unit.module).weight.detach()[:, unit.col_start : unit.col_end].to(device, torch.float32)
+
+
+def _unit_hessian(hessians: Dict[str, torch.Tensor], unit: Unit, config: QuantConfig, device) -> torch.Tensor:
+    block = hessians[unit.module][unit.col_start // config.chunk_size]
+    return block[: unit.width, : unit.width].to(device, torch.float32)

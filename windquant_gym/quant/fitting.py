@@ -1,0 +1,126 @@
+"""Fitting one batch of same-shape units for every non-skip action: the two fits
+:attr:`QuantConfig.compensation` chooses between, and the errors the table records.
+
+* ``"none"`` (the paper, C.2): per-row scales fitted by a few Adam steps
+  (:func:`.quantizers.fit_scales`), every weight rounded to its nearest level on its own.
+* ``"gptq"``: the same scales, then the codes chosen column by column with each column's
+  rounding error compensated on the unit's later columns (:mod:`.compensation`), columns
+  in GPTQ's activation order.
+
+Both keep the AWQ-salient weights in INT8 (the same for every action) and record, per unit
+and action, the plain, activation-weighted and output errors of what they stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .bitwidths import BIT_WIDTHS, N_ACTIONS, SKIP_ACTION
+from .compensation import activation_order, compensated_codes, inverse_cholesky, permute_columns, permute_square
+from .config import QuantConfig
+from .quantizers import dequantize_codes, fit_scales, int8_outliers, protect_salient
+
+#: The non-skip actions, in action-index order.
+QUANT_ACTIONS = range(1, N_ACTIONS)
+
+
+@dataclass
+class FittedUnits:
+    """What one batch of ``U`` units of shape ``[O, G]`` stores, and its errors."""
+
+    codes: List[torch.Tensor]
+    """Per non-skip action (index ``action - 1``): int8 ``[U, O, G]``."""
+    scales: List[torch.Tensor]
+    """Per non-skip action: float32 ``[U, O, 1]`` (fp16 values)."""
+    protected: torch.Tensor
+    """bool ``[U, O, G]``: the INT8-protected weights."""
+    outlier_scale: torch.Tensor
+    """float32 ``[U, O, 1]`` (fp16 values) of the protected weights' INT8 codes."""
+    outlier_codes: torch.Tensor
+    """int8 ``[U, O, G]``, zero where not protected."""
+    error_plain: np.ndarray
+    """``[U, 7]`` ``||W - Q||^2`` (column 0: FP16 rounding)."""
+    error_act: np.ndarray
+    """``[U, 7]`` ``||(W - Q) diag(s)||^2`` with ``s`` the mean ``|x|`` per input channel."""
+    error_output: np.ndarray
+    """``[U, 7]`` ``mean_t ||(W - Q) x_t||^2`` on the calibration tokens (NaN without ``H``)."""
+    energy_plain: np.ndarray
+    energy_act: np.ndarray
+    energy_output: np.ndarray
+
+
+@torch.no_grad()
+def fit_units(
+    w: torch.Tensor, s: torch.Tensor, hessian: Optional[torch.Tensor], config: QuantConfig, n_protected: int
+) -> FittedUnits:
+    """Fit ``w [U, O, G]`` with activation scales ``s [U, 1, G]`` and Hessian blocks
+    ``hessian [U, G, G]`` (``mean_t x x^T``; None only when ``config`` needs none)."""
+    protected = protect_salient(w, s, n_protected)
+    outlier_scale, outlier_codes = int8_outliers(w, protected)
+    outliers = outlier_codes.float() * outlier_scale
+    keep = ~protected
+    loss_weight = s * s if config.fit_loss == "activation" else torch.ones_like(s)
+    n_units = w.shape[0]
+    errors = {kind: np.full((n_units, N_ACTIONS), np.nan) for kind in ("plain", "act", "output")}
+
+    def record(action: int, restored: torch.Tensor) -> None:
+        errors["plain"][:, action], errors["act"][:, action], errors["output"][:, action] = _errors(w, restored, s, hessian)
+
+    record(SKIP_ACTION, w.half().float())
+    if config.compensation == "gptq":
+        order = activation_order(hessian)
+        hinv = inverse_cholesky(permute_square(hessian, order), config.damping)
+        w_ordered, protected_ordered = permute_columns(w, order), permute_columns(protected, order)
+        outliers_ordered = permute_columns(outliers, order)
+        restore = torch.argsort(order, dim=-1)
+    codes, scales = [], []
+    for action in QUANT_ACTIONS:
+        spec = BIT_WIDTHS[action]
+        fit = fit_scales(w, keep, loss_weight, spec, config.fit_steps, config.fit_lr)
+        action_codes = fit.codes
+        if config.compensation == "gptq":
+            ordered = compensated_codes(w_ordered, fit.alpha, spec, hinv, protected_ordered, outliers_ordered)
+            action_codes = permute_columns(ordered, restore)
+        record(action, torch.where(protected, outliers, dequantize_codes(action_codes, fit.alpha, spec)))
+        codes.append(action_codes)
+        scales.append(fit.alpha)
+    zero = w.new_zeros(w.shape)
+    _, _, energy_output = _errors(w, zero, s, hessian)
+    return FittedUnits(
+        codes=codes,
+        scales=scales,
+        protected=protected,
+        outlier_scale=outlier_scale,
+        outlier_codes=outlier_codes,
+        error_plain=errors["plain"],
+        error_act=errors["act"],
+        error_output=errors["output"],
+        energy_plain=(w * w).sum(dim=(1, 2)).double().cpu().numpy(),
+        energy_act=((w * s) ** 2).sum(dim=(1, 2)).double().cpu().numpy(),
+        energy_output=energy_output,
+    )
+
+
+def _errors(w: torch.Tensor, approx: torch.Tensor, s: torch.Tensor, hessian: Optional[torch.Tensor]):
+    """Per unit: ``||D||^2``, ``||D diag(s)||^2`` and ``tr(D H D^T)`` for ``D = w - approx``."""
+    diff = w - approx
+    plain = (diff * diff).sum(dim=(1, 2)).double().cpu().numpy()
+    act = ((diff * s) ** 2).sum(dim=(1, 2)).double().cpu().numpy()
+    if hessian is None:
+        return plain, act, np.full(len(plain), np.nan)
+    output = (torch.bmm(diff, hessian) * diff).sum(dim=(1, 2)).double().cpu().numpy()
+    return plain, act, output
+
+
+def stored_actions(rel_error: np.ndarray, thresholds) -> np.ndarray:
+    """Fallback rule: an action whose own fit exceeds its threshold takes whatever the
+    next higher precision stores (recursively, ending at skip)."""
+    stored = np.zeros(rel_error.shape, dtype=np.int64)
+    for action in QUANT_ACTIONS:
+        ok = rel_error[:, action] <= thresholds[action]
+        stored[:, action] = np.where(ok, action, stored[:, action - 1])
+    return stored
