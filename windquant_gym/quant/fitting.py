@@ -88,8 +88,8 @@ def fit_units(
         record(action, torch.where(protected, outliers, dequantize_codes(action_codes, fit.alpha, spec)))
         codes.append(action_codes)
         scales.append(fit.alpha)
-    zero = w.new_zeros(w.shape)
-    _, _, energy_output = _errors(w, zero, s, hessian)
+    energy_output = (np.full(n_units, np.nan) if hessian is None
+                     else (torch.bmm(w, hessian) * w).sum(dim=(1, 2)).double().cpu().numpy())
     return FittedUnits(
         codes=codes,
         scales=scales,
