@@ -124,7 +124,37 @@ def _export(argv: List[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "bench": _bench, "plot": _plot, "export": _export}
+def _cache(argv: List[str]) -> int:
+    from .cache import CACHE_KINDS, cache_entries, clear_cache, format_entries
+    from .paths import cache_dir, model_cache_dir
+
+    parser = argparse.ArgumentParser(
+        prog="windquant cache",
+        description=f"List or clear the cache ({cache_dir()}; converted models in {model_cache_dir()}). "
+        "Set WINDQUANT_CACHE (and WINDQUANT_MODEL_CACHE for converted models) to move it.",
+    )
+    parser.add_argument("action", choices=("list", "clear"), help="list: what is cached (model, config, size); clear: remove it")
+    parser.add_argument("kinds", nargs="*", choices=[[], *CACHE_KINDS], metavar="KIND",
+                        help=f"only these kinds: {', '.join(CACHE_KINDS)} (default: all)")
+    parser.add_argument("--stale", action="store_true",
+                        help="clear only what no current key reads: entries of other code versions, damaged or temporary files")
+    ns = parser.parse_args(argv)
+    kinds = ns.kinds or CACHE_KINDS
+    if ns.action == "list":
+        print(format_entries(cache_entries(kinds)))
+        return 0
+    removed = clear_cache(kinds, stale_only=ns.stale)
+    print(f"removed {len(removed)} entries ({sum(e.size for e in removed) / 2**20:.1f} MiB) of {', '.join(kinds)}")
+    return 0
+
+
+def _sweep(argv: List[str]) -> int:
+    from .sweep.cli import main as sweep_main
+
+    return sweep_main(argv)
+
+
+COMMANDS = {"train": _train, "bench": _bench, "plot": _plot, "export": _export, "cache": _cache, "sweep": _sweep}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

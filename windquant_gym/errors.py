@@ -49,3 +49,8 @@ class IncompleteExportError(WindQuantError, FileNotFoundError):
 
 class ExportFormatError(WindQuantError, ValueError):
     """A packed export (or the data to pack) is malformed, corrupt, or of another format version."""
+
+
+class CacheWarning(UserWarning):
+    """A cache file was damaged (truncated, half-written, another format) and is rebuilt; the
+    message names the file."""

@@ -16,3 +16,15 @@ def cache_dir(*parts: str) -> Path:
     path = Path(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def model_cache_dir() -> Path:
+    """Where converted models are kept: ``$WINDQUANT_MODEL_CACHE``, else ``cache_dir("models")``.
+    A separate variable so that a fresh cache (tests, a sweep's own folder) can still share
+    one converted copy of a model, which is slow to make."""
+    root = os.environ.get("WINDQUANT_MODEL_CACHE")
+    if root is None:
+        return cache_dir("models")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

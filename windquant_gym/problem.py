@@ -3,17 +3,19 @@ everything an episode (or any allocator) needs, prepared once and cached on disk
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import operator
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from .cache import atomic_path, load_or_build
 from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks
 from .errors import ConfigError
@@ -24,42 +26,76 @@ from .fingerprint import tensors_fingerprint
 from .paths import cache_dir
 from .quant.apply import WeightAssembler, quantized_weights, streamed_quantized_weights
 from .quant.config import QuantConfig
-from .quant.build import build_table
+from .quant.build import build_table, describe_model
 from .quant.table import QuantTable
 from .quant.units import Unit, check_weights, find_units, module_names
 
 
-def _cached_calibration(model, units, blocks, batch_size, cache, progress) -> Calibration:
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+CALIBRATION_FORMAT = 3
+"""Bump when what a cached calibration holds changes; its code (``calibration.py``) is hashed
+into the key as well."""
 
-    names = module_names(units)
-    widths = ",".join(str(u.width) for u in units)  # the Hessian blocks follow the chunking
-    key = tensors_fingerprint([(n, model.get_submodule(n).weight) for n in names] + [("blocks", blocks)],
-                              "calibration-2", widths)
-    path = (cache_dir("calibration") if cache is True else Path(cache)) / f"{key}.safetensors" if cache else None
-    if path is not None and path.exists():
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata()
-        tensors = load_file(str(path))
-        scales = {k[len("scale:"):]: v for k, v in tensors.items() if k.startswith("scale:")}
-        owners = json.loads(meta["hessian_owners"])
-        hessians = {name: tensors[f"hessian:{owner}"] for name, owner in owners.items()}
-        return Calibration(scales, float(meta["nll"]), int(meta["n_tokens"]), hessians, json.loads(meta["chunk_size"]))
-    result = calibrate(model, units, blocks, batch_size=batch_size, progress=progress)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # modules reading one input share one Hessian tensor: store it once, under its first reader
-        owners, first = {}, {}
-        for name, hessian in result.hessians.items():
-            owners[name] = first.setdefault(id(hessian), name)
-        tensors = {f"scale:{k}": v.contiguous() for k, v in result.act_scales.items()}
-        tensors.update({f"hessian:{owner}": result.hessians[owner].contiguous() for owner in set(owners.values())})
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"nll": repr(result.nll), "n_tokens": str(result.n_tokens),
+
+def calibration_key(model: nn.Module, units: List[Unit], blocks: torch.Tensor) -> str:
+    """The calibration cache key: every parameter and buffer of the model (the embeddings and
+    norms shape the activations as much as the quantized Linears do), its config, the token
+    blocks, the chunk widths (the Hessian blocks follow the chunking) and the calibration code."""
+    config = getattr(model, "config", None)
+    config_text = ""
+    if config is not None and hasattr(config, "to_dict"):
+        config_text = json.dumps({k: v for k, v in config.to_dict().items()
+                                  if not k.startswith("_") and k != "transformers_version"}, sort_keys=True, default=str)
+    tensors = [*((f"p:{n}", p) for n, p in model.named_parameters()),
+               *((f"b:{n}", b) for n, b in model.named_buffers()), ("blocks", blocks)]
+    widths = ",".join(str(u.width) for u in units)
+    return tensors_fingerprint(tensors, calibration_code_version(), type(model).__name__, config_text, widths)
+
+
+def calibration_code_version() -> str:
+    """The calibration format and a hash of ``calibration.py``: part of the cache key."""
+    from . import calibration as calibration_module
+
+    code = hashlib.blake2b(Path(calibration_module.__file__).read_bytes(), digest_size=8).hexdigest()
+    return f"calibration-{CALIBRATION_FORMAT}-{code}"
+
+
+def _load_calibration(path: Path) -> Calibration:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(str(path))
+    scales = {k[len("scale:"):]: v for k, v in tensors.items() if k.startswith("scale:")}
+    owners = json.loads(meta["hessian_owners"])
+    hessians = {name: tensors[f"hessian:{owner}"] for name, owner in owners.items()}
+    return Calibration(scales, float(meta["nll"]), int(meta["n_tokens"]), hessians, json.loads(meta["chunk_size"]))
+
+
+def _save_calibration(result: Calibration, path: Path, model_name: str) -> None:
+    from safetensors.torch import save_file
+
+    # modules reading one input share one Hessian tensor: store it once, under its first reader
+    owners, first = {}, {}
+    for name, hessian in result.hessians.items():
+        owners[name] = first.setdefault(id(hessian), name)
+    tensors = {f"scale:{k}": v.contiguous() for k, v in result.act_scales.items()}
+    tensors.update({f"hessian:{owner}": result.hessians[owner].contiguous() for owner in set(owners.values())})
+    with atomic_path(path) as tmp:  # a crash mid-write never leaves a half file behind
+        save_file(tensors, str(tmp), metadata={"nll": repr(result.nll), "n_tokens": str(result.n_tokens), "model": model_name,
+                                              "code": calibration_code_version(),
                                               "hessian_owners": json.dumps(owners), "chunk_size": json.dumps(result.chunk_size)})
-        tmp.replace(path)  # atomic: a crash mid-write never leaves a half file behind
-    return result
+
+
+def _cached_calibration(model, units, blocks, batch_size, cache, progress) -> Calibration:
+    def run() -> Calibration:
+        return calibrate(model, units, blocks, batch_size=batch_size, progress=progress)
+
+    if not cache:
+        return run()
+    path = (cache_dir("calibration") if cache is True else Path(cache)) / f"{calibration_key(model, units, blocks)}.safetensors"
+    return load_or_build(path, _load_calibration, run, lambda result, p: _save_calibration(result, p, describe_model(model)),
+                         "calibration")
 
 
 @dataclass(frozen=True)

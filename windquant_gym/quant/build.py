@@ -3,6 +3,8 @@ of every (unit, action) (:mod:`.fitting` fits one batch of same-shape units)."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..cache import load_or_build
 from ..errors import ConfigError, DataError, TableMismatchError
 from ..fingerprint import tensors_fingerprint
 from ..paths import cache_dir
@@ -22,6 +25,27 @@ from .config import QuantConfig
 from .fitting import fit_units, stored_actions
 from .table import TABLE_FORMAT, QuantTable
 from .units import Unit, check_weights, find_units, module_names
+
+
+# The modules whose code decides a table's entries: a change to any of them (a quantizer, the
+# compensation, the bit accounting) changes every table key, so no stale table is ever reused.
+FITTING_MODULES = ("quantizers", "fitting", "compensation", "bitwidths", "accounting", "units", "build")
+
+
+@functools.lru_cache(maxsize=None)
+def fitting_code_version() -> str:
+    """A hash of the source of :data:`FITTING_MODULES`, part of every table's cache key."""
+    digest = hashlib.blake2b(digest_size=8)
+    folder = Path(__file__).parent
+    for name in FITTING_MODULES:
+        digest.update((folder / f"{name}.py").read_bytes())
+    return digest.hexdigest()
+
+
+def describe_model(model: nn.Module) -> str:
+    """A short name for ``model`` in cache listings: its folder or hub id, else its class."""
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return Path(str(name)).name if name else type(model).__name__
 
 
 def needs_hessians(config: QuantConfig) -> bool:
@@ -36,12 +60,12 @@ def table_fingerprint(
     config: QuantConfig,
     hessians: Optional[Dict[str, torch.Tensor]] = None,
 ) -> str:
-    """Changes when the weights, the calibration (scales, and Hessians when used), or the
-    config change."""
+    """Changes when the weights, the calibration (scales, and Hessians when used), the config,
+    the table format or the fitting code (:func:`fitting_code_version`) change."""
     names = module_names(units)
     weights = ((f"w:{n}", model.get_submodule(n).weight) for n in names)
     scales = ((f"s:{n}", act_scales[n]) for n in names)
-    key = tensors_fingerprint(weights, *[f"format={TABLE_FORMAT}", config.to_json()]) + tensors_fingerprint(scales)[:16]
+    key = tensors_fingerprint(weights, *[f"format={TABLE_FORMAT}", f"code={fitting_code_version()}", config.to_json()]) + tensors_fingerprint(scales)[:16]
     if hessians is not None and needs_hessians(config):
         seen = {}
         for n in names:  # shared blocks (q/k/v) are hashed once
@@ -68,7 +92,9 @@ def build_table(
     ``act_scales`` and ``hessians``); the Hessian blocks are needed unless
     ``config.compensation == "none"`` and ``config.error_metric == "activation"``.
     ``cache``: True for the user cache folder, a folder path, or False. A cached table is
-    reused when the weights, the calibration and the config match. ``batch_elements``
+    reused when the weights, the calibration, the config and the fitting code match; a
+    damaged cached table is rebuilt with a :class:`~windquant_gym.errors.CacheWarning`, and
+    processes needing the same table at once build it once (a file lock). ``batch_elements``
     bounds the weights fitted at once (memory, not results). ``device`` is where the
     fitting runs (default: the model's); ``storage_device`` where the table is kept
     (default: the same; ``"cpu"`` for models too large to hold six quantized copies beside
@@ -82,20 +108,27 @@ def build_table(
     else:
         hessians = None
     fingerprint = table_fingerprint(model, units, act_scales, config, hessians)
-    path = None
-    if cache:
-        folder = cache_dir("tables") if cache is True else Path(cache)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{fingerprint}.safetensors"
-        if path.exists():
-            return QuantTable.load(path, device=storage_device or device or _model_device(model))
-    device = torch.device(device) if device is not None else _model_device(model)
-    storage = torch.device(storage_device) if storage_device is not None else device
-    started = time.perf_counter()
-    table = _fit_all(model, units, act_scales, hessians, config, device, progress, batch_elements, fingerprint, storage)
-    table.build_seconds = time.perf_counter() - started
-    if path is not None:
-        table.save(path)
+    fit_device = torch.device(device) if device is not None else _model_device(model)
+    storage = torch.device(storage_device) if storage_device is not None else fit_device
+
+    def fit() -> QuantTable:
+        started = time.perf_counter()
+        table = _fit_all(model, units, act_scales, hessians, config, fit_device, progress, batch_elements, fingerprint, storage)
+        table.build_seconds = time.perf_counter() - started
+        table.model_name = describe_model(model)
+        return table
+
+    if not cache:
+        return fit()
+    folder = cache_dir("tables") if cache is True else Path(cache)
+    path = folder / f"{fingerprint}.safetensors"
+    return load_or_build(path, lambda p: _load_table(p, storage, fingerprint), fit, QuantTable.save, "quantization table")
+
+
+def _load_table(path: Path, device: torch.device, fingerprint: str) -> QuantTable:
+    table = QuantTable.load(path, device=device)
+    if table.fingerprint != fingerprint:
+        raise TableMismatchError(f"it holds the table {table.fingerprint}, its name says {fingerprint}")
     return table
 
 

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..cache import atomic_path
 from ..errors import TableMismatchError
 from .accounting import unit_bit_tables
 from .bitwidths import ACTION_BITS, BIT_WIDTHS, N_ACTIONS, SKIP_ACTION
@@ -70,6 +71,8 @@ class QuantTable:
     stored_action: np.ndarray
     """``[N, 7]`` action actually stored when an action is requested (fallback applied)."""
     build_seconds: float = 0.0
+    model_name: Optional[str] = None
+    """The model the table was fitted on, as recorded in the cache (``windquant cache list``)."""
     _bits_effective: np.ndarray = field(init=False, repr=False)
     _bits_storage: np.ndarray = field(init=False, repr=False)
 
@@ -288,10 +291,13 @@ class QuantTable:
             "units": json.dumps([[u.layer, u.module, u.col_start, u.col_end, u.out_features, u.in_features, u.is_attention, u.is_mlp] for u in self.units]),
             "build_seconds": str(self.build_seconds),
         }
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)  # atomic: a crash mid-write never leaves a half table behind
+        if self.model_name:
+            meta["model"] = self.model_name
+        from .build import fitting_code_version  # (build imports this module)
+
+        meta["code"] = fitting_code_version()
+        with atomic_path(Path(path)) as tmp:  # a crash mid-write never leaves a half table behind
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> "QuantTable":
@@ -321,5 +327,6 @@ class QuantTable:
             outlier_codes=per_module["outlier_codes"],
             outlier_scales=per_module["outlier_scales"],
             build_seconds=float(meta.get("build_seconds", 0.0)),
+            model_name=meta.get("model"),
             **{key: tensors[key].cpu().numpy() for key in _ARRAYS},
         )

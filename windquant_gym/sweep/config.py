@@ -1,0 +1,93 @@
+"""The arguments of a sweep (a typed dataclass, as CleanRL's scripts take them)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..errors import ConfigError
+
+SWEEP_FILE = "sweep.json"
+"""Written in the sweep folder: what shapes its runs, so a re-run with other settings is refused."""
+
+# what makes two sweeps' runs the same runs: a re-run must agree on these (seeds and targets may grow)
+RUN_SHAPING = ("model", "preset", "episodes", "hyperparams", "calibration_seed", "device")
+
+
+@dataclass(frozen=True)
+class SweepArgs:
+    model: str = "smollm2-135m"
+    """A load_model name or local folder (on every node of a cluster)."""
+    preset: str = "cpu"
+    """Hyperparameter block of agents/hyperparams.yml."""
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    """Agent seeds; one run per seed and target."""
+    target_bits: List[float] = field(default_factory=lambda: [3.0, 2.5, 2.0])
+    """One run per target: each trains at that fixed target (``windquant train --target-bits``)."""
+    out: str = "runs/sweep"
+    """Sweep folder: one sub-folder per run, the leaderboard beside them."""
+    episodes: Optional[int] = None
+    """Override the preset's episode count."""
+    calibration_seed: Optional[int] = None
+    """Override the preset's calibration seed (the proxy's text)."""
+    hyperparams: Optional[str] = None
+    """Another hyperparameter YAML (a path every node can read)."""
+    device: str = "auto"
+    """Where each run's LM runs ("auto": the GPU Ray gives the task, if any)."""
+    address: Optional[str] = None
+    """An existing Ray cluster ("auto", or "ray://HOST:10001"); None starts Ray on this machine."""
+    cpus_per_run: Optional[float] = None
+    """CPUs Ray reserves per run (and its torch threads); default: the preset's ``sweep_resources.cpus``."""
+    gpus_per_run: Optional[float] = None
+    """GPU (fraction) Ray reserves per run; default: the preset's ``sweep_resources.gpus``."""
+    num_cpus: Optional[int] = None
+    """CPUs of the local Ray instance (default: all); ignored with ``address``."""
+    retries: int = 0
+    """Times Ray retries a failed run (a retry resumes from the run's last checkpoint)."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.seeds or not self.target_bits:
+            raise ConfigError(f"A sweep needs at least one seed and one target, got seeds={self.seeds} and "
+                              f"target_bits={self.target_bits}; e.g. --seeds 0 1 --target-bits 3.0 2.0.")
+        bad = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+        if bad:
+            raise ConfigError(f"seeds must be integers >= 0, got {bad}; e.g. --seeds 0 1 2.")
+        bad = [t for t in self.target_bits if not isinstance(t, (int, float)) or not 1.0 <= t <= 16.0 or math.isnan(t)]
+        if bad:
+            raise ConfigError(f"target_bits must lie in [1, 16] (the action space's range), got {bad}; e.g. --target-bits 3.0 2.5 2.0.")
+        for name in ("cpus_per_run", "gpus_per_run"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {value!r}.")
+        if self.cpus_per_run == 0:
+            raise ConfigError("cpus_per_run must be > 0 (a run needs a CPU for its policy); e.g. --cpus-per-run 1.")
+        if self.retries < 0:
+            raise ConfigError(f"retries must be >= 0, got {self.retries}.")
+        if self.episodes is not None and self.episodes < 1:
+            raise ConfigError(f"episodes must be >= 1, got {self.episodes}.")
+        if len(set(self.seeds)) != len(self.seeds) or len(set(self.target_bits)) != len(self.target_bits):
+            raise ConfigError(f"seeds {self.seeds} and target_bits {self.target_bits} must not repeat a value.")
+
+    def run_shaping(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in RUN_SHAPING}
+
+
+def check_sweep_folder(args: SweepArgs) -> None:
+    """Record the sweep's run-shaping settings in its folder, or refuse a re-run whose
+    settings differ (its finished runs would not be the runs asked for)."""
+    out = Path(args.out)
+    path = out / SWEEP_FILE
+    wanted = args.run_shaping()
+    if path.exists():
+        saved = json.loads(path.read_text()).get("runs", {})
+        differ = {k: (saved.get(k), wanted[k]) for k in wanted if saved.get(k) != wanted[k]}
+        if differ:
+            shown = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differ.items())
+            raise ConfigError(f"{out} holds a sweep with other settings ({shown}); re-run it with its own settings to "
+                              "resume it, or pick another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": wanted, "args": asdict(args)}, indent=1))

@@ -1,0 +1,168 @@
+"""Running a sweep on Ray: the problem (calibration and table) is prepared by one task, then
+every unfinished run is one task that starts or resumes ``windquant train`` in its own
+process (its output in the run's ``train.log``); a failed run leaves the others going."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from ..errors import MissingDependencyError, WindQuantError
+from .config import SweepArgs, check_sweep_folder
+from .report import write_sweep_leaderboard
+from .runs import FINISHED, INTERRUPTED, SweepRun, plan_runs, run_status, train_argv
+
+PIP_HINT = 'pip install -e ".[sweep]" (in a clone of windquant-gym), or pip install "ray>=2.10"'
+
+
+class RunFailed(WindQuantError, RuntimeError):
+    """A sweep's run exited with an error; its log names the cause."""
+
+
+@dataclass
+class SweepResult:
+    runs: List[SweepRun]
+    skipped: List[SweepRun] = field(default_factory=list)
+    """Finished before this call: not run again."""
+    trained: List[SweepRun] = field(default_factory=list)
+    """Started (or resumed) and finished by this call."""
+    resumed: List[SweepRun] = field(default_factory=list)
+    """Of ``trained``, those continued from a checkpoint."""
+    failed: Dict[str, str] = field(default_factory=dict)
+    """Run name -> why (the run can be resumed by calling the sweep again)."""
+    leaderboard: Dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as error:
+        raise MissingDependencyError(f"windquant sweep runs on Ray, which is not installed: {PIP_HINT}.") from error
+    return ray
+
+
+def run_sweep(args: SweepArgs) -> SweepResult:
+    """Run every combination of ``args.seeds`` x ``args.target_bits`` not finished yet in
+    ``args.out`` (resuming interrupted ones), then write the leaderboard there. Uses the Ray
+    instance this process is connected to, else connects to ``args.address``, else starts
+    one on this machine (and stops it at the end)."""
+    from ..agents.hyperparams import load_hyperparams
+
+    started = time.perf_counter()
+    args = _absolute_paths(args)  # the tasks' processes may start elsewhere (a cluster's node)
+    hp = load_hyperparams(args.preset, args.hyperparams)  # an unknown preset fails before Ray starts
+    cpus, gpus = resources(args, hp)
+    check_sweep_folder(args)
+    runs = plan_runs(args)
+    result = SweepResult(runs)
+    todo = []
+    for run in runs:
+        (result.skipped if run_status(run.folder) == FINISHED else todo).append(run)
+    _say(f"sweep {args.out}: {len(runs)} runs, {len(result.skipped)} finished before (skipped), "
+         f"{sum(run_status(r.folder) == INTERRUPTED for r in todo)} to resume, "
+         f"{sum(run_status(r.folder) != INTERRUPTED for r in todo)} to start; {cpus:g} CPU, {gpus:g} GPU per run")
+    if todo:
+        _run_on_ray(args, todo, cpus, gpus, result)
+    result.leaderboard = write_sweep_leaderboard(args, runs, result)
+    result.seconds = time.perf_counter() - started
+    _say(f"sweep {args.out}: {len(result.trained)} trained ({len(result.resumed)} resumed), {len(result.skipped)} skipped, "
+         f"{len(result.failed)} failed, {result.seconds:.0f} s; leaderboard {result.leaderboard['md']}")
+    if result.failed:
+        _say(f"failed runs keep their checkpoints: run the same command again to resume them ({', '.join(result.failed)})")
+    return result
+
+
+def _absolute_paths(args: SweepArgs) -> SweepArgs:
+    local_model = Path(args.model).exists()
+    return replace(args, out=str(Path(args.out).resolve()),
+                   model=str(Path(args.model).resolve()) if local_model else args.model,
+                   hyperparams=str(Path(args.hyperparams).resolve()) if args.hyperparams else None)
+
+
+def resources(args: SweepArgs, hp) -> Tuple[float, float]:
+    """CPUs and GPUs per run: the flags, else the preset's ``sweep_resources``, else 1 CPU."""
+    preset = hp.get("sweep_resources") or {}
+    cpus = args.cpus_per_run if args.cpus_per_run is not None else float(preset.get("cpus", 1))
+    gpus = args.gpus_per_run if args.gpus_per_run is not None else float(preset.get("gpus", 0))
+    return cpus, gpus
+
+
+def _run_on_ray(args: SweepArgs, todo: List[SweepRun], cpus: float, gpus: float, result: SweepResult) -> None:
+    ray = import_ray()
+    owned = not ray.is_initialized()
+    if owned:
+        init = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
+        ray.init(**init, include_dashboard=False, logging_level="WARNING")
+    try:
+        forwarded = {k: v for k, v in os.environ.items() if k.startswith(("WINDQUANT_", "HF_"))}
+        # the table is built once, by one task with a whole node's CPUs, before the runs fan out
+        node_cpus = max([n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [cpus])
+        prepare = ray.remote(num_cpus=max(cpus, node_cpus), num_gpus=gpus, max_calls=1, max_retries=0)(prepare_problem)
+        ray.get(prepare.remote(args, forwarded, int(max(cpus, node_cpus))))
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_calls=1, max_retries=args.retries,
+                          retry_exceptions=args.retries > 0)(train_run)
+        pending = {task.remote(run, args, forwarded, max(1, int(cpus))): run for run in todo}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            run = pending.pop(done[0])
+            try:
+                outcome = ray.get(done[0])
+            except Exception as error:  # a killed worker, a failed run: the others go on
+                cause = getattr(error, "cause", None) or error
+                result.failed[run.name] = f"{type(cause).__name__}: {cause}".strip()
+                _say(f"  {run.name} FAILED: {str(cause).splitlines()[-1] if str(cause) else type(cause).__name__}")
+                continue
+            result.trained.append(run)
+            if outcome["resumed"]:
+                result.resumed.append(run)
+            _say(f"  {run.name} finished in {outcome['seconds']:.0f} s{' (resumed)' if outcome['resumed'] else ''} "
+                 f"[{len(result.trained) + len(result.failed)}/{len(todo)}]")
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def prepare_problem(args: SweepArgs, forwarded: Dict[str, str], threads: int) -> None:
+    """Build the runs' problem once (calibration and table land in the cache the runs read)."""
+    import torch
+
+    from ..agents.hyperparams import load_hyperparams
+    from ..agents.train import TrainArgs, make_env
+
+    os.environ.update(forwarded)
+    torch.set_num_threads(threads)
+    hp = load_hyperparams(args.preset, args.hyperparams)
+    train_args = TrainArgs(model=args.model, preset=args.preset, calibration_seed=args.calibration_seed, device=args.device,
+                           hyperparams=args.hyperparams, progress=args.progress)
+    make_env(train_args, hp).close()
+
+
+def train_run(run: SweepRun, args: SweepArgs, forwarded: Dict[str, str], threads: int) -> Dict[str, object]:
+    """Start or resume one run as ``windquant train`` in a child process; raise
+    :class:`RunFailed` (with the end of its log) when it fails or is killed."""
+    started = time.perf_counter()
+    resumed = run_status(run.folder) == INTERRUPTED
+    argv = train_argv(run, args)
+    run.folder.mkdir(parents=True, exist_ok=True)
+    log = run.folder / "train.log"
+    environment = {**os.environ, **forwarded, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with log.open("a") as handle:
+        handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} windquant {' '.join(argv)}\n")
+        handle.flush()
+        code = subprocess.run([sys.executable, "-m", "windquant_gym.cli", *argv], stdout=handle, stderr=subprocess.STDOUT,
+                              env=environment, cwd=os.getcwd()).returncode
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
+        raise RunFailed(f"{run.name}: windquant train {how} (log {log}): {' | '.join(tail)}")
+    return {"resumed": resumed, "seconds": time.perf_counter() - started}
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)

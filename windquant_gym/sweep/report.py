@@ -1,0 +1,53 @@
+"""The sweep's leaderboard: per target, the learned allocator's held-out perplexity (median
+and min-max over seeds) beside the baselines every run measured on the same held-out windows
+(the knapsack at the same budget, the unquantized model), written as JSON, CSV and Markdown
+by :func:`windquant_gym.benchmark.leaderboard.write_leaderboard`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+from ..benchmark.leaderboard import write_leaderboard
+from .config import SweepArgs
+from .runs import FINISHED, run_status
+
+LEADERBOARD = "leaderboard.json"
+
+
+def run_rows(args: SweepArgs, runs) -> List[Dict[str, Any]]:
+    """One row per finished run (its returned plan), and per target one row for each baseline
+    of its first finished run (the baselines do not depend on the agent seed)."""
+    rows, baselines = [], []
+    seen_targets = set()
+    for run in runs:
+        if run_status(run.folder) != FINISHED:
+            continue
+        summary = json.loads((run.folder / "summary.json").read_text())
+        results = summary["results"]
+        returned = results[summary["returned"]]
+        seconds = summary["setup_seconds"] + summary["train_seconds"]
+        rows.append({**_row(f"MaskablePPO {args.preset}", run.target_bits, returned, summary["evaluations"], seconds),
+                     "seed": run.seed, "run": run.name, "returned": summary["returned"],
+                     "plan_file": str(run.folder / "returned_plan.json")})
+        if run.target_bits not in seen_targets:
+            seen_targets.add(run.target_bits)
+            baselines.append(_row("knapsack", run.target_bits, results["knapsack"], 1, None))
+            baselines.append(_row("unquantized", run.target_bits, results["unquantized"], 0, None))
+    order = {t: i for i, t in enumerate(args.target_bits)}
+    return sorted(rows + baselines, key=lambda r: order.get(r["target_bits"], len(order)))
+
+
+def _row(allocator: str, target: float, result: Dict[str, Any], evaluations, seconds) -> Dict[str, Any]:
+    return {"allocator": allocator, "target_bits": target, "evaluations": evaluations,
+            "effective_bits": result["effective_bits"], "storage_bits": result["storage_bits"],
+            "proxy_ppl": result["proxy_ppl"], "heldout_ppl": result["heldout_ppl"], "seconds": seconds}
+
+
+def write_sweep_leaderboard(args: SweepArgs, runs, result) -> Dict[str, Path]:
+    rows = run_rows(args, runs)
+    meta = {"model": args.model, "preset": args.preset, "seeds": list(args.seeds), "target_bits": list(args.target_bits),
+            "episodes": args.episodes, "runs": {run.name: run_status(run.folder) for run in runs},
+            "failed": dict(result.failed)}
+    return write_leaderboard(rows, Path(args.out) / LEADERBOARD, meta)
