@@ -19,6 +19,11 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def merge_hyperparams(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """``update`` over ``base``, nested dicts merged key by key (a copy)."""
+    return _merge(base, update)
+
+
 def _table(path: str | None) -> Dict[str, Any]:
     text = Path(path).read_text() if path else resources.files(__package__).joinpath("hyperparams.yml").read_text()
     return yaml.safe_load(text) or {}

@@ -37,7 +37,7 @@ from .callbacks import EpisodeRecorder
 from .checkpoints import LATEST, ResumableCheckpoint, clear_run, has_run, latest_checkpoint, read_state
 from ..benchmark.allocators import KnapsackAllocator
 from ..benchmark.calibrated import CalibratedKnapsack
-from .hyperparams import load_hyperparams
+from .hyperparams import load_hyperparams, merge_hyperparams
 from .imitation import behaviour_clone, collect_demonstrations
 from .policy import WindQuantPolicy
 from .self_imitation import SelfImitation
@@ -124,7 +124,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         args, hp, checkpoint = _resumed_args(args)
     else:
         hp = load_hyperparams(args.preset, args.hyperparams)
-        hp.update(args.overrides)
+        hp = merge_hyperparams(hp, args.overrides)  # nested keys merge (warm_start: {epochs: 5} keeps the rest)
         if args.episodes is not None:
             hp["episodes"] = args.episodes
         if args.gamma is not None:

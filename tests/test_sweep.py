@@ -149,3 +149,83 @@ def test_run_states_and_the_command_each_gets(tmp_path):
     assert run_status(run.folder) == NEW
     (run.folder / "summary.json").write_text('{"results": {}}')
     assert run_status(run.folder) == FINISHED
+
+
+# ----- windquant tune: Ray Tune + Optuna ----------------------------------------------------------
+def test_tune_searches_on_the_proxy_writes_the_best_block_and_a_rerun_restores(local_ray, tmp_path):
+    pytest.importorskip("optuna", reason='windquant tune needs Optuna: pip install -e ".[tune]"')
+    from windquant_gym.agents.hyperparams import load_hyperparams
+    from windquant_gym.sweep.tune import TuneArgs, run_tune
+
+    space = tmp_path / "space.yml"
+    space.write_text("learning_rate: {loguniform: [1.0e-5, 1.0e-3]}\nwarm_start.epochs: {randint: [5, 30]}\n")
+    args = TuneArgs(space=str(space), model="tiny-llama", preset="smoke", trials=2, target_bits=2.0,
+                    out=str(tmp_path / "tune"), cpus_per_trial=1)
+    report = run_tune(args)
+    trials = report["trials"]
+    assert len(trials) == 2 and not any(t["error"] for t in trials)
+    assert report["best"]["proxy_ppl"] == min(t["proxy_ppl"] for t in trials)  # chosen by proxy, not held-out
+    for t in trials:
+        assert 1e-5 <= t["config"]["learning_rate"] <= 1e-3 and 5 <= t["config"]["warm_start.epochs"] < 30
+        config = json.loads((Path(t["run"]) / "config.json").read_text())["hyperparams"]
+        assert config["learning_rate"] == t["config"]["learning_rate"]
+        assert config["warm_start"]["epochs"] == t["config"]["warm_start.epochs"]
+        assert config["warm_start"]["demonstrations"] == "calibrated-knapsack"  # the rest of the block kept
+    best = load_hyperparams("tuned", str(tmp_path / "tune" / "best_hyperparams.yml"))
+    assert best["learning_rate"] == report["best"]["config"]["learning_rate"]
+    assert "| proxy PPL | held-out PPL |" in (tmp_path / "tune" / "trials.md").read_text()
+
+    stamps = {t["run"]: (Path(t["run"]) / "summary.json").stat().st_mtime_ns for t in trials}
+    again = run_tune(args)  # restored: the finished trials are not trained again
+    assert {t["trial"] for t in again["trials"]} == {t["trial"] for t in trials}
+    assert stamps == {t["run"]: (Path(t["run"]) / "summary.json").stat().st_mtime_ns for t in again["trials"]}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rat: {uniform: [0.1, 0.2]}", r"'learning_rat' is not a hyperparameter of the preset"),
+    ("warm_start.epoch: {randint: [1, 5]}", r"'warm_start.epoch' is not a hyperparameter.*warm_start has \["),
+    ("learning_rate: {normal: [0, 1]}", r"is not a distribution; use one of \['choice', 'loguniform', 'randint', 'uniform'\]"),
+    ("learning_rate: {uniform: [0.3, 0.1]}", r"uniform needs low < high"),
+    ("learning_rate: {loguniform: [0, 0.1]}", r"loguniform needs low > 0"),
+    ("learning_rate: {choice: []}", r"choice takes a non-empty list of options"),
+])
+def test_bad_search_spaces_are_named(tmp_path, text, message):
+    from windquant_gym.agents.hyperparams import load_hyperparams
+    from windquant_gym.sweep.tune import load_space
+
+    path = tmp_path / "space.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_space(path, load_hyperparams("smoke"))
+
+
+def test_tune_without_ray_tune_names_the_pip_command(monkeypatch):
+    from windquant_gym.sweep.tune import _ray_tune
+
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(MissingDependencyError, match=r'pip install -e "\.\[tune\]"'):
+        _ray_tune()
+
+
+def test_a_sweep_over_allocators_benches_each_once_per_target_or_seed(local_ray, tmp_path):
+    args = _args(tmp_path / "sweep", seeds=[0, 1], target_bits=[2.0], allocators=["knapsack", "search"],
+                 search_evaluations=6)
+    result = run_sweep(args)
+    assert not result.failed
+    assert sorted(r.name for r in result.trained) == ["bits2-knapsack", "bits2-search-seed0", "bits2-search-seed1"]
+    board = json.loads((tmp_path / "sweep" / "leaderboard.json").read_text())
+    groups = {r["allocator"]: r for r in board["leaderboard"]}
+    search = next(r for name, r in groups.items() if name.startswith("search"))  # named by its fitness
+    assert groups["knapsack"]["episodes"] == 1 and search["episodes"] == 2  # the two seeds, one row
+    assert search["budget"] == 6 and search["evaluations"] <= 6
+    for row in board["episodes"]:
+        assert Path(row["plan_file"]).exists()  # plans resolved from the bench run's folder
+    again = run_sweep(args)
+    assert again.trained == [] and len(again.skipped) == 3
+
+
+def test_unknown_allocators_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"allocators must be distinct names from \['learned', .*'calibrated-knapsack'.*got \['knapsak'\]"):
+        _args(tmp_path, allocators=["knapsak"])
+    with pytest.raises(ConfigError, match="--hyperparams applies to training runs only"):
+        _args(tmp_path, allocators=["learned", "knapsack"], hyperparams="x.yml")

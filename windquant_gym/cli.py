@@ -154,7 +154,14 @@ def _sweep(argv: List[str]) -> int:
     return sweep_main(argv)
 
 
-COMMANDS = {"train": _train, "bench": _bench, "plot": _plot, "export": _export, "cache": _cache, "sweep": _sweep}
+def _tune(argv: List[str]) -> int:
+    from .sweep.cli import tune_main
+
+    return tune_main(argv)
+
+
+COMMANDS = {"train": _train, "bench": _bench, "plot": _plot, "export": _export, "cache": _cache, "sweep": _sweep,
+            "tune": _tune}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

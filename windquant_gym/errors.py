@@ -51,6 +51,10 @@ class ExportFormatError(WindQuantError, ValueError):
     """A packed export (or the data to pack) is malformed, corrupt, or of another format version."""
 
 
+class RunFailedError(WindQuantError, RuntimeError):
+    """A sweep's training run exited with an error or was killed; the message names its log."""
+
+
 class CacheWarning(UserWarning):
     """A cache file was damaged (truncated, half-written, another format) and is rebuilt; the
     message names the file."""

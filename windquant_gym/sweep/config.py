@@ -14,7 +14,25 @@ SWEEP_FILE = "sweep.json"
 """Written in the sweep folder: what shapes its runs, so a re-run with other settings is refused."""
 
 # what makes two sweeps' runs the same runs: a re-run must agree on these (seeds and targets may grow)
-RUN_SHAPING = ("model", "preset", "episodes", "hyperparams", "calibration_seed", "device")
+RUN_SHAPING = ("model", "preset", "episodes", "hyperparams", "calibration_seed", "device", "search_evaluations")
+
+LEARNED = "learned"
+"""The allocator name of a training run (``windquant train`` with the preset)."""
+
+
+def allocator_names() -> List[str]:
+    """What ``--allocators`` takes: ``learned`` and every ``windquant bench`` allocator."""
+    from ..benchmark.allocators import baseline_allocators
+    from ..benchmark.bench import SEARCH_FITNESS
+
+    return [LEARNED, *baseline_allocators(), *SEARCH_FITNESS]
+
+
+def seeded(allocator: str) -> bool:
+    """Whether an allocator's result depends on the sweep's seeds (one run per seed)."""
+    from ..benchmark.bench import SEARCH_FITNESS
+
+    return allocator == LEARNED or allocator in SEARCH_FITNESS
 
 
 @dataclass(frozen=True)
@@ -27,6 +45,11 @@ class SweepArgs:
     """Agent seeds; one run per seed and target."""
     target_bits: List[float] = field(default_factory=lambda: [3.0, 2.5, 2.0])
     """One run per target: each trains at that fixed target (``windquant train --target-bits``)."""
+    allocators: List[str] = field(default_factory=lambda: [LEARNED])
+    """``learned`` (a training run per seed) and/or ``windquant bench`` allocators (e.g.
+    ``calibrated-knapsack``: one run per target; ``search``: one per seed and target)."""
+    search_evaluations: Optional[float] = None
+    """The search allocators' budget in proxy passes (default: the search's own)."""
     out: str = "runs/sweep"
     """Sweep folder: one sub-folder per run, the leaderboard beside them."""
     episodes: Optional[int] = None
@@ -71,6 +94,16 @@ class SweepArgs:
             raise ConfigError(f"episodes must be >= 1, got {self.episodes}.")
         if len(set(self.seeds)) != len(self.seeds) or len(set(self.target_bits)) != len(self.target_bits):
             raise ConfigError(f"seeds {self.seeds} and target_bits {self.target_bits} must not repeat a value.")
+        known = allocator_names()
+        unknown = [a for a in self.allocators if a not in known]
+        if not self.allocators or unknown or len(set(self.allocators)) != len(self.allocators):
+            raise ConfigError(f"allocators must be distinct names from {known}, got {self.allocators}; e.g. "
+                              "--allocators learned calibrated-knapsack search.")
+        if self.hyperparams and any(a != LEARNED for a in self.allocators):
+            raise ConfigError("--hyperparams applies to training runs only (windquant bench reads the package's presets): "
+                              "sweep the bench allocators in a separate --out without --hyperparams.")
+        if self.search_evaluations is not None and not self.search_evaluations > 0:
+            raise ConfigError(f"search_evaluations must be > 0, got {self.search_evaluations}; e.g. --search-evaluations 211.")
 
     def run_shaping(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in RUN_SHAPING}

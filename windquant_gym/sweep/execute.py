@@ -12,16 +12,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from ..errors import MissingDependencyError, WindQuantError
+from ..errors import MissingDependencyError, RunFailedError, WindQuantError
 from .config import SweepArgs, check_sweep_folder
 from .report import write_sweep_leaderboard
-from .runs import FINISHED, INTERRUPTED, SweepRun, plan_runs, run_status, train_argv
+from .runs import FINISHED, INTERRUPTED, SweepRun, plan_runs, run_argv, status_of
 
 PIP_HINT = 'pip install -e ".[sweep]" (in a clone of windquant-gym), or pip install "ray>=2.10"'
-
-
-class RunFailed(WindQuantError, RuntimeError):
-    """A sweep's run exited with an error; its log names the cause."""
 
 
 @dataclass
@@ -63,12 +59,12 @@ def run_sweep(args: SweepArgs) -> SweepResult:
     result = SweepResult(runs)
     todo = []
     for run in runs:
-        (result.skipped if run_status(run.folder) == FINISHED else todo).append(run)
+        (result.skipped if status_of(run) == FINISHED else todo).append(run)
     _say(f"sweep {args.out}: {len(runs)} runs, {len(result.skipped)} finished before (skipped), "
-         f"{sum(run_status(r.folder) == INTERRUPTED for r in todo)} to resume, "
-         f"{sum(run_status(r.folder) != INTERRUPTED for r in todo)} to start; {cpus:g} CPU, {gpus:g} GPU per run")
+         f"{sum(status_of(r) == INTERRUPTED for r in todo)} to resume, "
+         f"{sum(status_of(r) != INTERRUPTED for r in todo)} to start; {cpus:g} CPU, {gpus:g} GPU per run")
     if todo:
-        _run_on_ray(args, todo, cpus, gpus, result)
+        _run_on_ray(args, hp, todo, cpus, gpus, result)
     result.leaderboard = write_sweep_leaderboard(args, runs, result)
     result.seconds = time.perf_counter() - started
     _say(f"sweep {args.out}: {len(result.trained)} trained ({len(result.resumed)} resumed), {len(result.skipped)} skipped, "
@@ -93,21 +89,26 @@ def resources(args: SweepArgs, hp) -> Tuple[float, float]:
     return cpus, gpus
 
 
-def _run_on_ray(args: SweepArgs, todo: List[SweepRun], cpus: float, gpus: float, result: SweepResult) -> None:
+def _run_on_ray(args: SweepArgs, hp, todo: List[SweepRun], cpus: float, gpus: float, result: SweepResult) -> None:
     ray = import_ray()
     owned = not ray.is_initialized()
     if owned:
         init = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
         ray.init(**init, include_dashboard=False, logging_level="WARNING")
     try:
-        forwarded = {k: v for k, v in os.environ.items() if k.startswith(("WINDQUANT_", "HF_"))}
+        forwarded = forwarded_env()
         # the table is built once, by one task with a whole node's CPUs, before the runs fan out
         node_cpus = max([n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [cpus])
         prepare = ray.remote(num_cpus=max(cpus, node_cpus), num_gpus=gpus, max_calls=1, max_retries=0)(prepare_problem)
-        ray.get(prepare.remote(args, forwarded, int(max(cpus, node_cpus))))
+        try:
+            ray.get(prepare.remote(args, forwarded, int(max(cpus, node_cpus))))
+        except ray.exceptions.RayTaskError as error:  # a bad model name, a missing corpus: its own message
+            if isinstance(error.cause, WindQuantError):
+                raise error.cause from None
+            raise
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_calls=1, max_retries=args.retries,
-                          retry_exceptions=args.retries > 0)(train_run)
-        pending = {task.remote(run, args, forwarded, max(1, int(cpus))): run for run in todo}
+                          retry_exceptions=args.retries > 0)(execute_run)
+        pending = {task.remote(run, args, hp, forwarded, max(1, int(cpus))): run for run in todo}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             run = pending.pop(done[0])
@@ -128,6 +129,12 @@ def _run_on_ray(args: SweepArgs, todo: List[SweepRun], cpus: float, gpus: float,
             ray.shutdown()
 
 
+def forwarded_env() -> Dict[str, str]:
+    """This process's cache and offline settings, for the tasks' processes (Ray's workers
+    inherit the environment Ray was started with, not the driver's current one)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("WINDQUANT_", "HF_"))}
+
+
 def prepare_problem(args: SweepArgs, forwarded: Dict[str, str], threads: int) -> None:
     """Build the runs' problem once (calibration and table land in the cache the runs read)."""
     import torch
@@ -143,25 +150,38 @@ def prepare_problem(args: SweepArgs, forwarded: Dict[str, str], threads: int) ->
     make_env(train_args, hp).close()
 
 
-def train_run(run: SweepRun, args: SweepArgs, forwarded: Dict[str, str], threads: int) -> Dict[str, object]:
-    """Start or resume one run as ``windquant train`` in a child process; raise
-    :class:`RunFailed` (with the end of its log) when it fails or is killed."""
+def execute_run(run: SweepRun, args: SweepArgs, hp, forwarded: Dict[str, str], threads: int) -> Dict[str, object]:
+    """Start or resume one run (``windquant train``, or ``windquant bench`` for a bench
+    allocator) in a child process, its output in the run folder's ``train.log`` /
+    ``bench.log``; raise :class:`~windquant_gym.errors.RunFailedError` (with the end of its
+    log) when it fails or is killed."""
     started = time.perf_counter()
-    resumed = run_status(run.folder) == INTERRUPTED
-    argv = train_argv(run, args)
+    resumed = status_of(run) == INTERRUPTED
+    argv = run_argv(run, args, hp)
     run.folder.mkdir(parents=True, exist_ok=True)
-    log = run.folder / "train.log"
+    log = run.folder / f"{argv[0]}.log"
     environment = {**os.environ, **forwarded, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with log.open("a") as handle:
         handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} windquant {' '.join(argv)}\n")
         handle.flush()
         code = subprocess.run([sys.executable, "-m", "windquant_gym.cli", *argv], stdout=handle, stderr=subprocess.STDOUT,
-                              env=environment, cwd=os.getcwd()).returncode
+                              env=environment, preexec_fn=_die_with_parent).returncode
     if code != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
-        raise RunFailed(f"{run.name}: windquant train {how} (log {log}): {' | '.join(tail)}")
+        raise RunFailedError(f"{run.name}: windquant {argv[0]} {how} (log {log}): {' | '.join(tail)}")
     return {"resumed": resumed, "seconds": time.perf_counter() - started}
+
+
+def _die_with_parent() -> None:
+    """In the child: on Linux, be killed when the Ray worker that started it dies (a cancelled
+    sweep, a lost node), rather than train on as an orphan writing into the run folder."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _say(text: str) -> None:

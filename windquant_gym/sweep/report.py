@@ -1,7 +1,8 @@
-"""The sweep's leaderboard: per target, the learned allocator's held-out perplexity (median
-and min-max over seeds) beside the baselines every run measured on the same held-out windows
-(the knapsack at the same budget, the unquantized model), written as JSON, CSV and Markdown
-by :func:`windquant_gym.benchmark.leaderboard.write_leaderboard`."""
+"""The sweep's leaderboard: per target and allocator, held-out perplexity (median and min-max
+over seeds) of the learned runs' returned plans and of the bench allocators' plans, beside the
+baselines every training run measured on the same held-out windows (the knapsack at the same
+budget, the unquantized model), written as JSON, CSV and Markdown by
+:func:`windquant_gym.benchmark.leaderboard.write_leaderboard`."""
 
 from __future__ import annotations
 
@@ -11,18 +12,28 @@ from typing import Any, Dict, List
 
 from ..benchmark.leaderboard import write_leaderboard
 from .config import SweepArgs
-from .runs import FINISHED, run_status
+from .runs import BENCH_FILE, FINISHED, status_of
 
 LEADERBOARD = "leaderboard.json"
 
 
 def run_rows(args: SweepArgs, runs) -> List[Dict[str, Any]]:
-    """One row per finished run (its returned plan), and per target one row for each baseline
-    of its first finished run (the baselines do not depend on the agent seed)."""
+    """One row per finished training run (its returned plan) and per plan of a finished bench
+    run; per target, the knapsack and unquantized rows of its first finished training run (they
+    do not depend on the agent seed), unless a bench run measures them."""
     rows, baselines = [], []
     seen_targets = set()
+    benched = set(args.allocators)
     for run in runs:
-        if run_status(run.folder) != FINISHED:
+        if status_of(run) != FINISHED:
+            continue
+        if not run.learned:
+            board = json.loads((run.folder / BENCH_FILE).read_text())
+            for row in board["episodes"]:
+                if row["allocator"] == "unquantized":
+                    continue
+                plan = row.get("plan_file")
+                rows.append({**row, "run": run.name, "plan_file": str(run.folder / plan) if plan else None})
             continue
         summary = json.loads((run.folder / "summary.json").read_text())
         results = summary["results"]
@@ -33,7 +44,8 @@ def run_rows(args: SweepArgs, runs) -> List[Dict[str, Any]]:
                      "plan_file": str(run.folder / "returned_plan.json")})
         if run.target_bits not in seen_targets:
             seen_targets.add(run.target_bits)
-            baselines.append(_row("knapsack", run.target_bits, results["knapsack"], 1, None))
+            if "knapsack" not in benched:
+                baselines.append(_row("knapsack", run.target_bits, results["knapsack"], 1, None))
             baselines.append(_row("unquantized", run.target_bits, results["unquantized"], 0, None))
     order = {t: i for i, t in enumerate(args.target_bits)}
     return sorted(rows + baselines, key=lambda r: order.get(r["target_bits"], len(order)))
@@ -48,6 +60,6 @@ def _row(allocator: str, target: float, result: Dict[str, Any], evaluations, sec
 def write_sweep_leaderboard(args: SweepArgs, runs, result) -> Dict[str, Path]:
     rows = run_rows(args, runs)
     meta = {"model": args.model, "preset": args.preset, "seeds": list(args.seeds), "target_bits": list(args.target_bits),
-            "episodes": args.episodes, "runs": {run.name: run_status(run.folder) for run in runs},
+            "episodes": args.episodes, "runs": {run.name: status_of(run) for run in runs},
             "failed": dict(result.failed)}
     return write_leaderboard(rows, Path(args.out) / LEADERBOARD, meta)
