@@ -9,14 +9,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # the user's converted models (SmolLM2 takes a minute to convert), read before the cache moves
 _USER_MODEL_CACHE = os.environ.get("WINDQUANT_MODEL_CACHE") or str(
-    __import__("windquant_gym.paths", fromlist=["model_cache_dir"]).model_cache_dir()
+    __import__("windquant_gym.paths", fromlist=["cache_root"]).cache_root() / "models"
 )
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tests never read or write the user's cache (one cache per test session, shared by its
-    tests), except the converted models (slow to make, and never written by a test)."""
+    tests), except the converted models (slow to make: a test that needs SmolLM2 converts it
+    there once, as any first use would)."""
     monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path_factory.getbasetemp() / "windquant-cache"))
     monkeypatch.setenv("WINDQUANT_MODEL_CACHE", _USER_MODEL_CACHE)
     # cli.run() (called in-process by some tests) would change malloc for the whole test session

@@ -102,7 +102,18 @@ def test_a_failed_write_leaves_no_entry_and_no_temporary_file(tmp_path):
 
 # ----- two processes, one table ------------------------------------------------------------------
 def _build_in_child(folder: str, queue) -> None:
+    import time
+
     torch.set_num_threads(1)
+    fit_all = build_module._fit_all
+
+    def slow_fit(*args, **kwargs):  # long enough that both processes want the table at once
+        with open(Path(folder) / "fits.log", "a") as log:
+            log.write("fit\n")
+        time.sleep(3)
+        return fit_all(*args, **kwargs)
+
+    build_module._fit_all = slow_fit
     model, _ = wq.load_model("tiny-llama")
     table = build_table(model, _scales(model), CONFIG, cache=folder, progress=False)
     queue.put(table.fingerprint)
@@ -119,8 +130,10 @@ def test_two_processes_building_the_same_table_both_succeed_and_leave_one_valid_
     assert [child.exitcode for child in children] == [0, 0]
     fingerprints = {queue.get(timeout=5) for _ in children}
     assert len(fingerprints) == 1
+    assert (tmp_path / "fits.log").read_text() == "fit\n"  # one built it, the other waited and read it
     path = _only_file(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    (tmp_path / "fits.log").unlink()
     model, _ = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("error", CacheWarning)  # valid: read back without a rebuild
@@ -129,15 +142,25 @@ def test_two_processes_building_the_same_table_both_succeed_and_leave_one_valid_
 
 
 # ----- keys that cannot go stale -----------------------------------------------------------------
-def test_the_table_key_changes_with_the_fitting_code(tiny, monkeypatch):
+def test_the_table_key_changes_with_the_fitting_code(tiny, monkeypatch, tmp_path):
     model, _ = tiny
     units = wq.find_units(model, CONFIG.chunk_size)
     scales = _scales(model)
     before = table_fingerprint(model, units, scales, CONFIG)
-    # what an edit to a quantizer does to the source hash
     monkeypatch.setattr(build_module, "fitting_code_version", lambda: "edited")
     assert table_fingerprint(model, units, scales, CONFIG) != before
-    assert set(build_module.FITTING_MODULES) >= {"quantizers", "fitting", "compensation"}
+    # the version hashes the quant package's source, so an edit to any of its files changes it
+    names = {p.name for p in build_module.fitting_sources()}
+    assert {"quantizers.py", "compensation.py", "fitting.py", "accounting.py", "config.py", "build.py"} <= names
+    copies = []
+    for source in build_module.fitting_sources():
+        copies.append(tmp_path / source.name)
+        copies[-1].write_bytes(source.read_bytes())
+    original = cache_module.source_version(copies)
+    assert original == cache_module.source_version(build_module.fitting_sources())
+    quantizers = tmp_path / "quantizers.py"
+    quantizers.write_text(quantizers.read_text() + "\n# an edit\n")
+    assert cache_module.source_version(copies) != original
 
 
 @pytest.mark.parametrize("weight", ["model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"])
@@ -164,18 +187,30 @@ def test_cache_cli_lists_and_clears(tiny, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("WINDQUANT_MODEL_CACHE", str(tmp_path / "models"))
     model, tokenizer = tiny
     wq.QuantProblem.build(model, tokenizer, "wiki-sample", CONFIG, n_samples=2, seq_len=16, progress=False)
-    stray = tmp_path / "cache" / "tables" / ".abc.safetensors.123-deadbeef.tmp"  # what a killed writer leaves
+    stray = tmp_path / "cache" / "tables" / ".abc.safetensors.999999999-deadbeef.tmp"  # what a killed writer leaves
     stray.write_bytes(b"x" * 10)
+    live = tmp_path / "cache" / "tables" / f".def.safetensors.{os.getpid()}-cafef00d.tmp"  # a writer still running
+    live.write_bytes(b"y" * 10)
     assert cli_main(["cache", "list"]) == 0
     listing = capsys.readouterr().out
     assert "calibration" in listing and "32 tokens" in listing
     assert "LlamaForCausalLM" in listing and "chunk_size=48, compensation=none" in listing
     assert "temporary (left by an interrupted write)" in listing
-    assert "3 entries" in listing
+    assert "temporary (being written by a running process)" in listing
+    assert "4 entries" in listing
     assert cli_main(["cache", "clear", "--stale"]) == 0
-    assert "removed 1 entries" in capsys.readouterr().out and not stray.exists()
+    assert "removed 1 entries" in capsys.readouterr().out and not stray.exists() and live.exists()
+    from filelock import FileLock
+
+    held = FileLock(str(tmp_path / "cache" / "tables" / "busy.safetensors.lock"))
+    held.acquire()  # a build in progress: its lock stays
+    free = tmp_path / "cache" / "tables" / "idle.safetensors.lock"
+    free.write_text("")
     assert cli_main(["cache", "clear", "tables"]) == 0
     assert "removed 1 entries" in capsys.readouterr().out
+    assert (tmp_path / "cache" / "tables" / "busy.safetensors.lock").exists() and not free.exists() and live.exists()
+    held.release()
+    live.unlink()
     assert [e.kind for e in cache_module.cache_entries()] == ["calibration"]
     assert cli_main(["cache", "clear"]) == 0
     assert cache_module.cache_entries() == []

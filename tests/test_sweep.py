@@ -32,7 +32,8 @@ def _args(out, **changes):
                         "out": str(out), "progress": False, **changes})
 
 
-def test_a_2x2_sweep_writes_four_runs_and_one_leaderboard_and_a_rerun_trains_nothing(local_ray, tmp_path):
+def test_a_2x2_sweep_writes_four_runs_and_one_leaderboard_and_a_rerun_trains_nothing(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))  # the runs' processes get it too
     args = _args(tmp_path / "sweep")
     result = run_sweep(args)
     assert not result.failed and len(result.trained) == 4 and not result.skipped
@@ -52,6 +53,11 @@ def test_a_2x2_sweep_writes_four_runs_and_one_leaderboard_and_a_rerun_trains_not
     assert {("knapsack", 3.0), ("knapsack", 2.0), ("unquantized", 3.0)} <= baselines
     assert (tmp_path / "sweep" / "leaderboard.csv").exists()
     assert "| MaskablePPO smoke | 3.000 |" in (tmp_path / "sweep" / "leaderboard.md").read_text()
+    # the table was built once, before any run started, and shared through the cache
+    [table] = (tmp_path / "cache" / "tables").glob("*.safetensors")
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.safetensors"))) == 1
+    started = min((run.folder / "config.json").stat().st_mtime_ns for run in plan_runs(args))
+    assert table.stat().st_mtime_ns < started
 
     stamps = {run.name: (run.folder / "summary.json").stat().st_mtime_ns for run in plan_runs(args)}
     again = run_sweep(args)
@@ -60,6 +66,32 @@ def test_a_2x2_sweep_writes_four_runs_and_one_leaderboard_and_a_rerun_trains_not
     # adding a seed runs only the new combinations
     grown = run_sweep(_args(tmp_path / "sweep", seeds=[0, 1, 2], target_bits=[2.0]))
     assert [r.name for r in grown.trained] == ["bits2-seed2"] and len(grown.skipped) == 2
+
+
+def test_the_leaderboard_shows_the_median_and_range_over_seeds(tmp_path):
+    from windquant_gym.sweep.report import run_rows
+
+    args = _args(tmp_path, seeds=[0, 1, 2], target_bits=[2.0])
+    for run, heldout in zip(plan_runs(args), (30.0, 10.0, 20.0)):
+        run.folder.mkdir(parents=True)
+        result = {"effective_bits": 2.0, "storage_bits": 2.4, "proxy_ppl": heldout / 2, "heldout_ppl": heldout}
+        (run.folder / "summary.json").write_text(json.dumps({
+            "results": {"policy": result, "knapsack": {**result, "heldout_ppl": 40.0}, "unquantized": {**result, "heldout_ppl": 5.0}},
+            "returned": "policy", "evaluations": 11, "setup_seconds": 1.0, "train_seconds": 2.0}))
+    from windquant_gym.benchmark.leaderboard import aggregate
+
+    learned, knapsack, unquantized = aggregate(run_rows(args, plan_runs(args)))
+    assert (learned["heldout_ppl"], learned["heldout_min"], learned["heldout_max"], learned["episodes"]) == (20.0, 10.0, 30.0, 3)
+    assert (knapsack["allocator"], knapsack["heldout_ppl"], unquantized["heldout_ppl"]) == ("knapsack", 40.0, 5.0)
+
+
+def test_two_sweeps_in_one_folder_are_refused(tmp_path):
+    from filelock import FileLock
+
+    (tmp_path / "sweep").mkdir()
+    with FileLock(str(tmp_path / "sweep" / ".sweep.lock")):  # what a running sweep holds
+        with pytest.raises(ConfigError, match=r"Another windquant sweep is running in .*pick another --out"):
+            run_sweep(_args(tmp_path / "sweep"))
 
 
 def _pids_running(folder: Path):
@@ -131,9 +163,20 @@ def test_bad_sweep_arguments_are_named(tmp_path, changes, message):
 def test_a_rerun_with_other_settings_is_refused_before_anything_runs(tmp_path):
     from windquant_gym.sweep.config import check_sweep_folder
 
-    check_sweep_folder(_args(tmp_path, episodes=3))
+    from windquant_gym.agents.hyperparams import load_hyperparams
+
+    check_sweep_folder(_args(tmp_path, episodes=3), load_hyperparams("smoke"))
     with pytest.raises(ConfigError, match=r"other settings \(episodes: 3 there, 4 now\).*pick another --out"):
         run_sweep(_args(tmp_path, episodes=4))
+    # the same preset name with other values (an edited YAML, another version of the package)
+    edited = tmp_path / "hp.yml"
+    edited.write_text("smoke:\n  learning_rate: 1.0e-3\n")
+    check_sweep_folder(_args(tmp_path / "b", hyperparams=str(edited)), {"learning_rate": 5.0e-4, "gamma": 1.0})
+    with pytest.raises(ConfigError, match=r"the preset's values \(learning_rate\)"):
+        check_sweep_folder(_args(tmp_path / "b", hyperparams=str(edited)), {"learning_rate": 1.0e-3, "gamma": 1.0})
+    (tmp_path / "b" / "sweep.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"sweep.json is damaged.*restore it, or pick another --out"):
+        check_sweep_folder(_args(tmp_path / "b", hyperparams=str(edited)), {})
 
 
 def test_run_states_and_the_command_each_gets(tmp_path):
@@ -229,3 +272,17 @@ def test_unknown_allocators_are_named(tmp_path):
         _args(tmp_path, allocators=["knapsak"])
     with pytest.raises(ConfigError, match="--hyperparams applies to training runs only"):
         _args(tmp_path, allocators=["learned", "knapsack"], hyperparams="x.yml")
+
+
+def test_a_run_whose_sweep_worker_is_gone_does_not_start(tmp_path):
+    import subprocess
+
+    from windquant_gym.runtime import PARENT_PID_VAR
+
+    code = "from windquant_gym.runtime import die_with_parent; die_with_parent(); print('started')"
+    env = {**os.environ, PARENT_PID_VAR: "999999999"}  # not this child's parent: the worker died before it started
+    gone = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert gone.returncode != 0 and "is gone; not starting this run" in gone.stderr and "started" not in gone.stdout
+    env[PARENT_PID_VAR] = str(os.getpid())  # its real parent
+    alive = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert alive.returncode == 0 and alive.stdout.strip() == "started"

@@ -14,8 +14,10 @@ safe under crashes and under several processes sharing one cache folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,7 +26,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, TypeVar
 
 from .errors import CacheWarning, ConfigError
 from .paths import cache_dir, model_cache_dir
@@ -36,9 +38,46 @@ CACHE_KINDS = ("models", "calibration", "tables")
 
 
 def temporary_path(path: Path) -> Path:
-    """A temporary name beside ``path``, unique to this process and call."""
+    """A temporary name beside ``path``, unique to this process and call (the pid in it tells
+    ``windquant cache clear`` whether its writer still runs)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def staging_prefix(path: Path) -> str:
+    """The prefix of a temporary folder beside ``path`` (``tempfile.mkdtemp(prefix=...)``)."""
+    return f".{Path(path).name}.partial-{os.getpid()}-"
+
+
+_WRITER = re.compile(r"\.(?:partial-)?(\d+)-[0-9a-z_]+(?:\.tmp)?$")
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the process that writes this temporary file or folder still runs (on this
+    machine; a name without a pid counts as alive for an hour)."""
+    match = _WRITER.search(path.name)
+    if match is None:
+        try:
+            return time.time() - path.stat().st_mtime < 3600
+        except OSError:
+            return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def source_version(paths: Iterable[Path]) -> str:
+    """A hash of the bytes of ``paths`` (source files): part of a cache key, so that a change
+    to the code that computes an entry never reuses an entry the old code computed."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in paths:
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 @contextmanager
@@ -78,6 +117,15 @@ def build_lock(path: Path, what: str) -> Iterator[None]:
         lock.release()
 
 
+def damage_errors() -> tuple:
+    """What reading a damaged entry raises: safetensors' header and size checks, JSON and
+    metadata errors, a format or key mismatch (:class:`TableMismatchError` is a ValueError),
+    a file cut short. Not: out of memory, permissions, a missing library (those are raised)."""
+    from safetensors import SafetensorError
+
+    return (SafetensorError, ValueError, KeyError, EOFError)
+
+
 def load_entry(path: Path, load: Callable[[Path], T], what: str) -> Optional[T]:
     """``load(path)``, or None when there is no entry, or when it is damaged (with a
     :class:`CacheWarning` naming the file; the caller rebuilds it, and its atomic write
@@ -87,7 +135,7 @@ def load_entry(path: Path, load: Callable[[Path], T], what: str) -> Optional[T]:
         return None
     try:
         return load(path)
-    except Exception as error:  # any failure to read a cache entry means: rebuild it
+    except damage_errors() as error:
         warnings.warn(
             f"The {what} cache file {path} is damaged or of another format ({type(error).__name__}: "
             f"{str(error)[:200]}); rebuilding it.",
@@ -138,7 +186,13 @@ class CacheEntry:
 
 
 def _folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    total = 0
+    for item in path.rglob("*"):
+        try:
+            total += item.stat().st_size if item.is_file() else 0
+        except OSError:  # renamed or removed meanwhile by a writer
+            pass
+    return total
 
 
 def _describe_safetensors(kind: str, path: Path):
@@ -186,11 +240,18 @@ def cache_entries(kinds: Sequence[str] = CACHE_KINDS, root: Optional[Path] = Non
         for path in sorted(folder.iterdir()):
             if path.name.endswith(".lock"):
                 continue
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError:  # a temporary file renamed into place while we listed
+                continue
             if path.name.startswith(".") or ".partial" in path.name:
                 size = _folder_size(path) if path.is_dir() else stat.st_size
-                entries.append(CacheEntry(kind, path, size, stat.st_mtime, "?", "temporary (left by an interrupted write)"))
+                detail = ("temporary (being written by a running process)" if _writer_alive(path)
+                          else "temporary (left by an interrupted write)")
+                entries.append(CacheEntry(kind, path, size, stat.st_mtime, "?", detail))
             elif path.is_dir():
+                if kind == "models" and path.name not in converted_model_names():
+                    continue  # not ours (WINDQUANT_MODEL_CACHE may be a shared folder)
                 entries.append(CacheEntry(kind, path, _folder_size(path), stat.st_mtime, path.name, "converted model"))
             elif path.suffix == ".safetensors":
                 model, detail = _describe_safetensors(kind, path)
@@ -202,20 +263,39 @@ def clear_cache(kinds: Sequence[str] = CACHE_KINDS, root: Optional[Path] = None,
     """Remove the cache's entries of ``kinds`` (and their lock and temporary files), or with
     ``stale_only`` only those no current key can reach (other code, damaged, temporary);
     returns what was removed."""
+    from filelock import FileLock, Timeout
+
     kinds = _check_kinds(kinds)
     removed = cache_entries(kinds, root)
+    # a running writer keeps its temporary file, and an entry being built keeps its lock
+    removed = [e for e in removed if "being written" not in e.detail]
     if stale_only:
         removed = [e for e in removed if e.detail.startswith(("stale", "damaged", "temporary"))]
     for entry in removed:
         if entry.path.is_dir():
             shutil.rmtree(entry.path, ignore_errors=True)
-        elif entry.path.exists():
-            entry.path.unlink()
+        else:
+            entry.path.unlink(missing_ok=True)
     for kind in kinds:
         folder = _folder(kind, root)
-        for lock in folder.glob("*.lock") if folder.is_dir() else ():
-            lock.unlink(missing_ok=True)
+        for lock_path in folder.glob("*.lock") if folder.is_dir() else ():
+            lock = FileLock(str(lock_path))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:  # held: a build is running
+                continue
+            try:
+                lock_path.unlink(missing_ok=True)
+            finally:
+                lock.release()
     return removed
+
+
+def converted_model_names() -> List[str]:
+    """The folders :func:`~windquant_gym.load_model` converts into the model cache."""
+    from .models.loading import CONVERTED_MODELS
+
+    return list(CONVERTED_MODELS)
 
 
 def _folder(kind: str, root: Optional[Path]) -> Path:

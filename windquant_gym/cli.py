@@ -176,9 +176,10 @@ def run() -> int:
     """The ``windquant`` console script: a named error prints its message (value and fix),
     not a traceback; ``main`` raises it, for callers and tests."""
     from .errors import WindQuantError
-    from .runtime import keep_freed_memory
+    from .runtime import die_with_parent, keep_freed_memory
 
     try:
+        die_with_parent()  # a run started by windquant sweep does not outlive its Ray worker
         keep_freed_memory()  # this process is ours: reuse freed memory (see runtime.py)
         return main()
     except WindQuantError as error:

@@ -6,14 +6,19 @@ import os
 from pathlib import Path
 
 
-def cache_dir(*parts: str) -> Path:
-    """The cache folder (``$WINDQUANT_CACHE``, else ``$XDG_CACHE_HOME/windquant_gym``,
-    else ``~/.cache/windquant_gym``), created on demand, with ``parts`` appended."""
+def cache_root() -> Path:
+    """The cache folder (``$WINDQUANT_CACHE``, else ``$XDG_CACHE_HOME/windquant_gym``, else
+    ``~/.cache/windquant_gym``), not created."""
     root = os.environ.get("WINDQUANT_CACHE")
     if root is None:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
         root = os.path.join(xdg, "windquant_gym")
-    path = Path(root, *parts)
+    return Path(root)
+
+
+def cache_dir(*parts: str) -> Path:
+    """:func:`cache_root` with ``parts`` appended, created on demand."""
+    path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -3,7 +3,7 @@ everything an episode (or any allocator) needs, prepared once and cached on disk
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import math
 import operator
@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .cache import atomic_path, load_or_build
+from .cache import atomic_path, load_or_build, source_version
 from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks
 from .errors import ConfigError
@@ -51,11 +51,15 @@ def calibration_key(model: nn.Module, units: List[Unit], blocks: torch.Tensor) -
     return tensors_fingerprint(tensors, calibration_code_version(), type(model).__name__, config_text, widths)
 
 
+@functools.lru_cache(maxsize=None)
 def calibration_code_version() -> str:
-    """The calibration format and a hash of ``calibration.py``: part of the cache key."""
-    from . import calibration as calibration_module
+    """The calibration format and a hash of the code that computes a calibration (the scales
+    and Hessians: ``calibration.py``; the stored NLL: ``eval/perplexity.py``; the units the
+    Hessians are cut by: ``quant/units.py``): part of the cache key."""
+    import importlib
 
-    code = hashlib.blake2b(Path(calibration_module.__file__).read_bytes(), digest_size=8).hexdigest()
+    modules = ("calibration", "eval.perplexity", "quant.units")
+    code = source_version(Path(importlib.import_module(f"{__package__}.{m}").__file__) for m in modules)
     return f"calibration-{CALIBRATION_FORMAT}-{code}"
 
 

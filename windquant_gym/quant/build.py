@@ -4,7 +4,6 @@ of every (unit, action) (:mod:`.fitting` fits one batch of same-shape units)."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..cache import load_or_build
+from ..cache import load_or_build, source_version
 from ..errors import ConfigError, DataError, TableMismatchError
 from ..fingerprint import tensors_fingerprint
 from ..paths import cache_dir
@@ -27,19 +26,17 @@ from .table import TABLE_FORMAT, QuantTable
 from .units import Unit, check_weights, find_units, module_names
 
 
-# The modules whose code decides a table's entries: a change to any of them (a quantizer, the
-# compensation, the bit accounting) changes every table key, so no stale table is ever reused.
-FITTING_MODULES = ("quantizers", "fitting", "compensation", "bitwidths", "accounting", "units", "build")
+def fitting_sources() -> List[Path]:
+    """The source files whose code decides a table's entries: the whole ``quant`` package
+    (quantizers, compensation, accounting, config, ...). A change to any of them changes
+    every table key, so no table the old code fitted is reused."""
+    return sorted(Path(__file__).parent.glob("*.py"))
 
 
 @functools.lru_cache(maxsize=None)
 def fitting_code_version() -> str:
-    """A hash of the source of :data:`FITTING_MODULES`, part of every table's cache key."""
-    digest = hashlib.blake2b(digest_size=8)
-    folder = Path(__file__).parent
-    for name in FITTING_MODULES:
-        digest.update((folder / f"{name}.py").read_bytes())
-    return digest.hexdigest()
+    """A hash of :func:`fitting_sources`, part of every table's cache key."""
+    return source_version(fitting_sources())
 
 
 def describe_model(model: nn.Module) -> str:

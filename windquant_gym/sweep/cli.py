@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import List
 
 from .config import SweepArgs
@@ -40,13 +41,19 @@ def main(argv: List[str]) -> int:
     ns = parser.parse_args(argv)
     from .execute import run_sweep
 
-    result = run_sweep(SweepArgs(
+    args = SweepArgs(
         model=ns.model, preset=ns.preset, seeds=ns.seeds, target_bits=ns.target_bits, allocators=ns.allocators,
         search_evaluations=ns.search_evaluations, out=ns.out, episodes=ns.episodes,
         calibration_seed=ns.calibration_seed, hyperparams=ns.hyperparams, device=ns.device, address=ns.address,
         cpus_per_run=ns.cpus_per_run, gpus_per_run=ns.gpus_per_run, num_cpus=ns.num_cpus, retries=ns.retries,
         progress=not ns.no_progress,
-    ))
+    )
+    try:
+        result = run_sweep(args)
+    except KeyboardInterrupt:
+        print(f"\nwindquant sweep: interrupted; the runs keep their checkpoints: run the same command to resume "
+              f"({args.out}).", file=sys.stderr)
+        return 130
     print((result.leaderboard["md"]).read_text())
     return 1 if result.failed else 0
 

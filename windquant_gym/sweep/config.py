@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..cache import atomic_path
 from ..errors import ConfigError
 
 SWEEP_FILE = "sweep.json"
@@ -59,7 +60,8 @@ class SweepArgs:
     hyperparams: Optional[str] = None
     """Another hyperparameter YAML (a path every node can read)."""
     device: str = "auto"
-    """Where each run's LM runs ("auto": the GPU Ray gives the task, if any)."""
+    """Where each training run's LM runs ("auto": the GPU Ray gives the task, if any); bench
+    runs always use "auto"."""
     address: Optional[str] = None
     """An existing Ray cluster ("auto", or "ray://HOST:10001"); None starts Ray on this machine."""
     cpus_per_run: Optional[float] = None
@@ -109,18 +111,39 @@ class SweepArgs:
         return {k: getattr(self, k) for k in RUN_SHAPING}
 
 
-def check_sweep_folder(args: SweepArgs) -> None:
-    """Record the sweep's run-shaping settings in its folder, or refuse a re-run whose
-    settings differ (its finished runs would not be the runs asked for)."""
+def check_sweep_folder(args: SweepArgs, hp: Dict[str, Any]) -> None:
+    """Record the sweep's run-shaping settings (and the preset's values, ``hp``) in its folder,
+    or refuse a re-run whose settings differ: its finished runs would not be the runs asked for
+    (an edited YAML or another package version changes the values under the same preset name)."""
     out = Path(args.out)
     path = out / SWEEP_FILE
-    wanted = args.run_shaping()
+    wanted = {**args.run_shaping(), "hyperparameters": json.loads(json.dumps(hp, sort_keys=True, default=str))}
     if path.exists():
-        saved = json.loads(path.read_text()).get("runs", {})
-        differ = {k: (saved.get(k), wanted[k]) for k in wanted if saved.get(k) != wanted[k]}
+        try:
+            saved = json.loads(path.read_text())["runs"]
+        except (ValueError, KeyError) as error:
+            raise ConfigError(f"{path} is damaged ({type(error).__name__}); it records what shaped the runs in {out}: "
+                              "restore it, or pick another --out.") from None
+        # a field an older version did not record cannot be compared
+        differ = {k: (saved[k], wanted[k]) for k in wanted if k in saved and saved[k] != wanted[k]}
         if differ:
-            shown = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differ.items())
+            shown = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differ.items() if k != "hyperparameters")
+            if "hyperparameters" in differ:
+                keys = _changed_keys(differ["hyperparameters"][0], wanted["hyperparameters"])
+                shown = ", ".join(filter(None, [shown, f"the preset's values ({', '.join(keys)})"]))
             raise ConfigError(f"{out} holds a sweep with other settings ({shown}); re-run it with its own settings to "
                               "resume it, or pick another --out.")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": wanted, "args": asdict(args)}, indent=1))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"runs": wanted, "args": asdict(args)}, indent=1))
+
+
+def _changed_keys(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys

@@ -5,19 +5,23 @@ process (its output in the run's ``train.log``); a failed run leaves the others 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
-from ..errors import MissingDependencyError, RunFailedError, WindQuantError
+from ..errors import ConfigError, MissingDependencyError, RunFailedError, WindQuantError
+from ..runtime import PARENT_PID_VAR
 from .config import SweepArgs, check_sweep_folder
 from .report import write_sweep_leaderboard
 from .runs import FINISHED, INTERRUPTED, SweepRun, plan_runs, run_argv, status_of
 
-PIP_HINT = 'pip install -e ".[sweep]" (in a clone of windquant-gym), or pip install "ray>=2.10"'
+PIP_HINT = 'pip install -e ".[sweep]" (in a clone of windquant-gym), or pip install "ray>=2.44"'
 
 
 @dataclass
@@ -54,7 +58,30 @@ def run_sweep(args: SweepArgs) -> SweepResult:
     args = _absolute_paths(args)  # the tasks' processes may start elsewhere (a cluster's node)
     hp = load_hyperparams(args.preset, args.hyperparams)  # an unknown preset fails before Ray starts
     cpus, gpus = resources(args, hp)
-    check_sweep_folder(args)
+    with sweep_lock(Path(args.out)):
+        return _sweep(args, hp, cpus, gpus, started)
+
+
+@contextmanager
+def sweep_lock(out: Path) -> Iterator[None]:
+    """One sweep at a time per folder: two would start (and --overwrite) the same runs."""
+    from filelock import FileLock, Timeout
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / ".sweep.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"Another windquant sweep is running in {out}: wait for it to end (then run this one to "
+                          "resume or extend it), or pick another --out.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _sweep(args: SweepArgs, hp, cpus: float, gpus: float, started: float) -> SweepResult:
+    check_sweep_folder(args, hp)
     runs = plan_runs(args)
     result = SweepResult(runs)
     todo = []
@@ -97,8 +124,9 @@ def _run_on_ray(args: SweepArgs, hp, todo: List[SweepRun], cpus: float, gpus: fl
         ray.init(**init, include_dashboard=False, logging_level="WARNING")
     try:
         forwarded = forwarded_env()
-        # the table is built once, by one task with a whole node's CPUs, before the runs fan out
-        node_cpus = max([n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [cpus])
+        # the table is built once, by one task, before the runs fan out: with all of this machine's
+        # CPUs when Ray runs here (nothing else runs yet), with one run's share on a cluster
+        node_cpus = cpus if args.address else max([n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [cpus])
         prepare = ray.remote(num_cpus=max(cpus, node_cpus), num_gpus=gpus, max_calls=1, max_retries=0)(prepare_problem)
         try:
             ray.get(prepare.remote(args, forwarded, int(max(cpus, node_cpus))))
@@ -110,7 +138,9 @@ def _run_on_ray(args: SweepArgs, hp, todo: List[SweepRun], cpus: float, gpus: fl
                           retry_exceptions=args.retries > 0)(execute_run)
         pending = {task.remote(run, args, hp, forwarded, max(1, int(cpus))): run for run in todo}
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # a timeout lets Ctrl-C through
+            if not done:
+                continue
             run = pending.pop(done[0])
             try:
                 outcome = ray.get(done[0])
@@ -129,10 +159,16 @@ def _run_on_ray(args: SweepArgs, hp, todo: List[SweepRun], cpus: float, gpus: fl
             ray.shutdown()
 
 
+_PATH_VARS = ("WINDQUANT_CACHE", "WINDQUANT_MODEL_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "XDG_CACHE_HOME")
+
+
 def forwarded_env() -> Dict[str, str]:
     """This process's cache and offline settings, for the tasks' processes (Ray's workers
-    inherit the environment Ray was started with, not the driver's current one)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(("WINDQUANT_", "HF_"))}
+    inherit the environment Ray was started with, not the driver's current one, and start in
+    other folders: cache paths are made absolute, so that every run shares one cache)."""
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(("WINDQUANT_", "HF_")) or k == "XDG_CACHE_HOME"}
+    forwarded.pop(PARENT_PID_VAR, None)
+    return {k: str(Path(v).resolve()) if k in _PATH_VARS and v else v for k, v in forwarded.items()}
 
 
 def prepare_problem(args: SweepArgs, forwarded: Dict[str, str], threads: int) -> None:
@@ -160,28 +196,20 @@ def execute_run(run: SweepRun, args: SweepArgs, hp, forwarded: Dict[str, str], t
     argv = run_argv(run, args, hp)
     run.folder.mkdir(parents=True, exist_ok=True)
     log = run.folder / f"{argv[0]}.log"
-    environment = {**os.environ, **forwarded, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    environment = {**os.environ, **forwarded, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                   PARENT_PID_VAR: str(os.getpid())}
     with log.open("a") as handle:
         handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} windquant {' '.join(argv)}\n")
         handle.flush()
         code = subprocess.run([sys.executable, "-m", "windquant_gym.cli", *argv], stdout=handle, stderr=subprocess.STDOUT,
-                              env=environment, preexec_fn=_die_with_parent).returncode
+                              env=environment).returncode
     if code != 0:
-        tail = log.read_text().strip().splitlines()[-3:]
-        how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
+        # the log's last lines, without progress bars (they hold no cause)
+        lines = [line for line in re.split(r"[\r\n]+", log.read_text()) if line.strip() and "it/s]" not in line]
+        tail = lines[-3:]
+        how = f"killed by signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exited with {code}"
         raise RunFailedError(f"{run.name}: windquant {argv[0]} {how} (log {log}): {' | '.join(tail)}")
     return {"resumed": resumed, "seconds": time.perf_counter() - started}
-
-
-def _die_with_parent() -> None:
-    """In the child: on Linux, be killed when the Ray worker that started it dies (a cancelled
-    sweep, a lost node), rather than train on as an orphan writing into the run folder."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _say(text: str) -> None:

@@ -181,12 +181,16 @@ def run_tune(args: TuneArgs) -> Dict[str, Any]:
     from .execute import forwarded_env, prepare_problem
     from .config import SweepArgs
 
-    args = TuneArgs(**{**asdict(args), "out": str(Path(args.out).resolve()), "space": str(Path(args.space).resolve())})
+    # trials run in their own folders (Tune changes the working directory): every path absolute
+    args = TuneArgs(**{**asdict(args), "out": str(Path(args.out).resolve()), "space": str(Path(args.space).resolve()),
+                       "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
+                       "hyperparams": str(Path(args.hyperparams).resolve()) if args.hyperparams else None})
     hp = load_hyperparams(args.preset, args.hyperparams)
     space = load_space(args.space, hp)
     tune, OptunaSearch = _ray_tune()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_search_folder(args, hp, space)
     owned = not ray.is_initialized()
     if owned:
         init = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
@@ -218,6 +222,32 @@ def run_tune(args: TuneArgs) -> Dict[str, Any]:
     return write_trials(args, hp, grid)
 
 
+# what a restored search must share with the command that started it
+_SEARCH_SHAPING = ("model", "preset", "trials", "target_bits", "seed", "search_seed", "episodes", "calibration_seed",
+                   "hyperparams", "device")
+
+
+def _check_search_folder(args: TuneArgs, hp: Dict[str, Any], space: Dict[str, tuple]) -> None:
+    """Record what shapes the search in ``OUT/search.json``, or refuse a re-run that differs
+    (Tune would restore the old search under the new arguments)."""
+    from ..cache import atomic_path
+
+    path = Path(args.out) / "search.json"
+    wanted = json.loads(json.dumps({**{k: getattr(args, k) for k in _SEARCH_SHAPING}, "space": space,
+                                    "hyperparameters": hp}, sort_keys=True, default=str))
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            raise ConfigError(f"{path} is damaged; restore it, or pick another --out.") from None
+        differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        if differ:
+            raise ConfigError(f"{args.out} holds a search with other {', '.join(differ)}: re-run it with its own "
+                              "settings to finish it, or pick another --out.")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(wanted, indent=1))
+
+
 def write_trials(args: TuneArgs, hp: Dict[str, Any], grid) -> Dict[str, Any]:
     from ..agents.hyperparams import merge_hyperparams
 
@@ -227,7 +257,7 @@ def write_trials(args: TuneArgs, hp: Dict[str, Any], grid) -> Dict[str, Any]:
         trials.append({"trial": metrics.get("trial_id") or Path(result.path).name, "config": dict(result.config or {}),
                        "proxy_ppl": metrics.get("proxy_ppl"), "heldout_ppl": metrics.get("heldout_ppl"),
                        "effective_bits": metrics.get("effective_bits"), "evaluations": metrics.get("evaluations"),
-                       "run": metrics.get("run"), "error": str(result.error).splitlines()[0] if result.error else None})
+                       "run": metrics.get("run"), "error": _first_line(result.error) if result.error else None})
     finished = [t for t in trials if isinstance(t["proxy_ppl"], (int, float)) and math.isfinite(t["proxy_ppl"])]
     finished.sort(key=lambda t: t["proxy_ppl"])
     out = Path(args.out)
@@ -247,11 +277,18 @@ def write_trials(args: TuneArgs, hp: Dict[str, Any], grid) -> Dict[str, Any]:
     (out / "trials.md").write_text("\n".join(lines) + "\n\nChosen by proxy PPL (lowest first); held-out PPL is reported, never used to choose.\n")
     if finished:
         best = merge_hyperparams(hp, nest(finished[0]["config"]))
+        if args.episodes is not None:  # what the trials trained for
+            best["episodes"] = args.episodes
         (out / "best_hyperparams.yml").write_text(
             f"# windquant tune: the best of {len(finished)} trials by proxy PPL ({finished[0]['trial']}), over preset "
             f"{args.preset!r}\n# use: windquant train --hyperparams {out / 'best_hyperparams.yml'} --preset tuned\n"
             + yaml.safe_dump({"default": best, "tuned": {}}, sort_keys=False))
     return report
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _fmt(value) -> str:
