@@ -120,8 +120,7 @@ def _run_on_ray(args: SweepArgs, hp, todo: List[SweepRun], cpus: float, gpus: fl
     ray = import_ray()
     owned = not ray.is_initialized()
     if owned:
-        init = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
-        ray.init(**init, include_dashboard=False, logging_level="WARNING")
+        connect(ray, args.address, args.num_cpus)
     try:
         forwarded = forwarded_env()
         # the table is built once, by one task, before the runs fan out: with all of this machine's
@@ -160,6 +159,21 @@ def _run_on_ray(args: SweepArgs, hp, todo: List[SweepRun], cpus: float, gpus: fl
 
 
 _PATH_VARS = ("WINDQUANT_CACHE", "WINDQUANT_MODEL_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "XDG_CACHE_HOME")
+
+
+def connect(ray, address, num_cpus) -> None:
+    """Start Ray here (``address`` None) or join the cluster at ``address``, with a named error."""
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+        return
+    try:
+        ray.init(address=address, logging_level="WARNING")
+    except ConnectionError as error:
+        raise ConfigError(
+            f"Could not join the Ray cluster at --address {address} ({error}). Check that `ray start --head` runs "
+            "there and that this machine reaches the address `ray start` printed; a cluster with Ray's token "
+            "authentication needs its token here too (on a trusted network both sides may set RAY_AUTH_MODE=disabled)."
+        ) from None
 
 
 def forwarded_env() -> Dict[str, str]:

@@ -178,7 +178,7 @@ def run_tune(args: TuneArgs) -> Dict[str, Any]:
     import ray
 
     from ..agents.hyperparams import load_hyperparams
-    from .execute import forwarded_env, prepare_problem
+    from .execute import connect, forwarded_env, prepare_problem
     from .config import SweepArgs
 
     # trials run in their own folders (Tune changes the working directory): every path absolute
@@ -193,8 +193,7 @@ def run_tune(args: TuneArgs) -> Dict[str, Any]:
     _check_search_folder(args, hp, space)
     owned = not ray.is_initialized()
     if owned:
-        init = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
-        ray.init(**init, include_dashboard=False, logging_level="WARNING")
+        connect(ray, args.address, args.num_cpus)
     try:
         # the problem (calibration, table) once, before trials fan out
         sweep_args = SweepArgs(model=args.model, preset=args.preset, seeds=[args.seed], target_bits=[args.target_bits],
