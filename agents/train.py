@@ -162,6 +162,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     recorder = EpisodeRecorder(out, base.problem, hp["episodes"], progress=args.progress)
     for info in (warm_start or {}).pop("final_infos", {}).values():  # measured plans count as seen
         recorder.consider(info, episode=0)
+    warm_start = _warm_start_record(out, warm_start, resumed=checkpoint is not None)
     callbacks = [recorder]
     if hp.get("self_imitation"):
         callbacks.append(SelfImitation(view, recorder, start_plans, seed=args.seed, **hp["self_imitation"]))
@@ -188,6 +189,17 @@ def _knapsack_plans(base, targets: List[float]) -> Dict[float, np.ndarray]:
         base.set_target_bits(target)
         plans[target] = KnapsackAllocator().make_plan(base)
     return plans
+
+
+def _warm_start_record(out: Path, warm_start: Optional[Dict[str, Any]], resumed: bool) -> Optional[Dict[str, Any]]:
+    """What the warm start did and spent (its proxy passes count in the run's evaluations), kept
+    in the run folder: a resumed run does not warm-start again, and still reports it."""
+    path = out / "warm_start.json"
+    if resumed:
+        return json.loads(path.read_text()) if path.exists() else None
+    if warm_start is not None:
+        path.write_text(json.dumps(warm_start, default=float))
+    return warm_start
 
 
 def _start_plans(out: Path, plans: Optional[Dict[float, np.ndarray]]) -> Dict[float, np.ndarray]:

@@ -91,6 +91,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
+    uninterrupted = train(TrainArgs(model="tiny-llama", preset="smoke", out=str(tmp_path / "whole"), episodes=5, progress=False))
     record = callbacks.EpisodeRecorder._record
 
     def killed_after_third_episode(self, info):
@@ -118,6 +119,9 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert final["episodes"] == 5 and final["env"]["episode_count"] == 5
     assert final["num_timesteps"] == 5 * summary["n_units"]
     assert summary["resumed_from_episode"] == 2
+    # the proxy passes the warm start spent before the kill still count (equal budgets on a leaderboard)
+    assert summary["warm_start"]["evaluations"] > 0
+    assert summary["evaluations"] == uninterrupted["evaluations"] == 5 + summary["warm_start"]["evaluations"] + 1
 
 
 def test_resume_needs_a_run_with_a_checkpoint(tmp_path):
