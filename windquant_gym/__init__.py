@@ -3,6 +3,7 @@
 from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks
 from .errors import (
+    CacheWarning,
     ConfigError,
     DataError,
     ExportFormatError,
@@ -11,6 +12,7 @@ from .errors import (
     ModelStructureError,
     OutputExistsError,
     TableMismatchError,
+    RunFailedError,
     UnknownNameError,
     WindQuantError,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "load_model", "load_texts", "sample_token_blocks", "mean_nll", "perplexity",
     "WindQuantError", "ConfigError", "DataError", "MissingDependencyError", "ModelStructureError",
     "TableMismatchError", "UnknownNameError", "OutputExistsError", "IncompleteExportError", "ExportFormatError",
+    "RunFailedError", "CacheWarning",
     "export_plan", "load_quantized", "packed_size", "keep_freed_memory",
     "ENV_ID", "CurriculumWrapper", "WindQuantEnv", "RewardConfig", "PrecisionRules",
     "ActionCostObservation", "ProxyLossReward", "LossRewardConfig",
