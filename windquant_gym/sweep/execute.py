@@ -55,7 +55,7 @@ def run_sweep(args: SweepArgs) -> SweepResult:
     from ..agents.hyperparams import load_hyperparams
 
     started = time.perf_counter()
-    args = _absolute_paths(args)  # the tasks' processes may start elsewhere (a cluster's node)
+    args = absolute_paths(args)
     hp = load_hyperparams(args.preset, args.hyperparams)  # an unknown preset fails before Ray starts
     cpus, gpus = resources(args, hp)
     with sweep_lock(Path(args.out)):
@@ -85,11 +85,12 @@ def _sweep(args: SweepArgs, hp, cpus: float, gpus: float, started: float) -> Swe
     runs = plan_runs(args)
     result = SweepResult(runs)
     todo = []
+    status = {run: status_of(run) for run in runs}  # (reads each run's summary and checkpoints once)
     for run in runs:
-        (result.skipped if status_of(run) == FINISHED else todo).append(run)
+        (result.skipped if status[run] == FINISHED else todo).append(run)
+    resuming = sum(status[r] == INTERRUPTED for r in todo)
     _say(f"sweep {args.out}: {len(runs)} runs, {len(result.skipped)} finished before (skipped), "
-         f"{sum(status_of(r) == INTERRUPTED for r in todo)} to resume, "
-         f"{sum(status_of(r) != INTERRUPTED for r in todo)} to start; {cpus:g} CPU, {gpus:g} GPU per run")
+         f"{resuming} to resume, {len(todo) - resuming} to start; {cpus:g} CPU, {gpus:g} GPU per run")
     if todo:
         _run_on_ray(args, hp, todo, cpus, gpus, result)
     result.leaderboard = write_sweep_leaderboard(args, runs, result)
@@ -101,11 +102,14 @@ def _sweep(args: SweepArgs, hp, cpus: float, gpus: float, started: float) -> Swe
     return result
 
 
-def _absolute_paths(args: SweepArgs) -> SweepArgs:
-    local_model = Path(args.model).exists()
-    return replace(args, out=str(Path(args.out).resolve()),
-                   model=str(Path(args.model).resolve()) if local_model else args.model,
-                   hyperparams=str(Path(args.hyperparams).resolve()) if args.hyperparams else None)
+def absolute_paths(args, **paths: str):
+    """``args`` (a frozen dataclass with ``out``, ``model``, ``hyperparams``) with its paths, and
+    the named extra ``paths``, made absolute: the tasks' processes start in other folders (Tune
+    trials in their own, runs on a cluster's nodes). A model name stays a name."""
+    resolve = lambda value: str(Path(value).resolve())  # noqa: E731
+    return replace(args, out=resolve(args.out), model=resolve(args.model) if Path(args.model).exists() else args.model,
+                   hyperparams=resolve(args.hyperparams) if args.hyperparams else None,
+                   **{name: resolve(value) for name, value in paths.items()})
 
 
 def resources(args: SweepArgs, hp) -> Tuple[float, float]:

@@ -17,15 +17,16 @@ from .runs import BENCH_FILE, FINISHED, status_of
 LEADERBOARD = "leaderboard.json"
 
 
-def run_rows(args: SweepArgs, runs) -> List[Dict[str, Any]]:
+def run_rows(args: SweepArgs, runs, status: Dict[Any, str] = None) -> List[Dict[str, Any]]:
     """One row per finished training run (its returned plan) and per plan of a finished bench
     run; per target, the knapsack and unquantized rows of its first finished training run (they
     do not depend on the agent seed), unless a bench run measures them."""
     rows, baselines = [], []
     seen_targets = set()
     benched = set(args.allocators)
+    status = status or {run: status_of(run) for run in runs}
     for run in runs:
-        if status_of(run) != FINISHED:
+        if status[run] != FINISHED:
             continue
         if not run.learned:
             board = json.loads((run.folder / BENCH_FILE).read_text())
@@ -58,8 +59,9 @@ def _row(allocator: str, target: float, result: Dict[str, Any], evaluations, sec
 
 
 def write_sweep_leaderboard(args: SweepArgs, runs, result) -> Dict[str, Path]:
-    rows = run_rows(args, runs)
+    status = {run: status_of(run) for run in runs}
+    rows = run_rows(args, runs, status)
     meta = {"model": args.model, "preset": args.preset, "seeds": list(args.seeds), "target_bits": list(args.target_bits),
-            "episodes": args.episodes, "runs": {run.name: status_of(run) for run in runs},
+            "episodes": args.episodes, "runs": {run.name: status[run] for run in runs},
             "failed": dict(result.failed)}
     return write_leaderboard(rows, Path(args.out) / LEADERBOARD, meta)

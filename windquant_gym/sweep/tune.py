@@ -178,13 +178,10 @@ def run_tune(args: TuneArgs) -> Dict[str, Any]:
     import ray
 
     from ..agents.hyperparams import load_hyperparams
-    from .execute import connect, forwarded_env, prepare_problem
+    from .execute import absolute_paths, connect, forwarded_env, prepare_problem
     from .config import SweepArgs
 
-    # trials run in their own folders (Tune changes the working directory): every path absolute
-    args = TuneArgs(**{**asdict(args), "out": str(Path(args.out).resolve()), "space": str(Path(args.space).resolve()),
-                       "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
-                       "hyperparams": str(Path(args.hyperparams).resolve()) if args.hyperparams else None})
+    args = absolute_paths(args, space=args.space)
     hp = load_hyperparams(args.preset, args.hyperparams)
     space = load_space(args.space, hp)
     tune, OptunaSearch = _ray_tune()
@@ -260,7 +257,7 @@ def write_trials(args: TuneArgs, hp: Dict[str, Any], grid) -> Dict[str, Any]:
     finished = [t for t in trials if isinstance(t["proxy_ppl"], (int, float)) and math.isfinite(t["proxy_ppl"])]
     finished.sort(key=lambda t: t["proxy_ppl"])
     out = Path(args.out)
-    report = {"meta": {k: v for k, v in asdict(args).items()}, "trials": trials,
+    report = {"meta": asdict(args), "trials": trials,
               "best": finished[0] if finished else None}
     (out / "trials.json").write_text(json.dumps(report, indent=1, default=str))
     keys = sorted({k for t in trials for k in t["config"]})
