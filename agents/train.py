@@ -10,6 +10,16 @@ unquantized model.
 
 A preset may warm-start the policy (``warm_start:``): behaviour cloning on the knapsack's
 plans at the curriculum's targets, before PPO (:mod:`windquant_gym.agents.imitation`).
+
+A preset with ``sampled_targets: [...]`` (``cpu-front``) draws every episode's target from that
+list instead of following a curriculum: one policy for every budget. A run over several
+targets also writes the size/quality front (``front.{json,csv,md}``, :mod:`.front`): at
+every target the policy's one-pass plan beside the calibrated knapsack's and the knapsack's.
+
+Every proxy pass the run makes is counted (``QuantProblem.proxy_passes``): the warm start's,
+one per training episode, one per target for the final rollouts and the summary's baselines;
+``summary.json``'s ``evaluations`` is their sum, and a test checks it against a hook on the
+model's forward.
 """
 
 from __future__ import annotations
@@ -28,12 +38,12 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.monitor import Monitor
 
 from ..data import eval_windows, load_texts
-from ..envs import ENV_ID, CurriculumWrapper, RewardConfig
-from ..eval.perplexity import perplexity
+from ..envs import ENV_ID, CurriculumWrapper, RewardConfig, TargetSampler
+from ..eval.bootstrap import paired_bootstrap
 from ..plan import QuantPlan
-from ..quant.apply import quantized_weights
 from ..errors import ConfigError
 from .callbacks import EpisodeRecorder
+from .front import HeldoutCache, front_row, write_front
 from .checkpoints import LATEST, ResumableCheckpoint, clear_run, has_run, latest_checkpoint, read_state
 from ..benchmark.allocators import KnapsackAllocator
 from ..benchmark.calibrated import CalibratedKnapsack
@@ -81,16 +91,41 @@ def calibration_seed(args: TrainArgs, hp: Dict[str, Any]) -> int:
 
 
 def stages(args: TrainArgs, hp: Dict[str, Any]) -> List[float]:
-    return [float(args.target_bits)] if args.target_bits is not None else [float(t) for t in hp["curriculum"]]
+    """The targets the run trains at, in curriculum order (or the sampled list)."""
+    if args.target_bits is not None:
+        return [float(args.target_bits)]
+    if _sampled(hp):
+        return [float(t) for t in hp["sampled_targets"]]
+    return [float(t) for t in hp["curriculum"]]
+
+
+def _sampled(hp: Dict[str, Any]) -> bool:
+    targets = hp.get("sampled_targets")
+    if targets is None:
+        return False
+    if not isinstance(targets, (list, tuple)) or len(targets) < 1:
+        raise ConfigError(f"sampled_targets must be a list of target bits, got {targets!r} (hyperparams.yml); "
+                          "e.g. sampled_targets: [2.0, 2.5, 3.0].")
+    return True
+
+
+def summary_target(args: TrainArgs, hp: Dict[str, Any]) -> float:
+    """The target the printed summary is about: the curriculum's last stage, or the lowest of
+    the sampled targets (the hardest budget)."""
+    targets = stages(args, hp)
+    return min(targets) if args.target_bits is None and _sampled(hp) else targets[-1]
 
 
 def make_env(args: TrainArgs, hp: Dict[str, Any]) -> gym.Env:
-    """``Monitor(CurriculumWrapper(observation(reward(WindQuant-v0))))`` as the preset says."""
+    """``Monitor(CurriculumWrapper(observation(reward(WindQuant-v0))))`` as the preset says
+    (``TargetSampler`` in place of the curriculum for ``sampled_targets``)."""
     reward = RewardConfig(**hp["reward"]) if hp.get("reward") else None
     env_kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
     env = gym.make(ENV_ID, model=args.model, device=args.device, seed=calibration_seed(args, hp), progress=args.progress,
                    reward_config=reward, **env_kwargs)
     targets = stages(args, hp)
+    if args.target_bits is None and _sampled(hp):
+        return Monitor(TargetSampler(policy_view(env, hp), targets, seed=args.seed))
     episodes_per_stage = max(1, math.ceil(hp["episodes"] / len(targets)))
     return Monitor(CurriculumWrapper(policy_view(env, hp), targets, episodes_per_stage))
 
@@ -153,11 +188,11 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     else:
         model = _new_model(env, hp, n_units, out, args.seed)
     targets = sorted(set(stages(args, hp)))
-    knapsack = _knapsack_plans(base, [stages(args, hp)[-1]])  # the summary's baseline at the final target
+    knapsack = _knapsack_plans(base, targets)  # the summary's and the front's baseline
     # a second view of the same problem, for walks that must not touch the training episode
     view = policy_view(gym.make(ENV_ID, model=base.problem.model, problem=base.problem, proxy_metric=base.proxy_metric,
                                 progress=False), hp)
-    warm_start = _warm_start(model, view, hp, targets, stages(args, hp)[-1], args) if checkpoint is None and hp.get("warm_start") else None
+    warm_start = _warm_start(model, view, hp, targets, summary_target(args, hp), args) if checkpoint is None and hp.get("warm_start") else None
     start_plans = _start_plans(out, (warm_start or {}).pop("plans", None))
     recorder = EpisodeRecorder(out, base.problem, hp["episodes"], progress=args.progress)
     for info in (warm_start or {}).pop("final_infos", {}).values():  # measured plans count as seen
@@ -179,7 +214,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     train_seconds = time.perf_counter() - started - setup_seconds
     model.save(out / "final_model")
     return _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out, trained=remaining,
-                     knapsack=knapsack, warm_start=warm_start)
+                     knapsack=knapsack, warm_start=warm_start, start_plans=start_plans)
 
 
 def _knapsack_plans(base, targets: List[float]) -> Dict[float, np.ndarray]:
@@ -226,16 +261,18 @@ def _warm_start(model: MaskablePPO, view: gym.Env, hp: Dict[str, Any], targets: 
     settings = dict(hp["warm_start"])
     source = settings.pop("demonstrations", "knapsack")
     fit_critic = bool(settings.pop("fit_critic", True))
+    calibrate_at = float(settings.pop("calibrate_at", final_target))
     if source not in DEMONSTRATIONS:
         raise ConfigError(f"warm_start.demonstrations must be one of {DEMONSTRATIONS}, got {source!r} (hyperparams.yml).")
     started = time.perf_counter()
     base = view.unwrapped
+    passes_before = base.problem.proxy_passes
     stats: Dict[str, Any] = {"demonstrations": source}
     if source == "calibrated-knapsack":
-        teacher = CalibratedKnapsack(calibrate_at=final_target)
+        teacher = CalibratedKnapsack(calibrate_at=calibrate_at)
         scales, _ = teacher.calibrate(base)
         plans = {t: teacher.plan_at(base, t) for t in targets}
-        stats.update(scales=scales, calibration_evaluations=teacher.evaluations)
+        stats.update(scales=scales, calibration_evaluations=teacher.evaluations, calibrate_at=calibrate_at)
     else:
         plans = _knapsack_plans(base, targets)
     # measured walks (one proxy pass per target) give the critic its targets
@@ -243,7 +280,7 @@ def _warm_start(model: MaskablePPO, view: gym.Env, hp: Dict[str, Any], targets: 
     stats.update(behaviour_clone(model.policy, demos, seed=args.seed, progress=args.progress, **settings))
     stats["seconds"] = time.perf_counter() - started
     stats["steps"] = len(demos)
-    stats["evaluations"] = len(demos.final_infos) + stats.get("calibration_evaluations", 0)  # proxy passes spent
+    stats["evaluations"] = base.problem.proxy_passes - passes_before  # proxy passes spent: calibration + measured walks
     stats["teacher_proxy_ppl"] = {f"{t:g}": info["proxy_ppl"] for t, info in demos.final_infos.items()}
     stats["final_infos"] = demos.final_infos
     stats["plans"] = plans
@@ -265,10 +302,16 @@ def _new_model(env, hp, n_units, out, seed) -> MaskablePPO:
     episodes_per_update = int(hp.get("episodes_per_update", 1))
     if episodes_per_update < 1:
         raise ConfigError(f"episodes_per_update must be a positive integer, got {hp.get('episodes_per_update')!r}.")
+    ppo_updates = hp.get("ppo_updates", True)
+    if not isinstance(ppo_updates, bool):
+        raise ConfigError(f"ppo_updates must be true or false, got {ppo_updates!r} (hyperparams.yml).")
     return MaskablePPO(
         WindQuantPolicy,
         env,
-        learning_rate=_learning_rate(hp),
+        # ppo_updates: false is the control that isolates PPO's gradient: the stock algorithm runs
+        # (sampling, rollouts, self-imitation between them) with a learning rate of 0, so Adam's
+        # steps leave actor and critic where the warm start and self-imitation put them
+        learning_rate=_learning_rate(hp) if ppo_updates else 0.0,
         n_steps=n_units * episodes_per_update,  # a rollout = whole episodes
         batch_size=min(hp["batch_size"], n_units * episodes_per_update),
         n_epochs=hp["n_epochs"],
@@ -291,19 +334,22 @@ def _score(info: Dict[str, Any]) -> float:
 
 
 def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out, trained, knapsack,
-              warm_start=None) -> Dict[str, Any]:
-    """At every target of the curriculum: the deterministic policy's plan (one proxy pass), the
-    best plan seen in training, and the one of them with the better proxy (the run's result).
-    At the final target, held-out perplexity of those and of the knapsack's plan."""
+              warm_start=None, start_plans=None) -> Dict[str, Any]:
+    """At every target the run trained at: the deterministic policy's plan (one proxy pass),
+    the best plan seen in training, and the one of them with the better proxy (the run's
+    result; chosen on the proxy, never on held-out text). At the summary's target, held-out
+    perplexity of those, of the teacher's and of the knapsack's plan, each compared with the
+    teacher's (else the knapsack's) by a paired bootstrap over the held-out windows. With
+    several targets, the front (:mod:`.front`) at all of them."""
     base = env.unwrapped
     problem = base.problem
     n_units = base.n_units
     freeze = env.get_wrapper_attr("freeze")
     targets = list(dict.fromkeys(stages(args, hp)))
-    final_target = targets[-1]
+    final_target = summary_target(args, hp)
     metric = base.proxy_metric
-    warm_evaluations = (warm_start or {}).get("evaluations", 0)
-    episodes = recorder.episodes + warm_evaluations  # proxy passes spent before the final rollouts
+    warm_start = warm_start or {}
+    passes_before = problem.proxy_passes
     per_target = {}
     for target in targets:
         freeze(target)
@@ -314,30 +360,45 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
             candidates["best seen"] = best
         chosen = min(candidates, key=lambda name: _score(candidates[name]))
         per_target[target] = {"candidates": candidates, "returned": chosen}
-        # proxy passes spent to choose each: every training episode, plus the policy's own rollout
-        for slug, info, evaluations in (("policy_plan", rollout, episodes + 1),
-                                        ("best_plan", best, episodes),
-                                        ("returned_plan", candidates[chosen], episodes + 1)):
+    # proxy passes that chose the policy's plans: the warm start's, one per training episode, the rollouts
+    policy_evaluations = warm_start.get("evaluations", 0) + recorder.episodes + (problem.proxy_passes - passes_before)
+    for target, entry in per_target.items():
+        candidates = entry["candidates"]
+        for slug, info in (("policy_plan", candidates["policy"]), ("best_plan", candidates.get("best seen")),
+                           ("returned_plan", candidates[entry["returned"]])):
             if info is None:
                 continue
             metrics = {k: info[k] for k in ("effective_bits", "storage_bits", "proxy_ppl", "proxy_kl") if k in info}
             QuantPlan.from_problem(problem, info["plan"], target_bits=target, proxy_dtype=problem.proxy_dtype,
-                                   proxy_metric=metric, evaluations=evaluations, allocator=f"MaskablePPO {slug}",
+                                   proxy_metric=metric, evaluations=policy_evaluations, allocator=f"MaskablePPO {slug}",
                                    **metrics).save(out / f"{slug}_{target:g}.json")
+    front = len(targets) > 1 and bool(hp.get("front", _sampled(hp)))
+    passes_before = problem.proxy_passes
+    knapsack_proxy = {t: math.exp(problem.proxy_nll(knapsack[t])) for t in (targets if front else [final_target])}
+    baseline_evaluations = problem.proxy_passes - passes_before  # the summary's (and front's) knapsack rows
     held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, hp["eval_seq_len"], hp["eval_windows"])
-    fp_heldout = perplexity(problem.model, held_out)
-    rows = {"unquantized": {"effective_bits": 16.0, "storage_bits": 16.0, "proxy_ppl": problem.baseline_ppl, "heldout_ppl": fp_heldout}}
+    heldout = HeldoutCache(problem, held_out)
+    teacher = _teacher(warm_start, start_plans)
+    fp_windows = heldout(None)
+    rows = {"unquantized": {"effective_bits": 16.0, "storage_bits": 16.0, "proxy_ppl": problem.baseline_ppl,
+                            "heldout_ppl": math.exp(float(np.mean(fp_windows)))}}
     final = per_target[final_target]
     names = {"policy": "policy (deterministic)", "best seen": "best plan seen in training"}
     plans = {names[name]: info["plan"] for name, info in final["candidates"].items()}
     proxies = {names[name]: info["proxy_ppl"] for name, info in final["candidates"].items()}
+    if teacher is not None and final_target in teacher["plans"]:
+        plans[TEACHER_ROW] = teacher["plans"][final_target]
+        proxies[TEACHER_ROW] = teacher["proxy_ppl"][final_target]
     plans["knapsack"] = knapsack[final_target]
-    proxies["knapsack"] = math.exp(problem.proxy_nll(plans["knapsack"]))  # not counted: the summary's baseline
+    proxies["knapsack"] = knapsack_proxy[final_target]
+    reference = TEACHER_ROW if TEACHER_ROW in plans else "knapsack"
     for name, actions in plans.items():
-        bits = problem.table.plan_bits(actions)
-        with quantized_weights(problem.model, problem.table, actions):
-            heldout = perplexity(problem.model, held_out)
-        rows[name] = {**bits, "proxy_ppl": proxies[name], "heldout_ppl": heldout}
+        windows = heldout(actions)
+        rows[name] = {**problem.table.plan_bits(actions), "proxy_ppl": proxies[name],
+                      "heldout_ppl": math.exp(float(np.mean(windows)))}
+        if name != reference:
+            comparison = paired_bootstrap(heldout(plans[reference]), windows)
+            rows[name]["vs"] = {"reference": reference, **comparison.to_dict()}
     returned_name = names[final["returned"]]
     rows[returned_name]["returned"] = True
     # the final target's files under their historical names
@@ -345,21 +406,29 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
         path = out / f"{slug}_{final_target:g}.json"
         if path.exists():
             (out / f"{'final_plan' if slug == 'policy_plan' else slug}.json").write_text(path.read_text())
+    if front:
+        _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, policy_evaluations, held_out, heldout,
+                     args, hp)
     summary = {
         "model": args.model, "preset": args.preset, "episodes": hp["episodes"], "gamma": hp["gamma"],
         "target_bits": final_target, "n_units": n_units, "setup_seconds": setup_seconds,
         "train_seconds": train_seconds, "seconds_per_episode": train_seconds / max(1, trained),
         "resumed_from_episode": hp["episodes"] - trained if args.resume else None,
-        "agent_seed": args.seed, "calibration_seed": calibration_seed(args, hp), "evaluations": episodes + 1,
+        "agent_seed": args.seed, "calibration_seed": calibration_seed(args, hp),
+        "evaluations": policy_evaluations + baseline_evaluations,
+        "policy_evaluations": policy_evaluations, "baseline_evaluations": baseline_evaluations,
         "training_episodes": recorder.episodes,
-        "warm_start": warm_start,
-        "heldout_tokens": int(held_out.numel()), "proxy_dtype": problem.proxy_dtype,
+        "ppo_updates": bool(hp.get("ppo_updates", True)),
+        "warm_start": warm_start or None,
+        "heldout_tokens": int(held_out.numel()), "heldout_windows": int(len(held_out)),
+        "proxy_dtype": problem.proxy_dtype,
         "model_dtype": str(next(problem.model.parameters()).dtype).replace("torch.", ""), "results": rows,
         "returned": returned_name,
         "targets": {f"{t:g}": {"returned": names[v["returned"]],
                                **{names[n]: {"proxy_ppl": i["proxy_ppl"], **({"proxy_kl": i["proxy_kl"]} if "proxy_kl" in i else {})}
                                   for n, i in v["candidates"].items()}}
                     for t, v in per_target.items()},
+        "front": "front.json" if front else None,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     env.close()
@@ -367,15 +436,69 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
     return summary
 
 
+TEACHER_ROW = "calibrated knapsack (teacher)"
+
+
+def _teacher(warm_start: Dict[str, Any], start_plans: Optional[Dict[float, np.ndarray]]) -> Optional[Dict[str, Any]]:
+    """The calibrated-knapsack teacher's plans, measured proxy PPL and cost, when the warm
+    start had one (its plans are kept in the run folder, so a resumed run has them)."""
+    if warm_start.get("demonstrations") != "calibrated-knapsack" or not start_plans:
+        return None
+    proxies = {float(t): float(p) for t, p in warm_start.get("teacher_proxy_ppl", {}).items()}
+    plans = {float(t): np.asarray(p, dtype=np.int64) for t, p in start_plans.items() if float(t) in proxies}
+    return {"plans": plans, "proxy_ppl": proxies, "calibration_evaluations": float(warm_start.get("calibration_evaluations", 0)),
+            "calibrate_at": warm_start.get("calibrate_at")}
+
+
+def _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, policy_evaluations, held_out, heldout,
+                 args, hp) -> None:
+    """``front.{json,csv,md}``: per target the policy's one-pass plan (``MaskablePPO``), the
+    run's returned plan, the teacher's (``calibrated-knapsack``: its calibration passes plus
+    its own measurement) and the knapsack's (1 pass), with their held-out PPL."""
+    plans_dir = out / "front_plans"
+    rows = []
+    for target, entry in per_target.items():
+        policy = entry["candidates"]["policy"]
+        returned = entry["candidates"][entry["returned"]]
+        rows.append(front_row(problem, heldout, "MaskablePPO", target, policy["plan"], policy["proxy_ppl"], policy_evaluations,
+                              plans_dir))
+        rows.append(front_row(problem, heldout, "MaskablePPO (returned)", target, returned["plan"], returned["proxy_ppl"],
+                              policy_evaluations, plans_dir))
+        if teacher is not None and target in teacher["plans"]:
+            own = 0.0 if teacher["calibrate_at"] is not None and math.isclose(float(teacher["calibrate_at"]), target) else 1.0
+            rows.append(front_row(problem, heldout, "calibrated-knapsack", target, teacher["plans"][target],
+                                  teacher["proxy_ppl"][target], teacher["calibration_evaluations"] + own, plans_dir))
+        rows.append(front_row(problem, heldout, "knapsack", target, knapsack[target], knapsack_proxy[target], 1.0, plans_dir))
+    meta = {"model": args.model, "preset": args.preset, "agent_seed": args.seed, "calibration_seed": calibration_seed(args, hp),
+            "heldout": f"wiki-sample eval, {len(held_out)} x {held_out.shape[1]} tokens",
+            "policy_evaluations": policy_evaluations, "proxy_dtype": problem.proxy_dtype,
+            "unquantized_heldout_window_nll": heldout(None),  # tells whether another file used the same windows
+            "note": "MaskablePPO: the deterministic policy's plan, one pass per budget, no retraining; MaskablePPO "
+                    "(returned): the better by proxy of it and the best plan seen in training at that budget"}
+    write_front(rows, out, meta)
+
+
 def print_summary(summary: Dict[str, Any]) -> None:
     print(f"\nWindQuant-v0 on {summary['model']}: {summary['episodes']} episodes of {summary['n_units']} units, "
           f"target {summary['target_bits']} bits, {summary['train_seconds']:.0f} s training "
           f"({summary['seconds_per_episode']:.1f} s/episode) after {summary['setup_seconds']:.0f} s setup")
-    print(f"{'':30} {'effective':>9} {'storage':>8} {'proxy PPL':>10} {'held-out PPL':>12}")
+    reference = next((row["vs"]["reference"] for row in summary["results"].values() if row.get("vs")), None)
+    versus = f"vs {reference}" if reference else ""
+    print(f"{'':30} {'effective':>9} {'storage':>8} {'proxy PPL':>10} {'held-out PPL':>12}  {versus}")
     for name, row in summary["results"].items():
         mark = "  <- returned" if row.get("returned") else ""
+        change = row.get("vs")
+        cell = ""
+        if change:
+            cell = f"{change['change']:+.1%} [{change['low']:+.1%}, {change['high']:+.1%}]{' tie' if change['tie'] else ''}"
         print(f"{name:30} {row['effective_bits']:9.3f} {row['storage_bits']:8.3f} {row['proxy_ppl']:10.2f} "
-              f"{row['heldout_ppl']:12.2f}{mark}")
+              f"{row['heldout_ppl']:12.2f}  {cell:28}{mark}")
+    if "policy_evaluations" in summary:
+        print(f"proxy passes: {summary['policy_evaluations']:g} chose the policy's plans (warm start "
+              f"{(summary.get('warm_start') or {}).get('evaluations', 0):g}, {summary['training_episodes']} training "
+              f"episodes, the final rollouts), {summary['baseline_evaluations']:g} measured the knapsack rows")
+    if summary.get("front"):
+        print(f"front at every target: {summary['front']} (front.md; windquant plot RUN draws it)")
     others = {t: v for t, v in summary.get("targets", {}).items() if float(t) != summary["target_bits"]}
     for target, entry in others.items():
         proxies = ", ".join(f"{name} {value['proxy_ppl']:.2f}" for name, value in entry.items() if name != "returned")

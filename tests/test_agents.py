@@ -121,7 +121,9 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert summary["resumed_from_episode"] == 2
     # the proxy passes the warm start spent before the kill still count (equal budgets on a leaderboard)
     assert summary["warm_start"]["evaluations"] > 0
-    assert summary["evaluations"] == uninterrupted["evaluations"] == 5 + summary["warm_start"]["evaluations"] + 1
+    # every pass counted: 5 episodes, the warm start's, a rollout at each of the 3 targets, the knapsack's row
+    assert summary["policy_evaluations"] == uninterrupted["policy_evaluations"] == 5 + summary["warm_start"]["evaluations"] + 3
+    assert summary["evaluations"] == uninterrupted["evaluations"] == summary["policy_evaluations"] + 1
 
 
 def test_resume_needs_a_run_with_a_checkpoint(tmp_path):

@@ -142,10 +142,23 @@ def test_dense_reward_telescopes_to_a_constant_of_the_target(tiny_problem, gamma
     assert returns[0] == pytest.approx(returns[1], rel=1e-9, abs=1e-12)
 
 
-def test_terminal_reward_keeps_falling_past_the_papers_saturation():
-    config = LossRewardConfig()
-    # ln(ratio) is what the terminal reward charges: ratio 90 -> 100 still loses reward
-    assert -config.loss_coef * math.log(100) < -config.loss_coef * math.log(90) < -config.loss_coef * math.log(20)
+def test_terminal_reward_keeps_falling_past_the_papers_saturation(tiny_problem, monkeypatch):
+    """ProxyLossReward's terminal term, read off real episodes whose proxy loss is set to give
+    PPL ratios 20, 90 and 100: -ln(ratio), still falling from 90 to 100."""
+    from windquant_gym.eval.perplexity import TokenLosses
+
+    env = _wrapped(tiny_problem, target=2.5, config=LossRewardConfig(loss_coef=1.5, shaping_coef=0.0))
+    base_nll = tiny_problem.baseline_nll
+    terminal = {}
+    for ratio in (20.0, 90.0, 100.0):
+        monkeypatch.setattr(tiny_problem, "proxy_losses", lambda plan, kl=False, progress=False, r=ratio:
+                            TokenLosses(base_nll + math.log(r), None, 1))
+        _, rewards, info = _walk(env, lambda obs, mask: int(np.flatnonzero(mask)[-1]))
+        assert info["ppl_ratio"] == pytest.approx(ratio)
+        assert info["reward_terms"]["loss"] == pytest.approx(-1.5 * math.log(ratio))
+        terminal[ratio] = rewards[-1]
+    assert terminal[100.0] < terminal[90.0] < terminal[20.0]
+    assert terminal[90.0] - terminal[100.0] == pytest.approx(1.5 * math.log(100 / 90))
 
 
 def test_loss_reward_config_round_trips_and_names_bad_values():

@@ -72,7 +72,8 @@ def _plot(argv: List[str]) -> int:
     from . import plots
 
     parser = argparse.ArgumentParser(prog="windquant plot", description="Plots of a run folder or of a saved plan.")
-    parser.add_argument("target", help="a run folder (training curves) or a plan JSON (allocation heatmap)")
+    parser.add_argument("target", help="a run folder (training curves, and its front.png when it has a front.json), a "
+                                       "front.json, or a plan JSON (allocation heatmap)")
     parser.add_argument("--out", help="PNG path (default: beside the input)")
     parser.add_argument("--model", help="for a plan: load the model from here instead of the plan's own (e.g. a local copy)")
     parser.add_argument("--preset", help="for a plan of an older version that does not record its problem: the "
@@ -83,6 +84,11 @@ def _plot(argv: List[str]) -> int:
     target = Path(ns.target)
     if target.is_dir():
         print(plots.plot_training_curves(target, ns.out))
+        if (target / "front.json").is_file():  # a run over several targets: its size/quality front too
+            print(plots.plot_front(target))
+        return 0
+    if target.suffix == ".json" and target.name.startswith("front"):
+        print(plots.plot_front(target, ns.out))
         return 0
     from .plan import QuantPlan
 

@@ -338,6 +338,50 @@ def plot_training_curves(run_dir: str | Path, path: str | Path | None = None) ->
     return _save(figure, path if path is not None else run_dir / "training_curves.png")
 
 
+# ----- the size/quality front ------------------------------------------------------------
+_FRONT_STYLE = {"MaskablePPO": ("C0", "o", "-"), "MaskablePPO (returned)": ("C0", "s", ":"),
+                "calibrated-knapsack": ("C1", "^", "-"), "knapsack": ("C7", "v", "--")}
+
+
+def plot_front(source: str | Path, path: str | Path | None = None) -> Path:
+    """Held-out perplexity (log scale) against storage bits per weight, one line per allocator,
+    from a run folder's ``front.json`` (or that file, or any JSON whose ``rows`` hold
+    ``allocator``, ``storage_bits`` and ``heldout_ppl``): the size/quality front a user picks a
+    model from. Each point is labelled with its target's effective bits.
+
+    Default ``path``: ``front.png`` beside the JSON."""
+    source = Path(source)
+    json_path = source / "front.json" if source.is_dir() else source
+    if not json_path.is_file():
+        raise DataError(f"{json_path} not found: a run over several targets writes front.json (windquant train "
+                        "--preset cpu-front), or pass such a file.")
+    try:
+        rows = json.loads(json_path.read_text())["rows"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{json_path} is not a front file (a JSON object with a 'rows' list): {exc}") from None
+    figure = _new_figure(7.0, 4.8)
+    ax = figure.subplots()
+    allocators = _first_seen([r["allocator"] for r in rows])
+    for k, name in enumerate(allocators):
+        points = sorted((r["storage_bits"], r["heldout_ppl"], r["target_bits"]) for r in rows if r["allocator"] == name)
+        colour, marker, line = _FRONT_STYLE.get(name, (f"C{(k + 2) % 10}", "D", "-"))
+        evaluations = {r.get("evaluations") for r in rows if r["allocator"] == name}
+        cost = f", {max(e for e in evaluations if e is not None):g} proxy passes" if evaluations - {None} else ""
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=colour, marker=marker, linestyle=line,
+                linewidth=1.2, markersize=4, label=f"{name}{cost}")
+        if k == 0:
+            for x, y, target in points:
+                ax.annotate(f"{target:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    ax.set_yscale("log")
+    ax.set_xlabel("storage bits per weight (packed file)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("Size / quality front (labels: target effective bits)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(frameon=False, fontsize="small")
+    figure.tight_layout()
+    return _save(figure, path if path is not None else json_path.with_name("front.png"))
+
+
 def _read_episodes(csv_path: Path) -> Dict[str, np.ndarray]:
     """Numeric columns of episodes.csv; blanks and non-numbers become NaN (the recorder
     writes "" for values an episode did not report)."""

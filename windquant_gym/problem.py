@@ -200,6 +200,11 @@ class QuantProblem:
     _baseline_nll: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _kl_reference: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     last_timing: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    proxy_passes: float = field(default=0.0, init=False, repr=False, compare=False)
+    """Proxy passes made on this problem since it was made, in full-pass equivalents (a pass on
+    a quarter of the proxy's tokens counts 0.25): every :meth:`proxy_losses` call and every
+    measurement of a search's fitness. What an allocator spent is the difference across its
+    run; the baseline pass made with the calibration is not counted."""
 
     def __post_init__(self) -> None:
         self.proxy_dtype = check_proxy_dtype(self.proxy_dtype)
@@ -298,6 +303,7 @@ class QuantProblem:
         the forward pass. With ``stream=True`` each decoder layer gets its quantized weights
         only while it runs (one layer's worth of extra memory) and the blocks go as one batch."""
         reference = self.kl_reference() if kl else None  # before a plan is applied
+        self.proxy_passes += 1.0
         device = next(self.model.parameters()).device
         precision = proxy_precision(device, self.proxy_dtype)
         if plan is None:

@@ -30,12 +30,11 @@ import gymnasium as gym
 from ..data import eval_windows, load_texts
 from ..errors import ConfigError, UnknownNameError
 from ..envs import ENV_ID
-from ..eval.perplexity import perplexity
 from ..eval.divergence import PROXY_METRICS
 from ..plan import QuantPlan
 from .allocators import PlannedAllocator, baseline_allocators
-from .harness import EpisodeResult, as_allocator, run_allocator
-from .leaderboard import format_table, write_leaderboard
+from .harness import EpisodeResult, as_allocator, heldout_window_nlls, run_allocator
+from .leaderboard import add_comparisons, format_table, write_leaderboard
 from .search import SearchAllocator, SearchConfig
 
 SEARCH_FITNESS = {"search": SearchConfig().fitness, "search-nll": "nll", "search-kl": "kl"}
@@ -70,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--evaluations", type=_positive_float, nargs="+", default=[SearchConfig().evaluations], metavar="N",
                         help="the search's budget(s) in full proxy passes, the start plan's included; one row per budget "
                              "(compare a policy trained for E episodes at E + 1) (default: %(default)s)")
+    parser.add_argument("--search-start", default="knapsack", choices=("knapsack", "calibrated-knapsack", "heuristic"),
+                        help="the plan the search starts from; a start that spends proxy passes (the calibrated knapsack's "
+                             "7) spends them out of --evaluations, so a budget is passes in all, as for a training run "
+                             "(default: %(default)s)")
     parser.add_argument("--search-seeds", type=_seed, nargs="+", default=[0], metavar="S",
                         help="seeds of the search; a row per seed, the leaderboard shows the median (default: 0)")
     parser.add_argument("--proxy-metric", choices=PROXY_METRICS,
@@ -78,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", action="append", default=[], help="a saved SB3 model (.zip); MaskablePPO gets masks")
     parser.add_argument("--plan", action="append", default=[], help="a saved plan JSON to replay and validate")
     parser.add_argument("--random-episodes", type=int, default=3, help="episodes of the random allocator")
-    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows spread over the wiki-sample eval split")
+    parser.add_argument("--eval-windows", type=int, default=128,
+                        help="held-out windows spread over the wiki-sample eval split; every plan is compared with the "
+                             "calibrated knapsack (else the knapsack) at its target by a paired bootstrap over them "
+                             "(default: %(default)s)")
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--hqq", action="store_true", help="add HQQ uniform rows (pip install hqq)")
     parser.add_argument("--hqq-settings", nargs="+", metavar="BITS:GROUP",
@@ -204,15 +210,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append(scored(row, result.plan))
 
     started = time.perf_counter()
+    unquantized = heldout_window_nlls(env, None, held_out)
     rows.append(scored({"allocator": "unquantized", "target_bits": None, "evaluations": None, "effective_bits": 16.0,
                         "storage_bits": 16.0, "proxy_ppl": problem.baseline_ppl,
-                        "heldout_ppl": perplexity(problem.model, held_out), "seconds": 0.0, "fallbacks": 0, "episode": 0}))
+                        "heldout_ppl": math.exp(float(unquantized.mean())), "seconds": 0.0, "fallbacks": 0, "episode": 0,
+                        "heldout_window_nll": unquantized.tolist()}))
     for target in args.target_bits:
         env.unwrapped.set_target_bits(target)
         for name in names:
             if name in SEARCH_FITNESS:
                 for seed in args.search_seeds:
-                    for budget, result in _search_rows(env, name, SEARCH_FITNESS[name], seed, args.evaluations, held_out):
+                    label = name if args.search_start == "knapsack" else f"{name} (from {args.search_start})"
+                    for budget, result in _search_rows(env, label, SEARCH_FITNESS[name], seed, args.evaluations, held_out,
+                                                       args.search_start):
                         record(result, seed, budget)
                 continue
             episodes = args.random_episodes if name == "random" else 1
@@ -240,6 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append({"target_bits": None, "evaluations": None, **row})
     meta = {"model": args.model, "preset": args.preset, "env_kwargs": env_kwargs, "proxy_dtype": problem.proxy_dtype,
             "proxy_metric": env.unwrapped.proxy_metric, "calibration_seed": seed, "search_seeds": args.search_seeds,
+            "search_start": args.search_start,
             "search_configs": {n: _search_config(SEARCH_FITNESS[n], max(args.evaluations)).to_dict()
                                for n in names if n in SEARCH_FITNESS},
             "heldout_tokens": int(held_out.numel()),
@@ -247,6 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.zero_shot:
         meta["zero_shot"] = {"tasks": args.zero_shot, "limit": args.zero_shot_limit, "task_dirs": args.task_dir,
                              "columns": zero_shot_columns}
+    add_comparisons(rows)
     paths = write_leaderboard(rows, json_path, meta, extra=zero_shot_columns)
     print()
     print(format_table(rows, extra=zero_shot_columns))
@@ -268,11 +280,12 @@ class _Fixed(PlannedAllocator):
         return self._plan
 
 
-def _search_rows(env, name: str, fitness: str, seed: int, budgets: List[float], held_out) -> List[Tuple[float, EpisodeResult]]:
+def _search_rows(env, name: str, fitness: str, seed: int, budgets: List[float], held_out,
+                 start: str = "knapsack") -> List[Tuple[float, EpisodeResult]]:
     """``(budget, result)`` per budget: the search runs once at the largest; smaller budgets get
     its snapshots (each what a run with that budget returns, replayed and measured)."""
     budgets = sorted(set(budgets))
-    search = SearchAllocator(_search_config(fitness, budgets[-1]), seed=seed, snapshot_at=budgets[:-1])
+    search = SearchAllocator(_search_config(fitness, budgets[-1]), seed=seed, snapshot_at=budgets[:-1], start=start)
     (final,) = run_allocator(env, search, heldout=held_out, name=name)
     results = []
     for budget in budgets[:-1]:

@@ -79,6 +79,7 @@ class ProxyFitness:
             blocks = self.blocks if rows is None else self.blocks[torch.as_tensor(rows, dtype=torch.long)]
             rows_reference = None if reference is None else (reference if rows is None else reference.rows(rows))
             self.tokens += blocks.numel()
+            problem.proxy_passes += blocks.numel() / self._proxy_tokens
             losses = token_losses(model, blocks, batch_size, rows_reference)
             return losses.kl if self.metric == "kl" else losses.nll
 

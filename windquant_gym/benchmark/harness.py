@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import TableMismatchError
-from ..eval.perplexity import perplexity
+from ..eval.perplexity import block_nlls
 from ..plan import QuantPlan
 from ..quant.apply import quantized_weights
 from .allocators import PlannedAllocator
@@ -48,6 +48,8 @@ class EpisodeResult:
     """What the env's reward measured the plan by (``proxy_kl`` is set for ``"kl"``)."""
     proxy_kl: Optional[float] = None
     plan: List[int] = field(default_factory=list, repr=False)
+    heldout_window_nll: Optional[List[float]] = field(default=None, repr=False)
+    """Mean NLL of each held-out window (what a paired bootstrap compares plans by)."""
 
     def row(self) -> Dict[str, Any]:
         data = asdict(self)
@@ -108,11 +110,19 @@ def as_allocator(allocator: Any) -> Callable:
     raise TypeError(f"An allocator must be callable(obs, mask), an SB3 model or a plan; got {type(allocator).__name__}.")
 
 
+def heldout_window_nlls(env, plan, blocks: torch.Tensor) -> torch.Tensor:
+    """``[n]`` mean NLL of each of the held-out ``blocks`` with ``plan`` applied to the env's
+    model (restored after); ``plan=None``: the unquantized model."""
+    problem = env.unwrapped.problem
+    if plan is None:
+        return block_nlls(problem.model, blocks, batch_size=problem.batch_size)
+    with quantized_weights(problem.model, problem.table, plan):
+        return block_nlls(problem.model, blocks, batch_size=problem.batch_size)
+
+
 def heldout_perplexity(env, plan, blocks: torch.Tensor) -> float:
     """Perplexity of ``blocks`` with ``plan`` applied to the env's model (restored after)."""
-    problem = env.unwrapped.problem
-    with quantized_weights(problem.model, problem.table, plan):
-        return perplexity(problem.model, blocks, batch_size=problem.batch_size)
+    return math.exp(float(heldout_window_nlls(env, plan, blocks).mean()))
 
 
 def run_allocator(
@@ -142,13 +152,14 @@ def run_allocator(
             _validate_replay(env, policy.saved, info)
         if isinstance(policy, PlannedAllocator) and policy.exact:
             _check_played(env, policy, info)
+        windows = heldout_window_nlls(env, info["plan"], heldout) if heldout is not None else None
         results.append(EpisodeResult(
             allocator=label,
             target_bits=info["target_bits"],
             effective_bits=info["effective_bits"],
             storage_bits=info["storage_bits"],
             proxy_ppl=info["proxy_ppl"],
-            heldout_ppl=heldout_perplexity(env, info["plan"], heldout) if heldout is not None else None,
+            heldout_ppl=math.exp(float(windows.mean())) if windows is not None else None,
             seconds=seconds,
             fallbacks=info["fallbacks"],
             episode=episode,
@@ -156,6 +167,7 @@ def run_allocator(
             proxy_metric=info.get("proxy_metric", "nll"),
             proxy_kl=info.get("proxy_kl"),
             plan=list(info["plan"]),
+            heldout_window_nll=windows.tolist() if windows is not None else None,
         ))
     return results
 

@@ -31,6 +31,7 @@ seed held after spending B (``SearchResult.snapshots`` records those for given b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, TableMismatchError
 from ..envs.windquant import BUDGET_TOLERANCE
 from .allocators import HeuristicAllocator, KnapsackAllocator, PlannedAllocator
+from .calibrated import CalibratedKnapsack
 from .fitness import FITNESS_METRICS, ProxyFitness, check_fitness_metric
 
 
@@ -371,7 +373,7 @@ def evolve(
                         time.perf_counter() - started, history, snapshots)
 
 
-_STARTS = {"knapsack": KnapsackAllocator, "heuristic": HeuristicAllocator}
+_STARTS = {"knapsack": KnapsackAllocator, "heuristic": HeuristicAllocator, "calibrated-knapsack": CalibratedKnapsack}
 
 
 class SearchAllocator(PlannedAllocator):
@@ -412,14 +414,34 @@ class SearchAllocator(PlannedAllocator):
         return env.table.check_plan(start)
 
     def make_plan(self, env) -> np.ndarray:
+        """The search from the start plan. A start that spends proxy passes itself (the calibrated
+        knapsack's 7) spends them out of the budget: ``evaluations`` and every snapshot's count
+        include them, so "budget N" means N passes in all, start included, as for a training run."""
         problem = env.problem
-        fitness = ProxyFitness(problem, self.config.fitness, self.blocks)
-        self.result = evolve(
-            self.start_plan(env), fitness, env.table.unit_effective_bits, env.rule_mask, env.budget_bits, self.config,
-            seed=self.seed, stored=env.table.stored_action, snapshot_at=self.snapshot_at, progress=self.progress,
+        passes_before = problem.proxy_passes
+        start = self.start_plan(env)
+        start_cost = problem.proxy_passes - passes_before
+        config, snapshot_at = self.config, list(self.snapshot_at)
+        if start_cost > 0:
+            short = [b for b in (config.evaluations, *snapshot_at) if b - start_cost < 1]
+            if short:
+                raise ConfigError(f"A budget of {short[0]:g} evaluations does not pay for the start plan's {start_cost:g} "
+                                  "proxy passes and one measurement; give the search a larger budget.")
+            config = dataclasses.replace(config, evaluations=config.evaluations - start_cost)
+            snapshot_at = [b - start_cost for b in snapshot_at]
+        fitness = ProxyFitness(problem, config.fitness, self.blocks)
+        result = evolve(
+            start, fitness, env.table.unit_effective_bits, env.rule_mask, env.budget_bits, config,
+            seed=self.seed, stored=env.table.stored_action, snapshot_at=snapshot_at, progress=self.progress,
         )
-        self.evaluations = self.result.evaluations
-        return self.result.plan
+        if start_cost > 0:  # counted in the caller's units: passes in all, snapshots under the budgets asked for
+            result.evaluations += start_cost
+            result.snapshots = {asked: {**result.snapshots[shifted], "evaluations": result.snapshots[shifted]["evaluations"]
+                                        + start_cost} for asked, shifted in zip(self.snapshot_at, snapshot_at)}
+        self.start_evaluations = start_cost
+        self.result = result
+        self.evaluations = result.evaluations
+        return result.plan
 
 
 __all__ = ["SearchAllocator", "SearchConfig", "SearchResult", "evolve"]

@@ -8,6 +8,7 @@ from .curriculum import CurriculumWrapper
 from .loss_reward import LossRewardConfig, ProxyLossReward
 from .rewards import RewardConfig
 from .rules import PrecisionRules
+from .target_sampler import TargetSampler
 from .windquant import WindQuantEnv
 
 ENV_ID = "WindQuant-v0"
@@ -17,5 +18,5 @@ if ENV_ID not in registry:
 
 __all__ = [
     "ENV_ID", "ActionCostObservation", "BudgetPrice", "CurriculumWrapper", "LossRewardConfig", "PrecisionRules",
-    "ProxyLossReward", "RewardConfig", "WindQuantEnv",
+    "ProxyLossReward", "RewardConfig", "TargetSampler", "WindQuantEnv",
 ]

@@ -142,6 +142,28 @@ def topk_reference(
     return TopKReference(log_probs.view(n, length, k), token_ids.view(n, length, k), rest.view(n, length))
 
 
+@torch.inference_mode()
+def block_nlls(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    logits_chunk: Optional[int] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``[n]`` float64: the mean next-token NLL (nats) of each of the ``[n, L]`` token blocks,
+    from one pass. Every block predicts ``L - 1`` tokens, so their mean is :func:`mean_nll`;
+    kept per block so that two plans can be compared window by window (a paired bootstrap,
+    :mod:`windquant_gym.eval.bootstrap`)."""
+    per_block = torch.zeros(len(blocks), dtype=torch.float64)
+    predicted = blocks.shape[1] - 1
+    for start, positions, logits, targets in _logit_chunks(model, blocks, batch_size, logits_chunk, progress, None,
+                                                           "held-out windows"):
+        losses = F.cross_entropy(logits, targets, reduction="none").double().cpu()
+        owner = start + torch.arange(positions.start, positions.start + len(targets)) // predicted
+        per_block.index_add_(0, owner, losses)
+    return per_block / predicted
+
+
 def mean_nll(
     model: nn.Module,
     blocks: torch.Tensor,

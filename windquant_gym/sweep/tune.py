@@ -169,7 +169,7 @@ def run_trial(config: Dict[str, Any], args: TuneArgs, forwarded: Dict[str, str])
     summary = train(train_args)
     returned = summary["results"][summary["returned"]]
     tune.report({"proxy_ppl": returned["proxy_ppl"], "heldout_ppl": returned["heldout_ppl"],
-                 "effective_bits": returned["effective_bits"], "evaluations": summary["evaluations"],
+                 "effective_bits": returned["effective_bits"], "evaluations": summary.get("policy_evaluations", summary["evaluations"]),
                  "run": str(folder)})
 
 

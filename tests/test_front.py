@@ -1,0 +1,257 @@
+"""Issue 21: plans told apart by a paired bootstrap over held-out windows, every proxy pass of a
+training run counted (checked by a hook on the model's forward), one policy for several
+budgets (TargetSampler, the front files and plot), and the control with PPO's updates off."""
+
+import csv
+import json
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import windquant_gym as wq
+from windquant_gym.agents.front import read_front
+from windquant_gym.agents.hyperparams import load_hyperparams
+from windquant_gym.agents.train import TrainArgs, train
+from windquant_gym.benchmark.leaderboard import add_comparisons, format_table
+from windquant_gym.envs import TargetSampler
+from windquant_gym.eval import block_nlls, mean_nll
+from windquant_gym.eval.bootstrap import paired_bootstrap
+
+
+# ----- the paired bootstrap -------------------------------------------------------------------
+def test_bootstrap_of_a_plan_against_itself_is_exactly_zero():
+    nll = np.random.default_rng(0).normal(3.0, 0.5, size=128)
+    result = paired_bootstrap(nll, nll)
+    assert (result.change, result.low, result.high) == (0.0, 0.0, 0.0)
+    assert result.tie and result.verdict == "tie" and result.windows == 128
+
+
+def test_bootstrap_tells_a_real_shift_from_noise():
+    rng = np.random.default_rng(1)
+    base = rng.normal(3.0, 0.5, size=200)
+    better = base - 0.05 + rng.normal(0, 0.02, size=200)  # every window ~5% lower PPL
+    result = paired_bootstrap(base, better)
+    assert result.change == pytest.approx(math.expm1(np.mean(better - base)))
+    assert result.low < result.change < result.high < 0 and result.verdict == "better"
+    noise = base + rng.normal(0, 0.05, size=200)  # no shift, only noise: the interval spans 0
+    assert paired_bootstrap(base, noise).tie
+    worse = paired_bootstrap(better, base)
+    assert worse.verdict == "worse" and worse.low > 0
+    assert "tie" in paired_bootstrap(base, noise).describe() and "tie" not in result.describe()
+
+
+def test_bootstrap_names_bad_input():
+    with pytest.raises(wq.ConfigError, match="same windows"):
+        paired_bootstrap([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(wq.ConfigError, match="non-finite"):
+        paired_bootstrap([1.0, float("inf")], [1.0, 2.0])
+    with pytest.raises(wq.ConfigError, match="resamples"):
+        paired_bootstrap([1.0, 2.0], [1.0, 2.0], resamples=5)
+
+
+def test_block_nlls_are_the_windows_of_mean_nll(tiny):
+    model, _ = tiny
+    blocks = torch.randint(0, 200, (7, 33), generator=torch.Generator().manual_seed(0))
+    per_block = block_nlls(model, blocks, batch_size=3, logits_chunk=10)  # chunks that straddle blocks
+    assert per_block.shape == (7,)
+    assert float(per_block.mean()) == pytest.approx(mean_nll(model, blocks), rel=1e-6)
+    single = block_nlls(model, blocks[2:3])
+    assert float(single[0]) == pytest.approx(float(per_block[2]), rel=1e-6)
+
+
+def test_leaderboard_compares_every_plan_with_the_reference_at_its_target():
+    rng = np.random.default_rng(2)
+    reference = rng.normal(4.0, 0.3, size=64)
+    rows = [
+        {"allocator": "calibrated-knapsack", "target_bits": 2.0, "heldout_window_nll": reference.tolist(), "heldout_ppl": 1.0},
+        {"allocator": "mine", "target_bits": 2.0, "heldout_window_nll": (reference - 0.1).tolist(), "heldout_ppl": 1.0},
+        {"allocator": "same", "target_bits": 2.0, "heldout_window_nll": reference.tolist(), "heldout_ppl": 1.0},
+        {"allocator": "mine", "target_bits": 3.0, "heldout_window_nll": reference.tolist(), "heldout_ppl": 1.0},
+    ]
+    add_comparisons(rows)
+    assert "vs" not in rows[0] and "vs" not in rows[3]  # the reference itself; no reference at 3.0 bits
+    assert rows[1]["vs"] == "calibrated-knapsack" and rows[1]["heldout_verdict"] == "better"
+    assert rows[1]["heldout_change"] == pytest.approx(math.expm1(-0.1))
+    assert rows[2]["heldout_verdict"] == "tie" and rows[2]["heldout_change_low"] == rows[2]["heldout_change_high"] == 0.0
+    table = format_table(rows)
+    assert "-9.5% [-9.5%, -9.5%]" in table and "+0.0% [+0.0%, +0.0%] tie" in table
+
+
+# ----- every proxy pass counted ------------------------------------------------------------
+def _count_proxy_passes(monkeypatch):
+    """Record the input ids of every forward pass of a Llama decoder."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    seen = []
+    original = LlamaModel.forward
+
+    def counting(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen.append(ids.detach().clone())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaModel, "forward", counting)
+    return seen
+
+
+def _passes_on(seen, blocks: torch.Tensor) -> float:
+    """Full-pass equivalents among the recorded forwards that fed rows of ``blocks``."""
+    rows = {tuple(r.tolist()) for r in blocks}
+    fed = sum(sum(tuple(r.tolist()) in rows for r in ids) for ids in seen if ids.shape[1] == blocks.shape[1])
+    return fed / len(blocks)
+
+
+@pytest.mark.parametrize("preset", ["smoke", "smoke-front"])
+def test_a_training_runs_proxy_passes_are_what_its_summary_says(tmp_path, monkeypatch, preset):
+    hp = load_hyperparams(preset)
+    kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
+    gym.make("WindQuant-v0", model="tiny-llama", progress=False, **kwargs)  # calibration and table cached first
+    seen = _count_proxy_passes(monkeypatch)
+    run = tmp_path / "run"
+    summary = train(TrainArgs(model="tiny-llama", preset=preset, out=str(run), episodes=3, progress=False))
+    problem = wq.plan.QuantPlan.load(run / "returned_plan.json").problem_spec().build()
+    counted = _passes_on(seen, problem.blocks)
+    targets = len(set(hp.get("sampled_targets") or hp["curriculum"]))
+    assert counted == summary["evaluations"]
+    assert summary["policy_evaluations"] == 3 + summary["warm_start"]["evaluations"] + targets  # episodes, warm start, rollouts
+    assert summary["baseline_evaluations"] == summary["evaluations"] - summary["policy_evaluations"] >= 1
+    assert summary["warm_start"]["evaluations"] == summary["warm_start"]["calibration_evaluations"] + targets
+
+
+# ----- one policy for every budget --------------------------------------------------------
+def test_target_sampler_draws_every_target_and_passes_the_checks(tiny_problem):
+    def make():
+        return TargetSampler(gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem), (2.5, 3.0, 4.0), seed=3)
+
+    env = make()
+    drawn = []
+    for _ in range(30):
+        _, info = env.reset()
+        drawn.append(env.unwrapped.target_bits)
+        assert info["curriculum_stage"] == env.targets.index(drawn[-1])
+    assert set(drawn) == {2.5, 3.0, 4.0}
+    state = env.state_dict()
+    twin = make()
+    twin.load_state_dict(json.loads(json.dumps(state)))  # what a checkpoint stores
+    assert [env.reset()[1]["target_bits"] for _ in range(6)] == [twin.reset()[1]["target_bits"] for _ in range(6)]
+    env.freeze(3.0)
+    assert {env.reset()[1]["target_bits"] for _ in range(5)} == {3.0}
+    env.unfreeze()
+    check_env(make(), skip_render_check=True)
+    sb3_check_env(make(), warn=True)
+    with pytest.raises(wq.ConfigError, match="at least one target"):
+        TargetSampler(gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem), ())
+    with pytest.raises(wq.ConfigError, match="list of target bits"):
+        TargetSampler(gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem), ("x",))
+    with pytest.raises(wq.ConfigError, match="target_bits"):
+        TargetSampler(gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem), (0.5,))
+
+
+def test_one_policy_plays_every_listed_budget_and_writes_the_front(tmp_path):
+    run = tmp_path / "front"
+    summary = train(TrainArgs(model="tiny-llama", preset="smoke-front", out=str(run), progress=False))
+    hp = load_hyperparams("smoke-front")
+    targets = [float(t) for t in hp["sampled_targets"]]
+    rows = read_front(run)
+    by = {(r["allocator"], r["target_bits"]): r for r in rows}
+    assert {a for a, _ in by} == {"MaskablePPO", "MaskablePPO (returned)", "calibrated-knapsack", "knapsack"}
+    episodes = list(csv.DictReader((run / "episodes.csv").open()))
+    assert {float(e["target_bits"]) for e in episodes} <= set(targets)
+    for target in targets:
+        policy = by[("MaskablePPO", target)]
+        # one pass of the trained policy at each budget: within it, and spending most of it
+        assert target * 0.9 <= policy["effective_bits"] <= target + 1e-6
+        assert policy["evaluations"] == summary["policy_evaluations"]
+        assert by[("knapsack", target)]["evaluations"] == 1
+        teacher = by[("calibrated-knapsack", target)]
+        assert teacher["evaluations"] == 7 + (0 if target == hp["warm_start"]["calibrate_at"] else 1)
+        assert "vs" not in teacher and policy["vs"] == "calibrated-knapsack"
+        assert policy["heldout_change_low"] <= policy["heldout_change"] <= policy["heldout_change_high"]
+        assert len(policy["heldout_window_nll"]) == hp["eval_windows"]
+        assert math.exp(np.mean(policy["heldout_window_nll"])) == pytest.approx(policy["heldout_ppl"])
+        saved = wq.plan.QuantPlan.load(run / policy["plan_file"])
+        assert saved.metrics["target_bits"] == target and saved.metrics["proxy_ppl"] == policy["proxy_ppl"]
+    with (run / "front.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows) == 4 * len(targets)
+    assert (run / "front.md").read_text().count("\n") == len(rows) + 2
+    assert summary["front"] == "front.json"
+
+
+def test_front_plot_draws_and_names_a_missing_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    from windquant_gym import plots
+
+    rows = [{"allocator": a, "target_bits": t, "storage_bits": t + 0.4, "heldout_ppl": 100 / t + k, "evaluations": e}
+            for k, (a, e) in enumerate((("MaskablePPO", 200.0), ("knapsack", 1.0))) for t in (2.0, 2.5, 3.0)]
+    (tmp_path / "front.json").write_text(json.dumps({"rows": rows}))
+    path = plots.plot_front(tmp_path)
+    assert path == tmp_path / "front.png" and path.stat().st_size > 10_000
+    with pytest.raises(wq.DataError, match="front.json"):
+        plots.plot_front(tmp_path / "nowhere")
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(wq.DataError, match="rows"):
+        plots.plot_front(tmp_path / "bad.json")
+
+
+# ----- the control: PPO's updates off -----------------------------------------------------
+def test_ppo_updates_off_leaves_the_policy_where_the_warm_start_put_it(tmp_path, monkeypatch):
+    from windquant_gym.agents import train as train_module
+
+    snapshots = {}
+    original = train_module._warm_start
+
+    def remember(model, *args, **kwargs):
+        stats = original(model, *args, **kwargs)
+        snapshots["after warm start"] = {k: v.clone() for k, v in model.policy.state_dict().items()}
+        return stats
+
+    monkeypatch.setattr(train_module, "_warm_start", remember)
+    overrides = {"ppo_updates": False, "self_imitation": None}
+    train(TrainArgs(model="tiny-llama", preset="smoke", out=str(tmp_path / "off"), episodes=4, overrides=overrides,
+                    progress=False))
+    from sb3_contrib import MaskablePPO
+
+    trained = MaskablePPO.load(tmp_path / "off" / "final_model.zip", device="cpu").policy.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in snapshots["after warm start"].items())
+    summary = json.loads((tmp_path / "off" / "summary.json").read_text())
+    assert summary["ppo_updates"] is False and summary["training_episodes"] == 4
+    # with updates on, the same run moves the policy (the control is not vacuous)
+    train(TrainArgs(model="tiny-llama", preset="smoke", out=str(tmp_path / "on"), episodes=4,
+                    overrides={"self_imitation": None}, progress=False))
+    moved = MaskablePPO.load(tmp_path / "on" / "final_model.zip", device="cpu").policy.state_dict()
+    assert not all(torch.equal(moved[k], v) for k, v in snapshots["after warm start"].items())
+    with pytest.raises(wq.ConfigError, match="ppo_updates"):
+        train(TrainArgs(model="tiny-llama", preset="smoke", out=str(tmp_path / "bad"), overrides={"ppo_updates": "no"},
+                        progress=False))
+
+
+def test_front_presets_load_and_name_their_levers(tmp_path):
+    front = load_hyperparams("cpu-front")
+    assert front["sampled_targets"] == [1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5]
+    assert front["warm_start"]["calibrate_at"] == 2.0 and front["eval_windows"] >= 128
+    assert load_hyperparams("cpu-front-no-ppo")["ppo_updates"] is False
+    assert load_hyperparams("cpu-no-ppo")["ppo_updates"] is False
+    with pytest.raises(wq.ConfigError, match="sampled_targets"):
+        train(TrainArgs(model="tiny-llama", preset="smoke", out=str(tmp_path / "run"), overrides={"sampled_targets": 2.0},
+                        progress=False))
+
+
+def test_search_from_the_calibrated_knapsack_spends_its_start_out_of_the_budget(tiny_problem, monkeypatch):
+    from windquant_gym.benchmark import SearchAllocator
+
+    env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.5).unwrapped
+    seen = _count_proxy_passes(monkeypatch)
+    before = tiny_problem.proxy_passes
+    search = SearchAllocator(evaluations=20, seed=0, start="calibrated-knapsack", snapshot_at=(12,), progress=False,
+                             offspring=4, stages=((0.25, 2), (1.0, 1)))
+    search.make_plan(env)
+    assert search.start_evaluations == 7  # the calibration's passes, paid out of the 20
+    assert search.evaluations == tiny_problem.proxy_passes - before == _passes_on(seen, tiny_problem.blocks) <= 20
+    assert 7 < search.result.snapshots[12]["evaluations"] <= 12
+    with pytest.raises(wq.ConfigError, match="start plan's 7"):
+        SearchAllocator(evaluations=7.5, start="calibrated-knapsack", progress=False).make_plan(env)
