@@ -18,7 +18,7 @@ from .errors import (
 )
 from .envs import (
     ENV_ID, ActionCostObservation, CurriculumWrapper, LossRewardConfig, PrecisionRules, ProxyLossReward, RewardConfig,
-    WindQuantEnv,
+    TargetSampler, WindQuantEnv,
 )
 from .eval import mean_nll, perplexity
 from .export import export_plan, load_quantized, packed_size
@@ -47,5 +47,5 @@ __all__ = [
     "RunFailedError", "CacheWarning",
     "export_plan", "load_quantized", "packed_size", "keep_freed_memory",
     "ENV_ID", "CurriculumWrapper", "WindQuantEnv", "RewardConfig", "PrecisionRules",
-    "ActionCostObservation", "ProxyLossReward", "LossRewardConfig",
+    "ActionCostObservation", "ProxyLossReward", "LossRewardConfig", "TargetSampler",
 ]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import gymnasium as gym
-import numpy as np
 
 from ..errors import ConfigError
+from .target_schedule import TargetSchedule
 
 
-class CurriculumWrapper(gym.Wrapper):
+class CurriculumWrapper(TargetSchedule):
     """Sets the base env's ``target_bits`` at each reset from the current stage.
 
     ``stages``: targets in order; ``episodes_per_stage``: episodes spent in each (the last
@@ -38,32 +38,6 @@ class CurriculumWrapper(gym.Wrapper):
     @property
     def current_target(self) -> float:
         return self.frozen_target if self.frozen_target is not None else self.stages[self.stage]
-
-    def freeze(self, target_bits: Optional[float] = None) -> None:
-        """Stop advancing; hold ``target_bits`` (default: the current stage's target)."""
-        target = self.current_target if target_bits is None else float(target_bits)
-        self.env.unwrapped.set_target_bits(target)
-        self.frozen_target = target
-
-    def unfreeze(self) -> None:
-        self.frozen_target = None
-
-    def reset(self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None):
-        self.env.unwrapped.set_target_bits(self.current_target)
-        obs, info = self.env.reset(seed=seed, options=options)
-        info["curriculum_stage"] = self.stage
-        return obs, info
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        if terminated or truncated:
-            info["curriculum_stage"] = self.stage
-            if self.frozen_target is None:
-                self.episodes_done += 1
-        return obs, reward, terminated, truncated, info
-
-    def action_masks(self) -> np.ndarray:
-        return self.env.unwrapped.action_masks()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"episodes_done": self.episodes_done, "frozen_target": self.frozen_target}

@@ -8,9 +8,10 @@ import gymnasium as gym
 import numpy as np
 
 from ..errors import ConfigError
+from .target_schedule import TargetSchedule
 
 
-class TargetSampler(gym.Wrapper, gym.utils.RecordConstructorArgs):
+class TargetSampler(TargetSchedule, gym.utils.RecordConstructorArgs):
     """
     ## Description
 
@@ -47,49 +48,29 @@ class TargetSampler(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self._rng = np.random.default_rng(int(seed))
         self.episodes_done = 0
         self.frozen_target: Optional[float] = None
-        self.current_target = self.targets[0]
+        self._drawn = self.targets[0]
 
     @property
     def stage(self) -> int:
         """Index of the current target in ``targets`` (the curriculum's stage column)."""
         return self.targets.index(self.current_target) if self.current_target in self.targets else -1
 
-    def freeze(self, target_bits: Optional[float] = None) -> None:
-        """Stop drawing; hold ``target_bits`` (default: the current one)."""
-        target = self.current_target if target_bits is None else float(target_bits)
-        self.env.unwrapped.set_target_bits(target)
-        self.frozen_target = self.current_target = target
+    @property
+    def current_target(self) -> float:
+        return self.frozen_target if self.frozen_target is not None else self._drawn
 
-    def unfreeze(self) -> None:
-        self.frozen_target = None
-
-    def reset(self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None):
-        if self.frozen_target is None:
-            self.current_target = self.targets[int(self._rng.integers(len(self.targets)))]
-        self.env.unwrapped.set_target_bits(self.current_target)
-        obs, info = self.env.reset(seed=seed, options=options)
-        info["curriculum_stage"] = self.stage
-        return obs, info
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        if terminated or truncated:
-            info["curriculum_stage"] = self.stage
-            if self.frozen_target is None:
-                self.episodes_done += 1
-        return obs, reward, terminated, truncated, info
-
-    def action_masks(self) -> np.ndarray:
-        return self.env.unwrapped.action_masks()
+    def next_target(self) -> float:
+        self._drawn = self.targets[int(self._rng.integers(len(self.targets)))]
+        return self._drawn
 
     def state_dict(self) -> Dict[str, Any]:
         return {"episodes_done": self.episodes_done, "frozen_target": self.frozen_target,
-                "current_target": self.current_target, "rng": self._rng.bit_generator.state}
+                "current_target": self._drawn, "rng": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.episodes_done = int(state["episodes_done"])
         self.frozen_target = state["frozen_target"]
-        self.current_target = float(state.get("current_target", self.targets[0]))
+        self._drawn = float(state.get("current_target", self.targets[0]))
         if "rng" in state:
             self._rng.bit_generator.state = state["rng"]
 
