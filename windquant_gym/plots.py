@@ -366,13 +366,19 @@ def plot_front(source: str | Path, path: str | Path | None = None) -> Path:
         points = sorted((r["storage_bits"], r["heldout_ppl"], r["target_bits"]) for r in rows if r["allocator"] == name)
         colour, marker, line = _FRONT_STYLE.get(name, (f"C{(k + 2) % 10}", "D", "-"))
         evaluations = {r.get("evaluations") for r in rows if r["allocator"] == name}
-        cost = f", {max(e for e in evaluations if e is not None):g} proxy passes" if evaluations - {None} else ""
+        spent = max((e for e in evaluations if e is not None), default=None)
+        cost = "" if spent is None else f", {spent:g} proxy pass{'' if spent == 1 else 'es'}"
         ax.plot([p[0] for p in points], [p[1] for p in points], color=colour, marker=marker, linestyle=line,
                 linewidth=1.2, markersize=4, label=f"{name}{cost}")
         if k == 0:
             for x, y, target in points:
                 ax.annotate(f"{target:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 40, 60, 100 rather than 4 x 10^1
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("storage bits per weight (packed file)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("Size / quality front (labels: target effective bits)")
