@@ -166,6 +166,9 @@ class WindQuantEnv(gym.Env):
       "activation"}`` rebuilds the earlier table exactly. Plan files carry their quant config
       and table fingerprint, so a plan made on the earlier table is refused on the new one
       with an error that names the difference, never silently re-scored.
+      Issue 21 (nothing of the env's rewards, observations or actions changed): the opt-in
+      :class:`TargetSampler` wrapper (a target drawn per episode, for one policy over every
+      budget); every proxy pass counted on the problem (``QuantProblem.proxy_passes``).
     """
 
     metadata = {"render_modes": []}
