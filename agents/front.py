@@ -20,10 +20,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from ..benchmark.harness import plan_window_nlls
 from ..benchmark.leaderboard import add_comparisons
-from ..eval.perplexity import block_nlls
+from ..eval.bootstrap import describe_change
 from ..plan import QuantPlan
-from ..quant.apply import quantized_weights
 
 FRONT_COLUMNS = ("allocator", "target_bits", "evaluations", "effective_bits", "storage_bits", "proxy_ppl", "heldout_ppl",
                  "vs", "heldout_change", "heldout_change_low", "heldout_change_high", "heldout_verdict", "plan_file")
@@ -40,13 +40,7 @@ class HeldoutCache:
     def __call__(self, plan: Optional[Sequence[int]]) -> List[float]:
         key = b"unquantized" if plan is None else np.asarray(plan, dtype=np.int64).tobytes()
         if key not in self._seen:
-            problem = self.problem
-            if plan is None:
-                nlls = block_nlls(problem.model, self.windows, batch_size=problem.batch_size)
-            else:
-                with quantized_weights(problem.model, problem.table, plan):
-                    nlls = block_nlls(problem.model, self.windows, batch_size=problem.batch_size)
-            self._seen[key] = nlls.tolist()
+            self._seen[key] = plan_window_nlls(self.problem, plan, self.windows).tolist()
         return self._seen[key]
 
 
@@ -91,8 +85,7 @@ def format_front(rows: List[Dict[str, Any]]) -> str:
         if row.get("heldout_change") is None:
             versus = "(reference)" if row["allocator"] == "calibrated-knapsack" else "-"
         else:
-            versus = (f"{row['heldout_change']:+.1%} [{row['heldout_change_low']:+.1%}, {row['heldout_change_high']:+.1%}]"
-                      f"{' tie' if row['heldout_verdict'] == 'tie' else ''}")
+            versus = describe_change(row["heldout_change"], row["heldout_change_low"], row["heldout_change_high"])
         lines.append(f"| {row['target_bits']:g} | {row['allocator']} | {row['evaluations']:g} | {row['effective_bits']:.3f} | "
                      f"{row['storage_bits']:.3f} | {row['proxy_ppl']:.2f} | {row['heldout_ppl']:.2f} | {versus} |")
     return "\n".join(lines)

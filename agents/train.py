@@ -39,7 +39,7 @@ from stable_baselines3.common.monitor import Monitor
 
 from ..data import eval_windows, load_texts
 from ..envs import ENV_ID, CurriculumWrapper, RewardConfig, TargetSampler
-from ..eval.bootstrap import paired_bootstrap
+from ..eval.bootstrap import describe_change, paired_bootstrap
 from ..plan import QuantPlan
 from ..errors import ConfigError
 from .callbacks import EpisodeRecorder
@@ -116,6 +116,12 @@ def summary_target(args: TrainArgs, hp: Dict[str, Any]) -> float:
     return min(targets) if args.target_bits is None and _sampled(hp) else targets[-1]
 
 
+def _writes_front(args: TrainArgs, hp: Dict[str, Any]) -> bool:
+    """A run over several targets writes the front when the preset says ``front: true``
+    (default: for ``sampled_targets``)."""
+    return len(set(stages(args, hp))) > 1 and bool(hp.get("front", _sampled(hp)))
+
+
 def make_env(args: TrainArgs, hp: Dict[str, Any]) -> gym.Env:
     """``Monitor(CurriculumWrapper(observation(reward(WindQuant-v0))))`` as the preset says
     (``TargetSampler`` in place of the curriculum for ``sampled_targets``)."""
@@ -188,7 +194,8 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     else:
         model = _new_model(env, hp, n_units, out, args.seed)
     targets = sorted(set(stages(args, hp)))
-    knapsack = _knapsack_plans(base, targets)  # the summary's and the front's baseline
+    # the summary's baseline, and the front's at every target
+    knapsack = _knapsack_plans(base, targets if _writes_front(args, hp) else [summary_target(args, hp)])
     # a second view of the same problem, for walks that must not touch the training episode
     view = policy_view(gym.make(ENV_ID, model=base.problem.model, problem=base.problem, proxy_metric=base.proxy_metric,
                                 progress=False), hp)
@@ -372,7 +379,7 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
             QuantPlan.from_problem(problem, info["plan"], target_bits=target, proxy_dtype=problem.proxy_dtype,
                                    proxy_metric=metric, evaluations=policy_evaluations, allocator=f"MaskablePPO {slug}",
                                    **metrics).save(out / f"{slug}_{target:g}.json")
-    front = len(targets) > 1 and bool(hp.get("front", _sampled(hp)))
+    front = _writes_front(args, hp)
     passes_before = problem.proxy_passes
     knapsack_proxy = {t: math.exp(problem.proxy_nll(knapsack[t])) for t in (targets if front else [final_target])}
     baseline_evaluations = problem.proxy_passes - passes_before  # the summary's (and front's) knapsack rows
@@ -488,9 +495,7 @@ def print_summary(summary: Dict[str, Any]) -> None:
     for name, row in summary["results"].items():
         mark = "  <- returned" if row.get("returned") else ""
         change = row.get("vs")
-        cell = ""
-        if change:
-            cell = f"{change['change']:+.1%} [{change['low']:+.1%}, {change['high']:+.1%}]{' tie' if change['tie'] else ''}"
+        cell = describe_change(change["change"], change["low"], change["high"]) if change else ""
         print(f"{name:30} {row['effective_bits']:9.3f} {row['storage_bits']:8.3f} {row['proxy_ppl']:10.2f} "
               f"{row['heldout_ppl']:12.2f}  {cell:28}{mark}")
     if "policy_evaluations" in summary:

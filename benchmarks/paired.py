@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from windquant_gym.eval.bootstrap import paired_bootstrap
+from windquant_gym.eval.bootstrap import describe_change, paired_bootstrap
 
 
 def read_rows(path: Path, label: Optional[str]) -> tuple:
@@ -89,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] if args.markdown else []
     for r in out:
         versus = "(reference)" if r["allocator"] == args.reference and r["seed"] == r["reference_seed"] else (
-            f"{r['change']:+.1%} [{r['low']:+.1%}, {r['high']:+.1%}]" + (" tie" if r["tie"] else ""))
+            describe_change(r["change"], r["low"], r["high"]))
         cells = (f"{r['target_bits']:g}", r["allocator"], "-" if r["seed"] is None else str(r["seed"]),
                  "-" if r["evaluations"] is None else f"{r['evaluations']:g}", f"{r['effective_bits']:.3f}",
                  f"{r['storage_bits']:.3f}", f"{r['proxy_ppl']:.2f}", f"{r['heldout_ppl']:.2f}", versus)

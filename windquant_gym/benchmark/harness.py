@@ -113,7 +113,11 @@ def as_allocator(allocator: Any) -> Callable:
 def heldout_window_nlls(env, plan, blocks: torch.Tensor) -> torch.Tensor:
     """``[n]`` mean NLL of each of the held-out ``blocks`` with ``plan`` applied to the env's
     model (restored after); ``plan=None``: the unquantized model."""
-    problem = env.unwrapped.problem
+    return plan_window_nlls(env.unwrapped.problem, plan, blocks)
+
+
+def plan_window_nlls(problem, plan, blocks: torch.Tensor) -> torch.Tensor:
+    """:func:`heldout_window_nlls` on a :class:`QuantProblem` instead of an env."""
     if plan is None:
         return block_nlls(problem.model, blocks, batch_size=problem.batch_size)
     with quantized_weights(problem.model, problem.table, plan):

@@ -27,9 +27,9 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
-from ..eval.bootstrap import paired_bootstrap
+from ..eval.bootstrap import describe_change, paired_bootstrap
 
 COLUMNS = ("allocator", "target_bits", "budget", "evaluations", "effective_bits", "storage_bits", "proxy_ppl", "proxy_kl",
            "heldout_ppl", "heldout_min", "heldout_max", "vs", "heldout_change", "heldout_change_low", "heldout_change_high",
@@ -111,8 +111,7 @@ def _vs_cell(entry: Dict[str, Any]) -> str:
         return "-"
     if entry.get("episodes", 1) > 1:  # several members: the median change and the members' verdicts
         return f"{change:+.1%} (median; {entry['verdicts']})"
-    low, high = entry["heldout_change_low"], entry["heldout_change_high"]
-    return f"{change:+.1%} [{low:+.1%}, {high:+.1%}]{' tie' if entry['verdicts'] == 'tie' else ''}"
+    return describe_change(change, entry["heldout_change_low"], entry["heldout_change_high"])
 
 
 def _number(value: float, key: str) -> str:

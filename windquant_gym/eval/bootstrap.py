@@ -51,11 +51,17 @@ class PairedComparison:
 
     def describe(self) -> str:
         """e.g. ``-5.5% [-6.5%, -4.5%]`` or ``+0.3% [-0.4%, +1.0%] tie``."""
-        text = f"{self.change:+.1%} [{self.low:+.1%}, {self.high:+.1%}]"
-        return f"{text} tie" if self.tie else text
+        return describe_change(self.change, self.low, self.high)
 
     def to_dict(self) -> Dict[str, Any]:
         return {**asdict(self), "tie": self.tie, "verdict": self.verdict}
+
+
+def describe_change(change: float, low: float, high: float) -> str:
+    """A change of PPL and its interval as every table prints it: ``-5.5% [-6.5%, -4.5%]``,
+    with `` tie`` appended when the interval contains 0."""
+    text = f"{change:+.1%} [{low:+.1%}, {high:+.1%}]"
+    return f"{text} tie" if low <= 0.0 <= high else text
 
 
 def paired_bootstrap(
@@ -91,4 +97,4 @@ def paired_bootstrap(
     return PairedComparison(math.expm1(diff.mean()), math.expm1(low), math.expm1(high), int(diff.size), confidence)
 
 
-__all__ = ["DEFAULT_RESAMPLES", "PairedComparison", "paired_bootstrap"]
+__all__ = ["DEFAULT_RESAMPLES", "PairedComparison", "describe_change", "paired_bootstrap"]
