@@ -6,7 +6,7 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm.auto import tqdm

@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..benchmark.harness import plan_window_nlls
-from ..benchmark.leaderboard import add_comparisons
+from ..harness.episodes import plan_window_nlls
+from ..harness.leaderboard import add_comparisons
 from ..eval.bootstrap import describe_change
 from ..plan import QuantPlan
 

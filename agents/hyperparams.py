@@ -1,4 +1,5 @@
-"""Read ``hyperparams.yml``: one block per env id or preset, merged over ``default``."""
+"""Read ``hyperparams.yml``: one block per env id or preset, merged over ``default``, validated
+as a :class:`~windquant_gym.agents.recipe.Recipe` (unknown keys refused by name)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Dict, List
 import yaml
 
 from ..errors import UnknownNameError
+from .recipe import Recipe
 
 
 def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -43,4 +45,15 @@ def load_hyperparams(key: str = "WindQuant-v0", path: str | None = None) -> Dict
             f"No hyperparameter block {key!r} in {path or 'agents/hyperparams.yml'}; known presets are {known}. "
             "Pass one of them (windquant train --preset NAME), or add a block of that name to the YAML."
         )
-    return _merge(table.get("default", {}), table[key])
+    return validated(_merge(table.get("default", {}), table[key]))
+
+
+def load_recipe(key: str = "WindQuant-v0", path: str | None = None) -> Recipe:
+    """The block ``key`` as a typed :class:`Recipe`."""
+    return Recipe.from_dict(load_hyperparams(key, path))
+
+
+def validated(hp: Dict[str, Any]) -> Dict[str, Any]:
+    """``hp`` checked as a :class:`Recipe` and written back in its plain form (every key the
+    recipe knows, with its default where the block is silent)."""
+    return Recipe.from_dict(hp).to_dict()

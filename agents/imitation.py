@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..harness.episodes import play_episode
 
 
 @dataclass
@@ -41,6 +42,21 @@ class Demonstrations:
         return len(self.actions)
 
 
+class _StrictPlan:
+    """Plays a demonstration plan as it is: a masked action is an error, never projected."""
+
+    def __init__(self, plan: np.ndarray, target: float):
+        self.plan, self.target, self._t = plan, target, 0
+
+    def __call__(self, observation, mask) -> int:
+        action, t = int(self.plan[self._t]), self._t
+        if not mask[action]:
+            raise ConfigError(f"The demonstration plan at {self.target} bits takes action {action} at unit {t}, which the "
+                              "env masks (over budget or below a precision rule): pass a plan made for this target.")
+        self._t += 1
+        return action
+
+
 def collect_demonstrations(env: gym.Env, plans: Mapping[float, Sequence[int]], gamma: Optional[float] = None) -> Demonstrations:
     """Walk ``env`` (wrapped as the policy sees it, without a curriculum) through each
     ``plans[target_bits]`` at its target. Raises when the env's masks forbid a plan's action
@@ -54,19 +70,13 @@ def collect_demonstrations(env: gym.Env, plans: Mapping[float, Sequence[int]], g
         plan = np.asarray(plan, dtype=np.int64)
         if plan.shape != (base.n_units,):
             raise ConfigError(f"A demonstration plan needs one action per unit ({base.n_units}), got shape {plan.shape}.")
-        obs, _ = env.reset(options={"target_bits": float(target)})
-        rewards = []
-        for t, action in enumerate(plan):
-            mask = np.asarray(env.get_wrapper_attr("action_masks")(), dtype=bool)
-            if not mask[action]:
-                raise ConfigError(f"The demonstration plan at {target} bits takes action {action} at unit {t}, which the "
-                                  "env masks (over budget or below a precision rule): pass a plan made for this target.")
-            observations.append(np.asarray(obs, dtype=np.float32))
-            actions.append(int(action))
-            masks.append(mask)
-            if t < len(plan) - 1 or gamma is not None:  # the last step runs the proxy pass: only when measured
-                obs, reward, _, _, info = env.step(int(action))
-                rewards.append(reward)
+        # the last step runs the proxy pass: only when measured
+        info, trace = play_episode(env, _StrictPlan(plan, target), options={"target_bits": float(target)}, trace=True,
+                                   stop_before_last=gamma is None)
+        observations += trace.observations
+        actions += trace.actions
+        masks += trace.masks
+        rewards = trace.rewards
         if gamma is not None:
             final_infos[float(target)] = info
             to_go, running = np.empty(len(rewards)), 0.0

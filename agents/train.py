@@ -40,50 +40,68 @@ from stable_baselines3.common.monitor import Monitor
 from ..data import eval_windows, load_texts
 from ..envs import ENV_ID, CurriculumWrapper, RewardConfig, TargetSampler
 from ..eval.bootstrap import describe_change, paired_bootstrap
+from ..harness.episodes import play_episode
 from ..plan import QuantPlan
 from ..errors import ConfigError
+from ..quant.bitwidths import check_bits
 from .callbacks import EpisodeRecorder
 from .front import HeldoutCache, front_row, write_front
 from .checkpoints import LATEST, ResumableCheckpoint, clear_run, has_run, latest_checkpoint, read_state
-from ..benchmark.allocators import KnapsackAllocator
-from ..benchmark.calibrated import CalibratedKnapsack
-from .hyperparams import load_hyperparams, merge_hyperparams
+from ..allocators.baselines import KnapsackAllocator
+from ..allocators.calibrated_knapsack import CalibratedKnapsack
+from .hyperparams import load_hyperparams, merge_hyperparams, validated
+from .recipe import DEMONSTRATIONS
 from .imitation import behaviour_clone, collect_demonstrations
 from .policy import WindQuantPolicy
 from .self_imitation import SelfImitation
-from .wrappers import policy_view
+from .policy_view import policy_view
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainArgs:
+    """What ``windquant train`` is asked to do; its flags are generated from these fields
+    (:mod:`.flags`), the recipe itself is the preset's (:class:`~.recipe.Recipe`)."""
+
     model: str = "smollm2-135m"
-    """A load_model name or local folder."""
+    """A load_model preset name or a local model folder."""
     preset: str = ENV_ID
-    """Hyperparameter block of agents/hyperparams.yml (e.g. 'cpu', 'smoke')."""
+    """Block of agents/hyperparams.yml, e.g. cpu or smoke."""
     out: str = "runs/windquant"
     """Run folder."""
     episodes: Optional[int] = None
     """Override the preset's episode count."""
     gamma: Optional[float] = None
-    """Override the discount (paper 0.99; 1.0 gives the episode-end reward full weight)."""
+    """Override the discount (paper: 0.99; 1.0 gives the episode-end reward full weight)."""
     target_bits: Optional[float] = None
     """Train at one fixed target instead of the curriculum."""
     seed: int = 0
     """The agent's seed: policy initialisation, sampling, minibatches."""
     calibration_seed: Optional[int] = None
-    """Override the preset's ``env_kwargs.seed``, which picks the calibration blocks (the
-    proxy's text, hence the table); the preset fixes it so that agent seeds mean one thing."""
+    """Override the preset's env_kwargs.seed, which picks the calibration blocks (the proxy's
+    text, hence the table); the preset fixes it so that agent seeds mean one thing."""
     device: str = "auto"
-    """Where the LM runs; the small policy always runs on the CPU."""
+    """Where the LM runs (auto, cpu, cuda); the small policy always runs on the CPU."""
     progress: bool = True
+    """Progress bars (calibration, table build, training)."""
     hyperparams: Optional[str] = None
     """Another hyperparameter YAML file."""
     overrides: Dict[str, Any] = field(default_factory=dict)
     """Extra hyperparameters merged over the preset (e.g. from tests)."""
     resume: Optional[str] = None
-    """A run folder to continue from its latest checkpoint (its config.json replaces the other arguments)."""
+    """Continue this run folder from its latest checkpoint (other options are read from its config.json)."""
     overwrite: bool = False
-    """Start afresh in an ``out`` folder that already holds a run (its checkpoints and logs are removed)."""
+    """Start afresh in an --out folder that already holds a run (its checkpoints and logs are removed)."""
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "calibration_seed", "episodes"):
+            value = getattr(self, name)
+            low = 1 if name == "episodes" else 0
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"TrainArgs.{name} must be an integer >= {low}, got {value!r}; e.g. --{name.replace('_', '-')} {low}.")
+        if self.gamma is not None and not (isinstance(self.gamma, (int, float)) and 0.0 <= self.gamma <= 1.0):
+            raise ConfigError(f"TrainArgs.gamma must lie in [0, 1], got {self.gamma!r}; e.g. --gamma 0.99.")
+        if self.target_bits is not None:
+            check_bits(self.target_bits, "target_bits", "--target-bits 2.0")
 
 
 def calibration_seed(args: TrainArgs, hp: Dict[str, Any]) -> int:
@@ -138,11 +156,7 @@ def make_env(args: TrainArgs, hp: Dict[str, Any]) -> gym.Env:
 
 def _rollout(model: MaskablePPO, env: gym.Env) -> Dict[str, Any]:
     """One deterministic episode of the trained policy."""
-    obs, _ = env.reset()
-    done = False
-    while not done:
-        action, _ = model.predict(obs, action_masks=env.get_wrapper_attr("action_masks")(), deterministic=True)
-        obs, _, done, _, info = env.step(int(action))
+    info, _ = play_episode(env, lambda obs, mask: model.predict(obs, action_masks=mask, deterministic=True)[0])
     return info
 
 
@@ -165,11 +179,9 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         args, hp, checkpoint = _resumed_args(args)
     else:
         hp = load_hyperparams(args.preset, args.hyperparams)
-        hp = merge_hyperparams(hp, args.overrides)  # nested keys merge (warm_start: {epochs: 5} keeps the rest)
-        if args.episodes is not None:
-            hp["episodes"] = args.episodes
-        if args.gamma is not None:
-            hp["gamma"] = args.gamma
+        flags = {k: v for k, v in (("episodes", args.episodes), ("gamma", args.gamma)) if v is not None}
+        # nested keys merge (warm_start: {epochs: 5} keeps the rest); the result is checked as a Recipe
+        hp = validated(merge_hyperparams(hp, {**args.overrides, **flags}))
     out = Path(args.out)
     if checkpoint is None and has_run(out):
         if not args.overwrite:
@@ -256,7 +268,6 @@ def _start_plans(out: Path, plans: Optional[Dict[float, np.ndarray]]) -> Dict[fl
     return {}  # no warm start: self-imitation follows the policy's own best plans only
 
 
-DEMONSTRATIONS = ("knapsack", "calibrated-knapsack")
 
 
 def _warm_start(model: MaskablePPO, view: gym.Env, hp: Dict[str, Any], targets: List[float], final_target: float,

@@ -35,8 +35,8 @@ from sb3_contrib import MaskablePPO
 import windquant_gym as wq
 from windquant_gym.agents import WindQuantPolicy, load_hyperparams
 from windquant_gym.data import sample_token_blocks
-from windquant_gym.eval.kernels import ENV_VAR as LINEAR_KERNEL_VAR
-from windquant_gym.eval.kernels import proxy_precision
+from windquant_gym.compute.kernels import ENV_VAR as LINEAR_KERNEL_VAR
+from windquant_gym.compute.kernels import proxy_precision
 from windquant_gym.eval.perplexity import mean_nll
 from windquant_gym.problem import _cached_calibration
 from windquant_gym.quant import BIT_WIDTHS, borrowed_weights
@@ -183,7 +183,7 @@ def main(args: Args) -> Dict[str, float]:
     with proxy_precision(next(model.parameters()).device, problem.proxy_dtype):
         forward = time_forward(model, blocks, problem.batch_size, args.episodes)
     # The same pass on PyTorch's default CPU kernel (MKL), side by side: what the oneDNN
-    # routing in windquant_gym.eval.kernels buys on this machine (float32 proxies only).
+    # routing in windquant_gym.compute.kernels buys on this machine (float32 proxies only).
     cpu_float32 = next(model.parameters()).device.type == "cpu" and problem.proxy_dtype == "float32"
     forward_default = time_forward(model, blocks, problem.batch_size, args.episodes, kernel="aten") if cpu_float32 else []
 
@@ -271,5 +271,5 @@ def parse() -> Args:
 
 
 if __name__ == "__main__":
-    wq.keep_freed_memory()  # our process: reuse freed memory (windquant_gym/runtime.py)
+    wq.keep_freed_memory()  # our process: reuse freed memory (windquant_gym/compute/process.py)
     main(parse())

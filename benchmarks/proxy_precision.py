@@ -24,8 +24,8 @@ import numpy as np
 
 import windquant_gym as wq
 from windquant_gym.agents import load_hyperparams
-from windquant_gym.benchmark import baseline_allocators, run_allocator
-from windquant_gym.benchmark.allocators import RandomAllocator
+from windquant_gym.allocators import RandomAllocator, baseline_allocators
+from windquant_gym.harness import run_allocator
 
 
 def ranks(values):
@@ -94,5 +94,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    wq.keep_freed_memory()  # our process: reuse freed memory (windquant_gym/runtime.py)
+    wq.keep_freed_memory()  # our process: reuse freed memory (windquant_gym/compute/process.py)
     main()

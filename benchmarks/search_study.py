@@ -1,6 +1,6 @@
 """How far the search goes, and how much of its proxy gain reaches held-out text.
 
-Runs the search (windquant_gym.benchmark.SearchAllocator's ``evolve``) from the knapsack's plan
+Runs the search (windquant_gym.allocators.SearchAllocator's ``evolve``) from the knapsack's plan
 on the env of a preset, once per (target, fitness, seed, fitness tokens) at the largest budget,
 and records the plan it held at every smaller budget (what a run with that budget returns).
 Every plan is then measured on the proxy (NLL and KL on the env's calibration blocks) and on
@@ -49,7 +49,7 @@ def run(args) -> None:
 
     import windquant_gym as wq
     from windquant_gym.agents.hyperparams import load_hyperparams
-    from windquant_gym.benchmark import KnapsackAllocator, ProxyFitness, SearchConfig, evolve
+    from windquant_gym.allocators import KnapsackAllocator, ProxyFitness, SearchConfig, evolve
     from windquant_gym.data import eval_windows, load_texts, sample_token_blocks
     from windquant_gym.eval.perplexity import perplexity
 

@@ -57,5 +57,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    wq.keep_freed_memory()  # our process: reuse freed memory (windquant_gym/runtime.py)
+    wq.keep_freed_memory()  # our process: reuse freed memory (windquant_gym/compute/process.py)
     main()

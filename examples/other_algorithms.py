@@ -68,5 +68,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    windquant_gym.keep_freed_memory()  # our process: reuse freed memory (windquant_gym/runtime.py)
+    windquant_gym.keep_freed_memory()  # our process: reuse freed memory (windquant_gym/compute/process.py)
     main()

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 import windquant_gym as wq
-from windquant_gym.benchmark import (
+from windquant_gym.allocators import (
     HeuristicAllocator,
     KnapsackAllocator,
     RandomAllocator,
     UniformAllocator,
-    run_allocator,
     solve_knapsack,
 )
-from windquant_gym.benchmark.bench import main as bench_main
+from windquant_gym.harness import run_allocator
+from windquant_gym.harness.bench import main as bench_main
 from windquant_gym.plan import QuantPlan
 
 
@@ -243,7 +243,7 @@ def test_sb3_allocator_counts_its_training_episodes(tiny_problem):
 
 
 def test_leaderboard_median_range_and_plan_of_the_lowest_proxy():
-    from windquant_gym.benchmark.leaderboard import aggregate, format_table
+    from windquant_gym.harness.leaderboard import aggregate, format_table
 
     rows = [{"allocator": "search-nll", "target_bits": 2.0, "budget": 300.0, "evaluations": spent, "effective_bits": 2.0,
              "storage_bits": 2.4, "proxy_ppl": proxy, "heldout_ppl": heldout, "seconds": 1.0, "plan_file": f"plans/s{i}.json"}

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import windquant_gym as wq
-from windquant_gym import cache as cache_module
+from windquant_gym.cache import listing as listing_module
+from windquant_gym.cache import storage as cache_module
 from windquant_gym import problem as problem_module
 from windquant_gym.cli import main as cli_main
 from windquant_gym.errors import CacheWarning, ConfigError
 from windquant_gym.quant import build as build_module
+from windquant_gym.quant import code_version as code_version_module
 from windquant_gym.quant.build import build_table, table_fingerprint
 
 CONFIG = wq.QuantConfig(chunk_size=48, compensation="none", error_metric="activation")
@@ -147,17 +149,17 @@ def test_the_table_key_changes_with_the_fitting_code(tiny, monkeypatch, tmp_path
     units = wq.find_units(model, CONFIG.chunk_size)
     scales = _scales(model)
     before = table_fingerprint(model, units, scales, CONFIG)
-    monkeypatch.setattr(build_module, "fitting_code_version", lambda: "edited")
+    monkeypatch.setattr(code_version_module, "fitting_code_version", lambda: "edited")
     assert table_fingerprint(model, units, scales, CONFIG) != before
     # the version hashes the quant package's source, so an edit to any of its files changes it
-    names = {p.name for p in build_module.fitting_sources()}
+    names = {p.name for p in code_version_module.fitting_sources()}
     assert {"quantizers.py", "compensation.py", "fitting.py", "accounting.py", "config.py", "build.py"} <= names
     copies = []
-    for source in build_module.fitting_sources():
+    for source in code_version_module.fitting_sources():
         copies.append(tmp_path / source.name)
         copies[-1].write_bytes(source.read_bytes())
     original = cache_module.source_version(copies)
-    assert original == cache_module.source_version(build_module.fitting_sources())
+    assert original == cache_module.source_version(code_version_module.fitting_sources())
     quantizers = tmp_path / "quantizers.py"
     quantizers.write_text(quantizers.read_text() + "\n# an edit\n")
     assert cache_module.source_version(copies) != original
@@ -211,18 +213,18 @@ def test_cache_cli_lists_and_clears(tiny, capsys, tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "tables" / "busy.safetensors.lock").exists() and not free.exists() and live.exists()
     held.release()
     live.unlink()
-    assert [e.kind for e in cache_module.cache_entries()] == ["calibration"]
+    assert [e.kind for e in listing_module.cache_entries()] == ["calibration"]
     assert cli_main(["cache", "clear"]) == 0
-    assert cache_module.cache_entries() == []
+    assert listing_module.cache_entries() == []
     with pytest.raises(ConfigError, match=r"Unknown cache kind\(s\) \['bogus'\]; choose from"):
-        cache_module.cache_entries(["bogus"])
+        listing_module.cache_entries(["bogus"])
 
 
 def test_a_stale_entry_is_listed_as_stale(tiny, tmp_path, monkeypatch):
     model, _ = tiny
     build_table(model, _scales(model), CONFIG, cache=tmp_path / "tables", progress=False)
-    monkeypatch.setattr(build_module, "fitting_code_version", lambda: "edited")
-    [entry] = cache_module.cache_entries(["tables"], root=tmp_path)
+    monkeypatch.setattr(code_version_module, "fitting_code_version", lambda: "edited")
+    [entry] = listing_module.cache_entries(["tables"], root=tmp_path)
     assert entry.detail.startswith("stale")
-    assert cache_module.clear_cache(["tables"], root=tmp_path, stale_only=True) == [entry]
+    assert listing_module.clear_cache(["tables"], root=tmp_path, stale_only=True) == [entry]
     assert not os.listdir(tmp_path / "tables")

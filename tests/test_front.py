@@ -17,7 +17,7 @@ import windquant_gym as wq
 from windquant_gym.agents.front import read_front
 from windquant_gym.agents.hyperparams import load_hyperparams
 from windquant_gym.agents.train import TrainArgs, train
-from windquant_gym.benchmark.leaderboard import add_comparisons, format_table
+from windquant_gym.harness.leaderboard import add_comparisons, format_table
 from windquant_gym.envs import TargetSampler
 from windquant_gym.eval import block_nlls, mean_nll
 from windquant_gym.eval.bootstrap import paired_bootstrap
@@ -242,7 +242,7 @@ def test_front_presets_load_and_name_their_levers(tmp_path):
 
 
 def test_search_from_the_calibrated_knapsack_spends_its_start_out_of_the_budget(tiny_problem, monkeypatch):
-    from windquant_gym.benchmark import SearchAllocator
+    from windquant_gym.allocators import SearchAllocator
 
     env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.5).unwrapped
     seen = _count_proxy_passes(monkeypatch)

@@ -1,4 +1,4 @@
-"""GPTQ peer baseline (windquant_gym.benchmark.gptq_peer, llm-compressor) on the random tiny Llama."""
+"""GPTQ peer baseline (windquant_gym.harness.gptq_peer, llm-compressor) on the random tiny Llama."""
 
 import sys
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import windquant_gym as wq
-from windquant_gym.benchmark import gptq_peer
+from windquant_gym.harness import gptq_peer
 from windquant_gym.errors import ConfigError, MissingDependencyError
 from windquant_gym.quant.units import find_units, module_names
 

@@ -1,11 +1,11 @@
-"""The CPU linear-kernel routing of inference passes (windquant_gym.eval.kernels)."""
+"""The CPU linear-kernel routing of inference passes (windquant_gym.compute.kernels)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from windquant_gym.errors import ConfigError
-from windquant_gym.eval import kernels
+from windquant_gym.compute import kernels
 from windquant_gym.eval.perplexity import mean_nll
 
 needs_onednn = pytest.mark.skipif(kernels._onednn_linear_op() is None, reason="this PyTorch build has no oneDNN linear")

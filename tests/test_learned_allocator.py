@@ -16,8 +16,8 @@ import windquant_gym as wq
 from windquant_gym.agents import WindQuantPolicy
 from windquant_gym.agents.imitation import behaviour_clone, collect_demonstrations, replay_accuracy
 from windquant_gym.agents.train import TrainArgs, make_env, train
-from windquant_gym.benchmark.allocators import KnapsackAllocator
-from windquant_gym.benchmark.knapsack import solve_knapsack
+from windquant_gym.allocators import KnapsackAllocator
+from windquant_gym.allocators.knapsack import solve_knapsack
 from windquant_gym.envs import ActionCostObservation, BudgetPrice, LossRewardConfig, ProxyLossReward
 from windquant_gym.envs.action_costs import ERROR_FLOOR, GAP_CAP_BITS, OBSERVATION_DIM, module_kind
 
@@ -231,7 +231,7 @@ def test_run_returns_the_better_plan_by_proxy_and_reports_both(tmp_path, monkeyp
     assert sum(bool(r.get("returned")) for r in results.values()) == 1
     assert results["knapsack"]["heldout_ppl"] > 1
     # bench evaluates the policy on the observation it was trained on (config.json beside it)
-    from windquant_gym.benchmark.bench import main as bench_main
+    from windquant_gym.harness.bench import main as bench_main
 
     out = tmp_path / "bench" / "lb.json"
     assert bench_main(["--model", "tiny-llama", "--preset", "smoke", "--target-bits", "2.5", "--allocators", "knapsack",
@@ -261,7 +261,7 @@ def test_agent_seed_leaves_the_calibration_alone(tmp_path, monkeypatch):
 
 
 def test_lagrange_rule_meets_the_budget_and_nearly_matches_the_knapsack(tiny_problem):
-    from windquant_gym.benchmark.calibrated import lagrange_rule_plan
+    from windquant_gym.allocators.calibrated_knapsack import lagrange_rule_plan
 
     env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.5).unwrapped
     table = env.table
@@ -277,7 +277,8 @@ def test_lagrange_rule_meets_the_budget_and_nearly_matches_the_knapsack(tiny_pro
 
 
 def test_calibrated_knapsack_spends_what_it_says_and_keeps_its_best(tiny_problem):
-    from windquant_gym.benchmark import CalibratedKnapsack, run_allocator
+    from windquant_gym.allocators import CalibratedKnapsack
+    from windquant_gym.harness import run_allocator
 
     env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.0)
     allocator = CalibratedKnapsack(factors=(1, 4), groups=("first", "last"))

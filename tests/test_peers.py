@@ -1,4 +1,4 @@
-"""HQQ peer baseline (windquant_gym.benchmark.peers) on the random tiny Llama."""
+"""HQQ peer baseline (windquant_gym.harness.peers) on the random tiny Llama."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("hqq")
 
 import windquant_gym as wq  # noqa: E402
-from windquant_gym.benchmark.peers import hqq_quantize, hqq_rows  # noqa: E402
+from windquant_gym.harness.peers import hqq_quantize, hqq_rows  # noqa: E402
 from windquant_gym.errors import ConfigError  # noqa: E402
 from windquant_gym.quant.units import find_units, module_names  # noqa: E402
 

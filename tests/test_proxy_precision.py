@@ -112,7 +112,7 @@ def test_cpu_bf16_preset_sets_the_proxy_precision():
 
 
 def test_a_bf16_proxy_on_a_cpu_without_bf16_units_warns(tiny_problem, monkeypatch):
-    from windquant_gym.eval import kernels
+    from windquant_gym.compute import kernels
 
     monkeypatch.setattr(kernels, "_cpu_has_native_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match=r"without native bf16 support.*use proxy_dtype='float32'"):

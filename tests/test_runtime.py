@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import windquant_gym as wq
-from windquant_gym import runtime
+from windquant_gym.compute import process as runtime
 from windquant_gym.errors import ConfigError
 
 CHILD = r"""

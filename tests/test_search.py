@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import windquant_gym as wq
-from windquant_gym.benchmark import (
+from windquant_gym.allocators import (
     KnapsackAllocator,
     ProxyFitness,
     SearchAllocator,
     SearchConfig,
     TableErrorFitness,
     evolve,
-    run_allocator,
 )
+from windquant_gym.harness import run_allocator
 from windquant_gym.envs import PrecisionRules
 from windquant_gym.envs.windquant import BUDGET_TOLERANCE
 from windquant_gym.quant.bitwidths import action_index
@@ -227,7 +227,7 @@ def test_a_budget_run_returns_the_longer_runs_snapshot(tiny_problem, n_blocks):
 
 # ----- weights are borrowed, never kept ------------------------------------------------------
 def test_search_gives_the_weights_back_also_when_interrupted(tiny_problem, monkeypatch):
-    import windquant_gym.benchmark.fitness as fitness_module
+    import windquant_gym.allocators.fitness as fitness_module
 
     env = make_env(tiny_problem, 2.0)
     start = KnapsackAllocator().make_plan(env)
@@ -264,10 +264,10 @@ def test_kl_of_the_unquantized_model_is_zero_and_grows_with_fewer_bits(tiny_prob
         coarse = wq.eval.token_losses(tiny_problem.model, tiny_problem.blocks, reference=reference).kl
         exact = wq.eval.token_losses(tiny_problem.model, tiny_problem.blocks, reference=full).kl
     assert 0 < coarse <= exact
-    same_kernels = wq.eval.kernels.linear_kernels("cpu")  # the passes' own float32 kernel, for like rounding
+    same_kernels = wq.compute.kernels.linear_kernels("cpu")  # the passes' own float32 kernel, for like rounding
     with torch.inference_mode(), same_kernels, wq.quantized_weights(tiny_problem.model, tiny_problem.table, plan):
         quantized = tiny_problem.model(tiny_problem.blocks).logits[:, :-1].float().log_softmax(-1)
-    with torch.inference_mode(), wq.eval.kernels.linear_kernels("cpu"):
+    with torch.inference_mode(), wq.compute.kernels.linear_kernels("cpu"):
         original = tiny_problem.model(tiny_problem.blocks).logits[:, :-1].float().log_softmax(-1)
     direct = (original.exp() * (original - quantized)).sum(-1).mean().item()
     assert exact == pytest.approx(direct, rel=1e-4)
@@ -360,7 +360,7 @@ def test_other_bad_search_settings(tiny_problem):
 
 
 def test_bench_refuses_bad_evaluations(capsys):
-    from windquant_gym.benchmark.bench import main as bench_main
+    from windquant_gym.harness.bench import main as bench_main
 
     for bad in ("0", "abc", "nan"):
         with pytest.raises(SystemExit):
@@ -404,7 +404,7 @@ def test_incremental_assembly_moves_units_to_fp16_and_back_exactly(tiny_problem)
 
 
 def test_an_exact_planned_allocator_whose_plan_the_masks_change_is_refused(tiny_problem):
-    class Greedy(wq.benchmark.PlannedAllocator):
+    class Greedy(wq.allocators.PlannedAllocator):
         exact = True
 
         def make_plan(self, env):

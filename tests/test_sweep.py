@@ -78,7 +78,7 @@ def test_the_leaderboard_shows_the_median_and_range_over_seeds(tmp_path):
         (run.folder / "summary.json").write_text(json.dumps({
             "results": {"policy": result, "knapsack": {**result, "heldout_ppl": 40.0}, "unquantized": {**result, "heldout_ppl": 5.0}},
             "returned": "policy", "evaluations": 11, "setup_seconds": 1.0, "train_seconds": 2.0}))
-    from windquant_gym.benchmark.leaderboard import aggregate
+    from windquant_gym.harness.leaderboard import aggregate
 
     learned, knapsack, unquantized = aggregate(run_rows(args, plan_runs(args)))
     assert (learned["heldout_ppl"], learned["heldout_min"], learned["heldout_max"], learned["episodes"]) == (20.0, 10.0, 30.0, 3)
@@ -277,9 +277,9 @@ def test_unknown_allocators_are_named(tmp_path):
 def test_a_run_whose_sweep_worker_is_gone_does_not_start(tmp_path):
     import subprocess
 
-    from windquant_gym.runtime import PARENT_PID_VAR
+    from windquant_gym.compute.process import PARENT_PID_VAR
 
-    code = "from windquant_gym.runtime import die_with_parent; die_with_parent(); print('started')"
+    code = "from windquant_gym.compute.process import die_with_parent; die_with_parent(); print('started')"
     env = {**os.environ, PARENT_PID_VAR: "999999999"}  # not this child's parent: the worker died before it started
     gone = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert gone.returncode != 0 and "is gone; not starting this run" in gone.stderr and "started" not in gone.stdout

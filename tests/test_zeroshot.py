@@ -70,7 +70,7 @@ def mc_task(tmp_path, tiny_problem, lm_eval):
 
 
 def test_zero_shot_with_and_without_plan(tiny_problem, mc_task):
-    from windquant_gym.benchmark.zeroshot import main_metric, zero_shot
+    from windquant_gym.harness.zeroshot import main_metric, zero_shot
     from windquant_gym.plan import QuantPlan
 
     model, tokenizer, table = tiny_problem.model, tiny_problem.tokenizer, tiny_problem.table
@@ -109,7 +109,7 @@ def test_zero_shot_with_and_without_plan(tiny_problem, mc_task):
 
 
 def test_missing_lm_eval_names_the_extra(tiny, monkeypatch):
-    from windquant_gym.benchmark.zeroshot import zero_shot
+    from windquant_gym.harness.zeroshot import zero_shot
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     model, tokenizer = tiny
@@ -120,7 +120,7 @@ def test_missing_lm_eval_names_the_extra(tiny, monkeypatch):
 
 
 def test_bench_zero_shot_without_lm_eval_fails_before_building_the_env(monkeypatch, tmp_path):
-    from windquant_gym.benchmark.bench import main as bench_main
+    from windquant_gym.harness.bench import main as bench_main
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(MissingDependencyError, match="zeroshot"):
@@ -128,7 +128,7 @@ def test_bench_zero_shot_without_lm_eval_fails_before_building_the_env(monkeypat
 
 
 def test_data_not_present_locally_is_a_data_error(tiny, tmp_path, lm_eval):
-    from windquant_gym.benchmark.zeroshot import zero_shot
+    from windquant_gym.harness.zeroshot import zero_shot
 
     tasks = _write_task(tmp_path, [], name="gone_mc", data_file=tmp_path / "absent.jsonl")
     model, tokenizer = tiny
@@ -138,7 +138,7 @@ def test_data_not_present_locally_is_a_data_error(tiny, tmp_path, lm_eval):
 
 
 def test_bad_arguments(tiny, tmp_path, lm_eval):
-    from windquant_gym.benchmark.zeroshot import zero_shot
+    from windquant_gym.harness.zeroshot import zero_shot
 
     model, tokenizer = tiny
     with pytest.raises(ConfigError, match="table"):
@@ -152,7 +152,7 @@ def test_bad_arguments(tiny, tmp_path, lm_eval):
 
 
 def test_unknown_task_is_named(tiny, mc_task):
-    from windquant_gym.benchmark.zeroshot import zero_shot
+    from windquant_gym.harness.zeroshot import zero_shot
 
     model, tokenizer = tiny
     with pytest.raises(UnknownNameError, match="tiny_mcq") as info:
@@ -161,7 +161,7 @@ def test_unknown_task_is_named(tiny, mc_task):
 
 
 def test_bench_adds_zero_shot_columns(mc_task, tmp_path, capsys):
-    from windquant_gym.benchmark.bench import main as bench_main
+    from windquant_gym.harness.bench import main as bench_main
 
     out = tmp_path / "lb.json"
     assert bench_main(["--model", "tiny-llama", "--preset", "smoke", "--target-bits", "2.5", "--allocators", "uniform-2b",
@@ -178,7 +178,7 @@ def test_bench_adds_zero_shot_columns(mc_task, tmp_path, capsys):
 
 
 def test_bench_zero_shot_options_need_the_flag(tmp_path):
-    from windquant_gym.benchmark.bench import main as bench_main
+    from windquant_gym.harness.bench import main as bench_main
 
     with pytest.raises(ConfigError, match="--zero-shot"):
         bench_main(["--task-dir", str(tmp_path), "--json", str(tmp_path / "lb.json")])
@@ -187,7 +187,7 @@ def test_bench_zero_shot_options_need_the_flag(tmp_path):
 def test_a_head_that_config_calls_tied_keeps_its_own_tensor(mc_task, lm_eval):
     """lm-eval's HFLM calls model.tie_weights(): a model whose config says tied but whose head
     holds its own weights must get that head back, unchanged."""
-    from windquant_gym.benchmark.zeroshot import zero_shot
+    from windquant_gym.harness.zeroshot import zero_shot
 
     model, tokenizer = wq.load_model("tiny-llama")
     head = model.get_output_embeddings()

@@ -24,7 +24,7 @@ from .eval import mean_nll, perplexity
 from .export import export_plan, load_quantized, packed_size
 from .models import load_model
 from .problem import QuantProblem
-from .runtime import keep_freed_memory
+from .compute.process import keep_freed_memory
 from .quant import (
     ACTION_BITS,
     QuantConfig,

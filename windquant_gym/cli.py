@@ -8,35 +8,19 @@ from typing import List, Optional
 
 
 def _train(argv: List[str]) -> int:
+    from .agents.flags import add_dataclass_flags, dataclass_from_namespace
     from .agents.hyperparams import preset_names
     from .agents.train import TrainArgs, train
 
     parser = argparse.ArgumentParser(prog="windquant train", description="Train MaskablePPO on WindQuant-v0.")
-    defaults = TrainArgs()
-    parser.add_argument("--model", default=defaults.model, help="preset name or local folder (default: %(default)s)")
-    parser.add_argument("--preset", default=defaults.preset,
-                        help=f"block of agents/hyperparams.yml: {', '.join(preset_names())} (default: %(default)s)")
-    parser.add_argument("--out", default=defaults.out, help="run folder (default: %(default)s)")
-    parser.add_argument("--episodes", type=int, help="override the preset's episode count")
-    parser.add_argument("--gamma", type=float, help="override the discount (paper: 0.99)")
-    parser.add_argument("--target-bits", type=float, help="one fixed target instead of the curriculum")
-    parser.add_argument("--seed", type=int, default=0, help="the agent's seed: policy initialisation, sampling (default: 0)")
-    parser.add_argument("--calibration-seed", type=int,
-                        help="override the preset's env_kwargs.seed, which picks the calibration blocks (the proxy's text)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--hyperparams", help="another hyperparameter YAML")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--resume", metavar="DIR", help="continue a run folder from its latest checkpoint (other options are read from DIR/config.json)")
-    parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that already holds a run")
-    ns = parser.parse_args(argv)
-    train(TrainArgs(model=ns.model, preset=ns.preset, out=ns.out, episodes=ns.episodes, gamma=ns.gamma,
-                    target_bits=ns.target_bits, seed=ns.seed, calibration_seed=ns.calibration_seed, device=ns.device, hyperparams=ns.hyperparams,
-                    progress=not ns.no_progress, resume=ns.resume, overwrite=ns.overwrite))
+    add_dataclass_flags(parser, TrainArgs, exclude=("overrides",), extra_help={"preset": f"Presets: {', '.join(preset_names())}."},
+                        metavars={"resume": "DIR", "out": "DIR"})
+    train(dataclass_from_namespace(TrainArgs, parser.parse_args(argv)))
     return 0
 
 
 def _bench(argv: List[str]) -> int:
-    from .benchmark.bench import main as bench_main
+    from .harness.bench import main as bench_main
 
     return bench_main(argv)
 
@@ -131,7 +115,7 @@ def _export(argv: List[str]) -> int:
 
 
 def _cache(argv: List[str]) -> int:
-    from .cache import CACHE_KINDS, cache_entries, clear_cache, format_entries
+    from .cache.listing import CACHE_KINDS, cache_entries, clear_cache, format_entries
     from .paths import cache_dir, model_cache_dir
 
     parser = argparse.ArgumentParser(
@@ -182,11 +166,11 @@ def run() -> int:
     """The ``windquant`` console script: a named error prints its message (value and fix),
     not a traceback; ``main`` raises it, for callers and tests."""
     from .errors import WindQuantError
-    from .runtime import die_with_parent, keep_freed_memory
+    from .compute.process import die_with_parent, keep_freed_memory
 
     try:
         die_with_parent()  # a run started by windquant sweep does not outlive its Ray worker
-        keep_freed_memory()  # this process is ours: reuse freed memory (see runtime.py)
+        keep_freed_memory()  # this process is ours: reuse freed memory (see compute/process.py)
         return main()
     except WindQuantError as error:
         print(f"windquant: {type(error).__name__}: {error}", file=sys.stderr)

@@ -19,7 +19,7 @@ from .cache import atomic_path, load_or_build, source_version
 from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks
 from .errors import ConfigError
-from .eval.kernels import check_proxy_dtype, proxy_precision, warn_if_bf16_is_emulated
+from .compute.kernels import check_proxy_dtype, proxy_precision, warn_if_bf16_is_emulated
 from .eval.divergence import DEFAULT_TOPK, TopKReference
 from .eval.perplexity import TokenLosses, mean_nll, token_losses, topk_reference
 from .fingerprint import tensors_fingerprint
@@ -28,7 +28,7 @@ from .quant.apply import WeightAssembler, quantized_weights, streamed_quantized_
 from .quant.config import QuantConfig
 from .quant.build import build_table, describe_model
 from .quant.table import QuantTable
-from .quant.units import Unit, check_weights, find_units, module_names
+from .quant.units import Unit, check_weights, find_units
 
 
 CALIBRATION_FORMAT = 3
@@ -134,11 +134,6 @@ class ProblemSpec:
         if not isinstance(self.quant_config, QuantConfig):
             raise ConfigError(f"ProblemSpec.quant_config must be a QuantConfig, got {type(self.quant_config).__name__}.")
         object.__setattr__(self, "proxy_dtype", check_proxy_dtype(self.proxy_dtype))
-
-    @property
-    def rebuildable(self) -> bool:
-        """Whether :meth:`build` can make the problem: the model and corpus have names."""
-        return self.model is not None and self.calibration is not None
 
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)
@@ -257,7 +252,8 @@ class QuantProblem:
         documents = load_texts(texts, split="calibration") if isinstance(texts, (str, Path)) else texts
         blocks = sample_token_blocks(documents, tokenizer, spec.n_samples, spec.seq_len, spec.seed)
         calibration = _cached_calibration(model, units, blocks, batch_size, cache, progress)
-        table = build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=cache, progress=progress, storage_device=table_device)
+        table = build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=cache, progress=progress,
+                            storage_device=table_device, units=units)
         return cls(model, tokenizer, units, blocks, calibration, table, batch_size, stream, proxy_dtype, spec)
 
     @property

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -12,18 +12,7 @@ from gymnasium import spaces
 
 from ..errors import ConfigError
 from ..quant.bitwidths import N_ACTIONS
-
-#: Module kinds of the one-hot, by the last part of the module's name; anything else is "other".
-MODULE_KINDS: Dict[str, int] = {
-    "q_proj": 0, "query": 0,
-    "k_proj": 1, "key": 1,
-    "v_proj": 2, "value": 2,
-    "o_proj": 3, "out_proj": 3, "dense": 3,
-    "gate_proj": 4, "w1": 4,
-    "up_proj": 5, "w3": 5, "fc1": 5, "c_fc": 5,
-    "down_proj": 6, "w2": 6, "fc2": 6,
-}
-N_KINDS = 8  # the seven above and "other"
+from ..quant.module_kinds import MODULE_KINDS, N_KINDS, module_kind
 
 GAP_CAP_BITS = 8.0
 """Lagrangian gaps are clipped here (bits per weight); forbidden actions read as the cap."""
@@ -38,11 +27,6 @@ OBSERVATION_LAYOUT: Tuple[Tuple[str, int], ...] = (
 )
 """Blocks of the observation, in order, with their widths."""
 OBSERVATION_DIM = sum(width for _, width in OBSERVATION_LAYOUT)
-
-
-def module_kind(module_name: str) -> int:
-    """Index of ``module_name``'s kind in the one-hot (``N_KINDS - 1``: other)."""
-    return MODULE_KINDS.get(module_name.rsplit(".", 1)[-1], N_KINDS - 1)
 
 
 class ActionCostObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
@@ -131,8 +115,7 @@ class ActionCostObservation(gym.ObservationWrapper, gym.utils.RecordConstructorA
         remaining = base.remaining_bits
         price = self._prices.price(base.unit_index, remaining) if base.unit_index < base.n_units else 0.0
         gap = np.minimum(self._prices.gaps(t, price) / self._n[t], GAP_CAP_BITS)
-        left = base.remaining_weights
-        on_track = remaining / (base.target_bits * left) if left > 0 else 1.0
+        on_track = base.budget_pace
         log_price = (math.log(max(price, self._prices.lowest_price)) - self._log_price_shift) / self._log_price_scale
         out = np.empty(OBSERVATION_DIM, dtype=np.float32)
         paper = np.asarray(observation, dtype=np.float64)

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 import gymnasium as gym
 
 from ..errors import ConfigError
+from .rewards import budget_excess
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class ProxyLossReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if terminated:
             ratio = info["ppl_ratio"]
             loss = -self.config.loss_coef * math.log(ratio) if ratio > 0 else 0.0
-            excess = max(0.0, info["effective_bits"] - info["target_bits"]) / info["target_bits"]
+            excess = budget_excess(info["effective_bits"], info["target_bits"])
             budget_penalty = self.config.budget_coef * excess
             reward += loss - budget_penalty
             info["env_reward_terms"] = info.get("reward_terms")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict
+from typing import Dict
 
 from ..errors import ConfigError
 
@@ -84,6 +84,12 @@ class RewardConfig:
         return cls(**data)
 
 
+def budget_excess(effective_bits: float, target_bits: float) -> float:
+    """The plan's bits over the target, relative to the target (0 within budget): what both the
+    env's budget penalty and :class:`~windquant_gym.envs.ProxyLossReward`'s charge for."""
+    return max(0.0, effective_bits - target_bits) / target_bits
+
+
 def step_reward(config: RewardConfig, unit_bits: float, target_bits: float, skipped: bool, n_units: int) -> float:
     """Dense shaping for one decision; ``unit_bits`` is the unit's effective bits per weight."""
     if skipped:
@@ -108,7 +114,7 @@ def final_reward(
     # Capped at the target: compressing below it earns nothing more (protection overhead
     # makes the nominal minimum unreachable anyway).
     gain = min(ref - effective_bits, ref - target_bits) / ref
-    excess = max(0.0, effective_bits - target_bits) / target_bits
+    excess = budget_excess(effective_bits, target_bits)
     if ppl_ratio <= config.ppl_soft:
         p_ppl = 0.0
     elif ppl_ratio <= config.ppl_hard:

@@ -9,7 +9,8 @@ from typing import List
 import numpy as np
 
 from ..errors import ConfigError
-from ..quant.bitwidths import ACTION_BITS
+from ..quant.bitwidths import ACTION_BITS, check_bits
+from ..quant.module_kinds import is_mlp_gate
 from ..quant.units import Unit
 
 
@@ -30,12 +31,8 @@ class PrecisionRules:
         if not isinstance(self.early_layers, int) or isinstance(self.early_layers, bool) or self.early_layers < 0:
             raise ConfigError(f"early_layers must be an integer >= 0, got {self.early_layers!r}; e.g. early_layers=2.")
         for name in ("early_min_bits", "attention_min_bits", "mlp_gate_min_bits"):
-            value = getattr(self, name)
-            if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float, np.number)) or not 1.0 <= value <= 16.0:
-                raise ConfigError(
-                    f"PrecisionRules.{name} must be a bit width in [1, 16], got {value!r}; one of "
-                    f"{sorted(set(ACTION_BITS))} is typical."
-                )
+            bits = check_bits(getattr(self, name), f"PrecisionRules.{name}", f"one of {sorted(set(ACTION_BITS))}")
+            object.__setattr__(self, name, bits)  # frozen; "3" and 3 mean 3.0
 
     def unit_minimum(self, unit: Unit) -> float:
         minimum = 1.0
@@ -43,7 +40,7 @@ class PrecisionRules:
             minimum = max(minimum, self.early_min_bits)
         if unit.is_attention:
             minimum = max(minimum, self.attention_min_bits)
-        if unit.is_mlp and "gate" in unit.module.rsplit(".", 1)[-1]:
+        if unit.is_mlp and is_mlp_gate(unit.module):
             minimum = max(minimum, self.mlp_gate_min_bits)
         return minimum
 

@@ -13,10 +13,10 @@ from gymnasium import spaces
 
 from ..errors import ConfigError
 from ..eval.divergence import check_proxy_metric
-from ..eval.kernels import check_proxy_dtype
+from ..compute.kernels import check_proxy_dtype
 from ..models.loading import load_model
 from ..problem import QuantProblem
-from ..quant.bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION
+from ..quant.bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION, check_bits
 from ..quant.config import QuantConfig
 from .budget_price import BudgetPrice
 from .features import unit_features
@@ -26,18 +26,6 @@ from .rules import PrecisionRules
 _BITS = np.asarray(ACTION_BITS, dtype=np.float64)
 BUDGET_TOLERANCE = 1e-6
 """Bits by which a plan's summed cost may exceed the budget (guards float sums at the exact budget)."""
-
-
-def _checked_target(target_bits) -> float:
-    try:
-        target = float(target_bits)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"target_bits must be a number of bits per weight in [1, 16], got {target_bits!r}; e.g. target_bits=2.0."
-        ) from None
-    if not 1.0 <= target <= 16.0:
-        raise ConfigError(f"target_bits must lie in [1, 16] bits per weight, got {target_bits!r}; e.g. target_bits=2.0.")
-    return target
 
 
 def quant_config_from_kwargs(
@@ -169,6 +157,11 @@ class WindQuantEnv(gym.Env):
       Issue 21 (nothing of the env's rewards, observations or actions changed): the opt-in
       :class:`TargetSampler` wrapper (a target drawn per episode, for one policy over every
       budget); every proxy pass counted on the problem (``QuantProblem.proxy_passes``).
+      Issue 22 (nothing of the env's rewards, observations or actions changed): the read-only
+      ``budget_pace`` (bits per weight left over the target's; the observation's urgency is
+      ``max(0, 1 - budget_pace)``), which :class:`ActionCostObservation` reads instead of
+      deriving it again; ``target_bits`` accepts what :func:`~windquant_gym.quant.bitwidths.check_bits`
+      accepts (any number in [1, 16], the one range check of the package).
     """
 
     metadata = {"render_modes": []}
@@ -200,7 +193,7 @@ class WindQuantEnv(gym.Env):
         self.precision_rules = precision_rules or PrecisionRules()
         if not isinstance(self.reward_config, RewardConfig):
             raise ConfigError(f"reward_config must be a RewardConfig, got {type(self.reward_config).__name__}.")
-        _checked_target(target_bits)  # before the (slow) table build
+        check_bits(target_bits)  # before the (slow) table build
         if problem is None:
             model_name = None
             if isinstance(model, str):
@@ -295,6 +288,14 @@ class WindQuantEnv(gym.Env):
         """Effective bits the budget leaves for the units still to decide."""
         return self._budget - self._used
 
+    @property
+    def budget_pace(self) -> float:
+        """Bits per weight the budget leaves for the units still to decide, over the target's:
+        1 on track, below 1 behind (the observation's urgency is ``max(0, 1 - pace)``); 1 once
+        no unit is left."""
+        left = self._remaining_weights[self._t]
+        return float((self._budget - self._used) / (self.target_bits * left)) if left > 0 else 1.0
+
     def budget_price(self) -> BudgetPrice:
         """The table's :class:`BudgetPrice` (the knapsack's Lagrangian prices) over the
         module-normalised errors and the rules' allowed actions; built once, on first use."""
@@ -304,7 +305,7 @@ class WindQuantEnv(gym.Env):
 
     def set_target_bits(self, target_bits: float) -> None:
         """Change the budget (takes effect at the next reset; the curriculum uses this)."""
-        target = _checked_target(target_bits)
+        target = check_bits(target_bits)
         if target < self.min_feasible_bits - BUDGET_TOLERANCE:
             raise ConfigError(
                 f"target_bits={target} is below {self.min_feasible_bits:.4f}, the least the minimum-precision "
@@ -421,8 +422,7 @@ class WindQuantEnv(gym.Env):
         t = min(self._t, self.n_units - 1)
         static = self._static[t]
         remaining_budget = self._budget - self._used
-        n_left = self._remaining_weights[self._t]
-        urgency = max(0.0, 1.0 - remaining_budget / (self.target_bits * n_left)) if n_left > 0 else 0.0
+        urgency = max(0.0, 1.0 - self.budget_pace)
         obs = np.empty(15, dtype=np.float32)
         obs[0:5] = static[0:5]
         obs[5] = self._t / self.n_units

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .divergence import DEFAULT_TOPK, TopKReference, coarse_kl_sum, rest_log_prob
-from .kernels import linear_kernels
+from ..compute.kernels import linear_kernels
 
 LOGITS_BYTES = 2048 * 49152 * 4
 """Float32 logits per LM-head chunk by default (~400 MB; the log-softmax needs as much again)."""

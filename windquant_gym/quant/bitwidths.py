@@ -20,13 +20,41 @@ packed file spends per code (ternary packs 5 trits per byte: 8/5 = 1.6 bits).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
+
+from ..errors import ConfigError
 
 #: Bits per weight of each action, in action-index order. Index 0 is "skip" (kept in FP16).
 ACTION_BITS: Tuple[float, ...] = (16, 8, 4, 3, 2, 1.58, 1)
 SKIP_ACTION = 0
 N_ACTIONS = len(ACTION_BITS)
+MIN_BITS, MAX_BITS = float(min(ACTION_BITS)), float(max(ACTION_BITS))
+
+
+def check_bits(value: Union[float, Sequence[float]], name: str = "target_bits", example: str = "target_bits=2.0"):
+    """``value`` (a number of bits per weight, or a list of them) as float(s) in the action
+    space's range [1, 16]; else a :class:`ConfigError` naming ``name``, the bad value(s) and
+    ``example``. The one place that range is checked (env targets, precision rules, sweeps)."""
+    many = isinstance(value, (list, tuple))
+    values = list(value) if many else [value]
+
+    def ok(v) -> bool:
+        if isinstance(v, bool):  # float(True) is 1.0, never meant as a bit width
+            return False
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return False
+        return not math.isnan(v) and MIN_BITS <= v <= MAX_BITS
+
+    bad = [v for v in values if not ok(v)]
+    if bad:
+        shown = bad if many else bad[0]
+        raise ConfigError(f"{name} must lie in [{MIN_BITS:g}, {MAX_BITS:g}] bits per weight (the action space's range), "
+                          f"got {shown!r}; e.g. {example}.")
+    return [float(v) for v in values] if many else float(values[0])
 
 
 @dataclass(frozen=True)

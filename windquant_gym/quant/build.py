@@ -3,7 +3,6 @@ of every (unit, action) (:mod:`.fitting` fits one batch of same-shape units)."""
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -14,29 +13,17 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..cache import load_or_build, source_version
+from ..cache import load_or_build
 from ..errors import ConfigError, DataError, TableMismatchError
 from ..fingerprint import tensors_fingerprint
 from ..paths import cache_dir
+from . import code_version
 from .accounting import unit_bit_tables
 from .bitwidths import N_ACTIONS
 from .config import QuantConfig
 from .fitting import fit_units, stored_actions
 from .table import TABLE_FORMAT, QuantTable
 from .units import Unit, check_weights, find_units, module_names
-
-
-def fitting_sources() -> List[Path]:
-    """The source files whose code decides a table's entries: the whole ``quant`` package
-    (quantizers, compensation, accounting, config, ...). A change to any of them changes
-    every table key, so no table the old code fitted is reused."""
-    return sorted(Path(__file__).parent.glob("*.py"))
-
-
-@functools.lru_cache(maxsize=None)
-def fitting_code_version() -> str:
-    """A hash of :func:`fitting_sources`, part of every table's cache key."""
-    return source_version(fitting_sources())
 
 
 def describe_model(model: nn.Module) -> str:
@@ -58,11 +45,11 @@ def table_fingerprint(
     hessians: Optional[Dict[str, torch.Tensor]] = None,
 ) -> str:
     """Changes when the weights, the calibration (scales, and Hessians when used), the config,
-    the table format or the fitting code (:func:`fitting_code_version`) change."""
+    the table format or the fitting code (:func:`~windquant_gym.quant.code_version.fitting_code_version`) change."""
     names = module_names(units)
     weights = ((f"w:{n}", model.get_submodule(n).weight) for n in names)
     scales = ((f"s:{n}", act_scales[n]) for n in names)
-    key = tensors_fingerprint(weights, *[f"format={TABLE_FORMAT}", f"code={fitting_code_version()}", config.to_json()]) + tensors_fingerprint(scales)[:16]
+    key = tensors_fingerprint(weights, *[f"format={TABLE_FORMAT}", f"code={code_version.fitting_code_version()}", config.to_json()]) + tensors_fingerprint(scales)[:16]
     if hessians is not None and needs_hessians(config):
         seen = {}
         for n in names:  # shared blocks (q/k/v) are hashed once
@@ -82,6 +69,7 @@ def build_table(
     progress: bool = True,
     batch_elements: int = 1 << 23,
     storage_device: Optional[torch.device | str] = None,
+    units: Optional[List[Unit]] = None,
 ) -> QuantTable:
     """Fit every (unit, non-skip action) of ``model`` and return the table.
 
@@ -95,10 +83,15 @@ def build_table(
     bounds the weights fitted at once (memory, not results). ``device`` is where the
     fitting runs (default: the model's); ``storage_device`` where the table is kept
     (default: the same; ``"cpu"`` for models too large to hold six quantized copies beside
-    them on the GPU).
+    them on the GPU). ``units``: the model's units at ``config.chunk_size``, already found and
+    checked by the caller (:meth:`QuantProblem.build` passes its own); default: found here.
     """
-    units = find_units(model, config.chunk_size)
-    check_weights(model, units)  # NaN / Inf / beyond-fp16 weights never reach the fit
+    if units is None:
+        units = find_units(model, config.chunk_size)
+        check_weights(model, units)  # NaN / Inf / beyond-fp16 weights never reach the fit
+    elif any(u.width > config.chunk_size for u in units):
+        raise ConfigError(f"build_table got units cut at another chunk size than config.chunk_size={config.chunk_size}; "
+                          "pass units=find_units(model, config.chunk_size) or none.")
     _check_act_scales(model, units, act_scales)
     if needs_hessians(config):
         _check_hessians(model, units, hessians, config)
@@ -245,8 +238,6 @@ def _fit_all(model, units, act_scales, hessians, config, device, progress, batch
         outlier_index=outlier_index,
         outlier_codes=outlier_values,
         outlier_scales=outlier_scales,
-        n_weights=n_weights,
-        n_protected=n_salient,
         fit_error_plain=errors["plain"],
         fit_error_act=errors["act"],
         fit_error_output=errors["output"],

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..cache import atomic_path
+from . import code_version
 from ..errors import TableMismatchError
 from .accounting import unit_bit_tables
 from .bitwidths import ACTION_BITS, BIT_WIDTHS, N_ACTIONS, SKIP_ACTION
@@ -33,9 +34,10 @@ from .config import QuantConfig
 from .quantizers import dequantize_codes
 from .units import Unit
 
-#: Bumped when what a saved table holds changes (3: output errors, compensation).
-TABLE_FORMAT = 3
-_ARRAYS = ("n_weights", "n_protected", "fit_error_plain", "fit_error_act", "fit_error_output", "energy_plain",
+#: Bumped when what a saved table holds changes (3: output errors, compensation; 4: weight
+#: counts derived from the units, no longer stored).
+TABLE_FORMAT = 4
+_ARRAYS = ("fit_error_plain", "fit_error_act", "fit_error_output", "energy_plain",
            "energy_act", "energy_output", "stored_action")
 
 
@@ -56,8 +58,6 @@ class QuantTable:
     outlier_codes: Dict[str, torch.Tensor]
     outlier_scales: Dict[str, torch.Tensor]
     """fp16 ``[out, chunks]`` scale of the INT8 outliers of each row of each unit."""
-    n_weights: np.ndarray
-    n_protected: np.ndarray
     fit_error_plain: np.ndarray
     """``[N, 7]`` ``||W - Q||^2`` of each action's own fit (column 0: FP16 rounding)."""
     fit_error_act: np.ndarray
@@ -73,11 +73,15 @@ class QuantTable:
     build_seconds: float = 0.0
     model_name: Optional[str] = None
     """The model the table was fitted on, as recorded in the cache (``windquant cache list``)."""
+    n_weights: np.ndarray = field(init=False, repr=False)
+    """``[N]`` weights of each unit (derived from the units)."""
+    n_protected: np.ndarray = field(init=False, repr=False)
+    """``[N]`` INT8-protected weights of each unit (derived from the units and ``salient_rate``)."""
     _bits_effective: np.ndarray = field(init=False, repr=False)
     _bits_storage: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _, _, effective, storage = unit_bit_tables(
+        self.n_weights, self.n_protected, effective, storage = unit_bit_tables(
             [u.out_features for u in self.units], [u.width for u in self.units], self.config.salient_rate
         )
         rows = np.arange(len(self.units))[:, None]
@@ -293,9 +297,7 @@ class QuantTable:
         }
         if self.model_name:
             meta["model"] = self.model_name
-        from .build import fitting_code_version  # (build imports this module)
-
-        meta["code"] = fitting_code_version()
+        meta["code"] = code_version.fitting_code_version()
         with atomic_path(Path(path)) as tmp:  # a crash mid-write never leaves a half table behind
             save_file(tensors, str(tmp), metadata=meta)
 

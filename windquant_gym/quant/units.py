@@ -11,10 +11,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, ModelStructureError
+from .module_kinds import is_attention, is_mlp
 from .quantizers import FP16_MAX  # skipped units and scales are fp16: beyond it is inf
 
-_ATTENTION_TAGS = ("attn", "attention")
-_MLP_TAGS = ("mlp", "ffn", "feed_forward")
 
 
 @dataclass(frozen=True)
@@ -85,9 +84,6 @@ def find_units(model: nn.Module, chunk_size: int = 256) -> List[Unit]:
             if not isinstance(module, nn.Linear) or module.weight.ndim != 2:
                 continue
             path = f"{prefix}.{layer_index}.{local_name}" if prefix else f"{layer_index}.{local_name}"
-            lowered = local_name.lower()
-            is_attention = any(tag in lowered for tag in _ATTENTION_TAGS)
-            is_mlp = any(tag in lowered for tag in _MLP_TAGS)
             out_features, in_features = module.weight.shape
             for start in range(0, in_features, chunk_size):
                 units.append(
@@ -99,8 +95,8 @@ def find_units(model: nn.Module, chunk_size: int = 256) -> List[Unit]:
                         col_end=min(start + chunk_size, in_features),
                         out_features=out_features,
                         in_features=in_features,
-                        is_attention=is_attention,
-                        is_mlp=is_mlp,
+                        is_attention=is_attention(local_name),
+                        is_mlp=is_mlp(local_name),
                     )
                 )
     if not units:

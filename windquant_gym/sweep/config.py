@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..cache import atomic_path
 from ..errors import ConfigError
+from ..quant.bitwidths import check_bits
 
 SWEEP_FILE = "sweep.json"
 """Written in the sweep folder: what shapes its runs, so a re-run with other settings is refused."""
@@ -23,15 +23,15 @@ LEARNED = "learned"
 
 def allocator_names() -> List[str]:
     """What ``--allocators`` takes: ``learned`` and every ``windquant bench`` allocator."""
-    from ..benchmark.allocators import baseline_allocators
-    from ..benchmark.bench import SEARCH_FITNESS
+    from ..allocators.registry import baseline_allocators
+    from ..harness.bench import SEARCH_FITNESS
 
     return [LEARNED, *baseline_allocators(), *SEARCH_FITNESS]
 
 
 def seeded(allocator: str) -> bool:
     """Whether an allocator's result depends on the sweep's seeds (one run per seed)."""
-    from ..benchmark.bench import SEARCH_FITNESS
+    from ..harness.bench import SEARCH_FITNESS
 
     return allocator == LEARNED or allocator in SEARCH_FITNESS
 
@@ -81,9 +81,7 @@ class SweepArgs:
         bad = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
         if bad:
             raise ConfigError(f"seeds must be integers >= 0, got {bad}; e.g. --seeds 0 1 2.")
-        bad = [t for t in self.target_bits if not isinstance(t, (int, float)) or not 1.0 <= t <= 16.0 or math.isnan(t)]
-        if bad:
-            raise ConfigError(f"target_bits must lie in [1, 16] (the action space's range), got {bad}; e.g. --target-bits 3.0 2.5 2.0.")
+        check_bits(list(self.target_bits), "target_bits", "--target-bits 3.0 2.5 2.0")
         for name in ("cpus_per_run", "gpus_per_run"):
             value = getattr(self, name)
             if value is not None and not value >= 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 from ..errors import ConfigError, MissingDependencyError, RunFailedError, WindQuantError
-from ..runtime import PARENT_PID_VAR
+from ..compute.process import PARENT_PID_VAR
 from .config import SweepArgs, check_sweep_folder
 from .report import write_sweep_leaderboard
 from .runs import FINISHED, INTERRUPTED, SweepRun, plan_runs, run_argv, status_of

@@ -2,7 +2,7 @@
 over seeds) of the learned runs' returned plans and of the bench allocators' plans, beside the
 baselines every training run measured on the same held-out windows (the knapsack at the same
 budget, the unquantized model), written as JSON, CSV and Markdown by
-:func:`windquant_gym.benchmark.leaderboard.write_leaderboard`."""
+:func:`windquant_gym.harness.leaderboard.write_leaderboard`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
-from ..benchmark.leaderboard import write_leaderboard
+from ..harness.leaderboard import write_leaderboard
 from .config import SweepArgs
 from .runs import BENCH_FILE, FINISHED, status_of
 

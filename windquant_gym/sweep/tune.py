@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from ..errors import ConfigError, MissingDependencyError
+from ..quant.bitwidths import check_bits
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None}
 """Distribution name -> number of arguments (None: a non-empty list of options)."""
@@ -71,8 +72,7 @@ class TuneArgs:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ConfigError(f"trials must be >= 1, got {self.trials}; e.g. --trials 16.")
-        if not 1.0 <= self.target_bits <= 16.0:
-            raise ConfigError(f"target_bits must lie in [1, 16], got {self.target_bits}; e.g. --target-bits 2.0.")
+        check_bits(self.target_bits, "target_bits", "--target-bits 2.0")
         if not self.cpus_per_trial > 0 or self.gpus_per_trial < 0:
             raise ConfigError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {self.cpus_per_trial} and "
                               f"{self.gpus_per_trial}.")

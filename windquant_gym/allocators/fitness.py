@@ -19,7 +19,7 @@ import torch
 
 from ..errors import DataError
 from ..eval.divergence import PROXY_METRICS, check_proxy_metric
-from ..eval.kernels import proxy_precision
+from ..compute.kernels import proxy_precision
 from ..eval.perplexity import token_losses
 from ..quant.apply import quantized_weights, streamed_quantized_weights
 

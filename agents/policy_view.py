@@ -16,9 +16,7 @@ import gymnasium as gym
 
 from ..envs import ActionCostObservation, LossRewardConfig, ProxyLossReward
 from ..errors import ConfigError
-
-OBSERVATIONS = ("paper", "action-costs")
-REWARDS = ("eq5", "proxy-loss")
+from .recipe import OBSERVATIONS, REWARD_KINDS as REWARDS
 
 
 def wrap_observation(env: gym.Env, hp: Dict[str, Any]) -> gym.Env:

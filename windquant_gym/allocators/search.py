@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, TableMismatchError
 from ..envs.windquant import BUDGET_TOLERANCE
-from .allocators import HeuristicAllocator, KnapsackAllocator, PlannedAllocator
-from .calibrated import CalibratedKnapsack
+from .base import PlannedAllocator
+from .baselines import HeuristicAllocator, KnapsackAllocator
+from .calibrated_knapsack import CalibratedKnapsack
 from .fitness import FITNESS_METRICS, ProxyFitness, check_fitness_metric
 
 
@@ -379,7 +380,7 @@ _STARTS = {"knapsack": KnapsackAllocator, "heuristic": HeuristicAllocator, "cali
 class SearchAllocator(PlannedAllocator):
     """Evolutionary search on the model's loss, from the knapsack's plan (or ``start``: an
     allocator name in ``{"knapsack", "heuristic"}``, a planned allocator, or one action per
-    unit), within the env's budget and rules. See :mod:`windquant_gym.benchmark.search`.
+    unit), within the env's budget and rules. See :mod:`windquant_gym.allocators.search`.
 
     ``SearchAllocator(evaluations=300, fitness="kl", seed=1)``: keyword arguments build a
     :class:`SearchConfig` (or pass ``config=``). ``blocks``: measure the fitness on these

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from ..errors import TableMismatchError
 from ..eval.perplexity import block_nlls
 from ..plan import QuantPlan
 from ..quant.apply import quantized_weights
-from .allocators import PlannedAllocator
+from ..allocators.base import PlannedAllocator
 
 
 @dataclass
@@ -110,6 +110,49 @@ def as_allocator(allocator: Any) -> Callable:
     raise TypeError(f"An allocator must be callable(obs, mask), an SB3 model or a plan; got {type(allocator).__name__}.")
 
 
+@dataclass
+class EpisodeTrace:
+    """What one episode showed the allocator, step by step (:func:`play_episode` with ``trace``)."""
+
+    observations: List[np.ndarray] = field(default_factory=list)
+    masks: List[np.ndarray] = field(default_factory=list)
+    actions: List[int] = field(default_factory=list)
+    rewards: List[float] = field(default_factory=list)
+    """One per step taken (the last is missing when the episode stopped before its last step)."""
+
+
+def play_episode(env, policy: Callable, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None,
+                 trace: bool = False, stop_before_last: bool = False) -> Tuple[Optional[Dict[str, Any]], Optional[EpisodeTrace]]:
+    """The one episode loop: reset ``env`` (``seed``, ``options``), let ``policy(obs, mask)``
+    decide every unit (``policy.begin_episode(env)`` first where it has one), return the final
+    step's ``info`` and, with ``trace``, every observation, mask, action and reward.
+
+    ``stop_before_last`` leaves the last decision untaken (the info is then None): the episode's
+    actions are known without paying its proxy pass, as a behaviour-cloning walk needs."""
+    obs, _ = env.reset(seed=seed, options=options)
+    if hasattr(policy, "begin_episode"):
+        policy.begin_episode(env)
+    mask_of = env.get_wrapper_attr("action_masks")
+    n_units = env.unwrapped.n_units
+    record = EpisodeTrace() if trace else None
+    info = None
+    for t in range(n_units):
+        mask = np.asarray(mask_of(), dtype=bool)
+        action = int(policy(obs, mask))
+        if record is not None:
+            record.observations.append(np.asarray(obs, dtype=np.float32))
+            record.masks.append(mask)
+            record.actions.append(action)
+        if stop_before_last and t == n_units - 1:
+            break
+        obs, reward, done, _, info = env.step(action)
+        if record is not None:
+            record.rewards.append(float(reward))
+        if done:
+            break
+    return (None if stop_before_last else info), record
+
+
 def heldout_window_nlls(env, plan, blocks: torch.Tensor) -> torch.Tensor:
     """``[n]`` mean NLL of each of the held-out ``blocks`` with ``plan`` applied to the env's
     model (restored after); ``plan=None``: the unquantized model."""
@@ -143,14 +186,8 @@ def run_allocator(
     label = name or getattr(policy, "name", None) or getattr(allocator, "__name__", type(allocator).__name__)
     results = []
     for episode in range(episodes):
-        obs, _ = env.reset(seed=None if seed is None else seed + episode)
         started = time.perf_counter()
-        if hasattr(policy, "begin_episode"):
-            policy.begin_episode(env)
-        mask_of = env.get_wrapper_attr("action_masks")
-        done = False
-        while not done:
-            obs, _, done, _, info = env.step(policy(obs, mask_of()))
+        info, _ = play_episode(env, policy, seed=None if seed is None else seed + episode)
         seconds = time.perf_counter() - started
         if isinstance(policy, _Replay):
             _validate_replay(env, policy.saved, info)

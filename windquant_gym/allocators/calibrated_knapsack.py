@@ -18,7 +18,7 @@ import numpy as np
 
 from ..envs.budget_price import BudgetPrice
 from ..errors import ConfigError
-from .allocators import PlannedAllocator
+from .base import PlannedAllocator
 
 LAYER_GROUPS = ("first", "last")
 """Groups whose errors are rescaled: the first decoder layer, the last."""

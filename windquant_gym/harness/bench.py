@@ -32,10 +32,11 @@ from ..errors import ConfigError, UnknownNameError
 from ..envs import ENV_ID
 from ..eval.divergence import PROXY_METRICS
 from ..plan import QuantPlan
-from .allocators import PlannedAllocator, baseline_allocators
-from .harness import EpisodeResult, as_allocator, heldout_window_nlls, run_allocator
+from ..allocators.base import PlannedAllocator
+from ..allocators.registry import baseline_allocators
+from ..allocators.search import SearchAllocator, SearchConfig
+from .episodes import EpisodeResult, as_allocator, heldout_window_nlls, run_allocator
 from .leaderboard import add_comparisons, format_table, write_leaderboard
-from .search import SearchAllocator, SearchConfig
 
 SEARCH_FITNESS = {"search": SearchConfig().fitness, "search-nll": "nll", "search-kl": "kl"}
 """Search allocator names and their fitness (``search``: the default's)."""
@@ -129,7 +130,7 @@ def _policy_view(env, model, path: str):
     own), its ``summary.json`` the proxy passes a warm start spent besides the episodes."""
     import json
 
-    from ..agents.wrappers import wrap_observation
+    from ..agents.policy_view import wrap_observation
 
     config = Path(path).parent / "config.json"
     summary = Path(path).parent / "summary.json"

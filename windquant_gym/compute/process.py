@@ -23,7 +23,7 @@ import ctypes
 import ctypes.util
 import os
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4

@@ -1,0 +1,117 @@
+"""Several agent seeds and search seeds side by side, from stored per-window held-out NLLs (no
+forward pass): the learned runs' replayed plans (``windquant bench --plan .../returned_plan_T.json``),
+the searches and the calibrated knapsack (``windquant bench ... --search-seeds S``).
+
+    python benchmarks/seed_table.py --replay bench/cpu_replay.json bench/cpu_replay_s12.json \\
+        --search bench/search_s*_*.json --markdown
+
+A replayed plan's run is the folder it was read from (``cpu_s1``, ``cpu-no-ppo_s1``, ``cpu_noppo_s0``:
+kind ``cpu`` / ``cpu-no-ppo``, seed 1 / 1 / 0). Per target: each kind's held-out PPL per seed and
+the median; each run against the calibrated knapsack, against the search of the same seed, and
+(``cpu`` only) against its PPO-off control of the same seed, by a paired bootstrap over the
+windows; "tie" when the 95% interval contains 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from windquant_gym.eval.bootstrap import paired_bootstrap
+
+SEARCH = "search-nll (from calibrated-knapsack)"
+
+
+def _run_of(plan_file: str) -> Tuple[str, int]:
+    name = Path(plan_file).parent.name
+    match = re.fullmatch(r"(.+?)_s(\d+)", name)
+    if match is None:
+        raise SystemExit(f"cannot read a run and seed from {plan_file!r} (expected a folder like cpu_s1)")
+    kind = match.group(1).replace("cpu_noppo", "cpu-no-ppo")
+    return kind, int(match.group(2))
+
+
+def read(replays: List[Path], searches: List[Path]):
+    """``{target: {(kind, seed): windows}}`` and the unquantized windows (checked equal)."""
+    table: Dict[float, Dict[Tuple[str, int], np.ndarray]] = {}
+    reference = None
+    for path in [*replays, *searches]:
+        rows = json.loads(path.read_text())["episodes"]
+        for row in rows:
+            windows = row.get("heldout_window_nll")
+            if windows is None:
+                continue
+            windows = np.asarray(windows)
+            if row["allocator"] == "unquantized":
+                if reference is not None and not np.allclose(reference, windows, rtol=1e-6):
+                    raise SystemExit(f"{path}: measured on other held-out windows than the first file")
+                reference = windows
+                continue
+            target = float(row["target_bits"])
+            if path in replays:
+                if not row["allocator"].startswith("plan:"):
+                    continue
+                key = _run_of(row["plan_file"])
+            elif row["allocator"] == SEARCH:
+                key = ("search", int(row["seed"]))
+            elif row["allocator"] == "calibrated-knapsack":
+                key = ("calibrated-knapsack", 0)
+            else:
+                continue
+            table.setdefault(target, {})[key] = windows
+    return table, reference
+
+
+def ppl(windows: np.ndarray) -> float:
+    return math.exp(float(windows.mean()))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--replay", nargs="+", type=Path, required=True)
+    parser.add_argument("--search", nargs="+", type=Path, required=True)
+    parser.add_argument("--json", type=Path, help="write the table here too")
+    ns = parser.parse_args(argv)
+    table, _ = read(ns.replay, ns.search)
+    out = []
+    print("| target | run | seeds: held-out PPL | median | vs calibrated knapsack, per seed | vs search (same seed) | vs PPO-off control (same seed) |")
+    print("|---|---|---|---|---|---|---|")
+    for target in sorted(table):
+        rows = table[target]
+        teacher = rows.get(("calibrated-knapsack", 0))
+        kinds = sorted({k for k, _ in rows if k != "calibrated-knapsack"}, key=lambda k: (k != "cpu", k))
+        if teacher is not None:
+            print(f"| {target:g} | calibrated-knapsack | {ppl(teacher):.2f} | {ppl(teacher):.2f} | | | |")
+        for kind in kinds:
+            seeds = sorted(s for k, s in rows if k == kind)
+            values = [ppl(rows[(kind, s)]) for s in seeds]
+            cells = {"vs_teacher": [], "vs_search": [], "vs_control": []}
+            for s in seeds:
+                mine = rows[(kind, s)]
+                for name, other in (("vs_teacher", ("calibrated-knapsack", 0)), ("vs_search", ("search", s)),
+                                    ("vs_control", ("cpu-no-ppo", s))):
+                    if other not in rows or other[0] == kind or (name == "vs_control" and kind != "cpu") \
+                            or (name == "vs_search" and kind == "search"):
+                        continue
+                    change = paired_bootstrap(rows[other], mine, seed=0)
+                    cells[name].append((s, change))
+            fmt = lambda items: "; ".join(f"s{s} {c.describe()}" for s, c in items)  # noqa: E731
+            print(f"| {target:g} | {kind} | {' / '.join(f's{s} {v:.2f}' for s, v in zip(seeds, values))} | "
+                  f"{statistics.median(values):.2f} | {fmt(cells['vs_teacher'])} | {fmt(cells['vs_search'])} | {fmt(cells['vs_control'])} |")
+            out.append({"target_bits": target, "run": kind, "seeds": seeds, "heldout_ppl": values,
+                        "median": statistics.median(values),
+                        **{k: [{"seed": s, **c.to_dict()} for s, c in v] for k, v in cells.items()}})
+    if ns.json:
+        ns.json.write_text(json.dumps({"rows": out}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
