@@ -12,7 +12,6 @@ import matplotlib.image  # noqa: E402
 import windquant_gym as wq  # noqa: E402
 from windquant_gym import plots  # noqa: E402
 from windquant_gym.plan import QuantPlan  # noqa: E402
-from windquant_gym.quant.accounting import unit_bit_tables  # noqa: E402
 from windquant_gym.quant.bitwidths import N_ACTIONS  # noqa: E402
 from windquant_gym.quant.table import QuantTable  # noqa: E402
 
@@ -41,13 +40,12 @@ def make_units(n_layers=3):
 def make_table(units):
     """A real QuantTable with bit accounting only (no fitted codes): enough for plans."""
     n = len(units)
-    n_weights, n_protected, _, _ = unit_bit_tables([u.out_features for u in units], [u.width for u in units], 0.03)
     stored = np.tile(np.arange(N_ACTIONS), (n, 1))
     stored[0, 6] = 5  # one fallback: 1 bit requested, 1.58 stored
     zeros, ones = np.zeros((n, N_ACTIONS)), np.ones(n)
     return QuantTable(
         units=units, config=wq.QuantConfig(chunk_size=CHUNK), fingerprint="fake-table", codes={}, scales={},
-        outlier_index={}, outlier_codes={}, outlier_scales={}, n_weights=n_weights, n_protected=n_protected,
+        outlier_index={}, outlier_codes={}, outlier_scales={},
         fit_error_plain=zeros, fit_error_act=zeros, fit_error_output=zeros, energy_plain=ones, energy_act=ones,
         energy_output=ones, stored_action=stored,
     )
