@@ -19,7 +19,13 @@ from ..errors import ConfigError
 from .recipe import OBSERVATIONS, REWARD_KINDS as REWARDS
 
 
+def _plain(hp) -> Dict[str, Any]:
+    """A :class:`~.recipe.Recipe` or its plain dict (a run's config.json), as the dict."""
+    return hp.to_dict() if hasattr(hp, "to_dict") else hp
+
+
 def wrap_observation(env: gym.Env, hp: Dict[str, Any]) -> gym.Env:
+    hp = _plain(hp)
     kind = hp.get("observation", "paper")
     if kind not in OBSERVATIONS:
         raise ConfigError(f"observation must be one of {OBSERVATIONS}, got {kind!r} (hyperparams.yml).")
@@ -29,6 +35,7 @@ def wrap_observation(env: gym.Env, hp: Dict[str, Any]) -> gym.Env:
 
 
 def wrap_reward(env: gym.Env, hp: Dict[str, Any]) -> gym.Env:
+    hp = _plain(hp)
     kind = hp.get("reward_kind", "eq5")
     if kind not in REWARDS:
         raise ConfigError(f"reward_kind must be one of {REWARDS}, got {kind!r} (hyperparams.yml).")

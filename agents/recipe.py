@@ -287,3 +287,8 @@ class Recipe(_Section):
         if not isinstance(data, Mapping):
             raise ConfigError(f"A hyperparameter block must be a mapping of settings, got {data!r}.")
         return super().from_dict(data)
+
+
+def as_recipe(recipe) -> Recipe:
+    """``recipe`` as a :class:`Recipe` (a plain hyperparameter dict is validated into one)."""
+    return recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)

@@ -49,8 +49,8 @@ from .front import HeldoutCache, front_row, write_front
 from .checkpoints import LATEST, ResumableCheckpoint, clear_run, has_run, latest_checkpoint, read_state
 from ..allocators.baselines import KnapsackAllocator
 from ..allocators.calibrated_knapsack import CalibratedKnapsack
-from .hyperparams import load_hyperparams, merge_hyperparams, validated
-from .recipe import DEMONSTRATIONS
+from .hyperparams import load_hyperparams, merge_hyperparams
+from .recipe import Recipe, as_recipe
 from .imitation import behaviour_clone, collect_demonstrations
 from .policy import WindQuantPolicy
 from .self_imitation import SelfImitation
@@ -104,21 +104,23 @@ class TrainArgs:
             check_bits(self.target_bits, "target_bits", "--target-bits 2.0")
 
 
-def calibration_seed(args: TrainArgs, hp: Dict[str, Any]) -> int:
-    return int(args.calibration_seed if args.calibration_seed is not None else hp["env_kwargs"].get("seed", 0))
+def calibration_seed(args: TrainArgs, recipe: Recipe) -> int:
+    recipe = as_recipe(recipe)
+    return int(args.calibration_seed if args.calibration_seed is not None else recipe.env_kwargs.get("seed", 0))
 
 
-def stages(args: TrainArgs, hp: Dict[str, Any]) -> List[float]:
+def stages(args: TrainArgs, recipe: Recipe) -> List[float]:
     """The targets the run trains at, in curriculum order (or the sampled list)."""
+    recipe = as_recipe(recipe)
     if args.target_bits is not None:
         return [float(args.target_bits)]
-    if _sampled(hp):
-        return [float(t) for t in hp["sampled_targets"]]
-    return [float(t) for t in hp["curriculum"]]
+    if _sampled(recipe):
+        return [float(t) for t in recipe.sampled_targets]
+    return [float(t) for t in recipe.curriculum]
 
 
-def _sampled(hp: Dict[str, Any]) -> bool:
-    targets = hp.get("sampled_targets")
+def _sampled(recipe: Recipe) -> bool:
+    targets = recipe.sampled_targets
     if targets is None:
         return False
     if not isinstance(targets, (list, tuple)) or len(targets) < 1:
@@ -127,31 +129,33 @@ def _sampled(hp: Dict[str, Any]) -> bool:
     return True
 
 
-def summary_target(args: TrainArgs, hp: Dict[str, Any]) -> float:
+def summary_target(args: TrainArgs, recipe: Recipe) -> float:
     """The target the printed summary is about: the curriculum's last stage, or the lowest of
     the sampled targets (the hardest budget)."""
-    targets = stages(args, hp)
-    return min(targets) if args.target_bits is None and _sampled(hp) else targets[-1]
+    recipe = as_recipe(recipe)
+    targets = stages(args, recipe)
+    return min(targets) if args.target_bits is None and _sampled(recipe) else targets[-1]
 
 
-def _writes_front(args: TrainArgs, hp: Dict[str, Any]) -> bool:
+def _writes_front(args: TrainArgs, recipe: Recipe) -> bool:
     """A run over several targets writes the front when the preset says ``front: true``
     (default: for ``sampled_targets``)."""
-    return len(set(stages(args, hp))) > 1 and bool(hp.get("front", _sampled(hp)))
+    return len(set(stages(args, recipe))) > 1 and bool((recipe.front if recipe.front is not None else _sampled(recipe)))
 
 
-def make_env(args: TrainArgs, hp: Dict[str, Any]) -> gym.Env:
+def make_env(args: TrainArgs, recipe: Recipe) -> gym.Env:
     """``Monitor(CurriculumWrapper(observation(reward(WindQuant-v0))))`` as the preset says
     (``TargetSampler`` in place of the curriculum for ``sampled_targets``)."""
-    reward = RewardConfig(**hp["reward"]) if hp.get("reward") else None
-    env_kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
-    env = gym.make(ENV_ID, model=args.model, device=args.device, seed=calibration_seed(args, hp), progress=args.progress,
+    recipe = as_recipe(recipe)
+    reward = RewardConfig(**recipe.reward) if recipe.reward else None
+    env_kwargs = {k: v for k, v in recipe.env_kwargs.items() if k != "seed"}
+    env = gym.make(ENV_ID, model=args.model, device=args.device, seed=calibration_seed(args, recipe), progress=args.progress,
                    reward_config=reward, **env_kwargs)
-    targets = stages(args, hp)
-    if args.target_bits is None and _sampled(hp):
-        return Monitor(TargetSampler(policy_view(env, hp), targets, seed=args.seed))
-    episodes_per_stage = max(1, math.ceil(hp["episodes"] / len(targets)))
-    return Monitor(CurriculumWrapper(policy_view(env, hp), targets, episodes_per_stage))
+    targets = stages(args, recipe)
+    if args.target_bits is None and _sampled(recipe):
+        return Monitor(TargetSampler(policy_view(env, recipe), targets, seed=args.seed))
+    episodes_per_stage = max(1, math.ceil(recipe.episodes / len(targets)))
+    return Monitor(CurriculumWrapper(policy_view(env, recipe), targets, episodes_per_stage))
 
 
 def _rollout(model: MaskablePPO, env: gym.Env) -> Dict[str, Any]:
@@ -176,12 +180,13 @@ def _resumed_args(args: TrainArgs):
 def train(args: TrainArgs) -> Dict[str, Any]:
     checkpoint = None
     if args.resume:
-        args, hp, checkpoint = _resumed_args(args)
+        args, saved, checkpoint = _resumed_args(args)
+        recipe = Recipe.from_dict(saved)
     else:
-        hp = load_hyperparams(args.preset, args.hyperparams)
+        block = load_hyperparams(args.preset, args.hyperparams)
         flags = {k: v for k, v in (("episodes", args.episodes), ("gamma", args.gamma)) if v is not None}
         # nested keys merge (warm_start: {epochs: 5} keeps the rest); the result is checked as a Recipe
-        hp = validated(merge_hyperparams(hp, {**args.overrides, **flags}))
+        recipe = Recipe.from_dict(merge_hyperparams(block, {**args.overrides, **flags}))
     out = Path(args.out)
     if checkpoint is None and has_run(out):
         if not args.overwrite:
@@ -192,10 +197,10 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
-        (out / "config.json").write_text(json.dumps({"args": asdict(args), "hyperparams": hp}, indent=1, default=str))
+        (out / "config.json").write_text(json.dumps({"args": asdict(args), "hyperparams": recipe.to_dict()}, indent=1, default=str))
 
     started = time.perf_counter()
-    env = make_env(args, hp)
+    env = make_env(args, recipe)
     base = env.unwrapped
     n_units = base.n_units
     if checkpoint is not None:
@@ -204,27 +209,27 @@ def train(args: TrainArgs) -> Dict[str, Any]:
         base.load_state_dict(state["env"])
         env.get_wrapper_attr("load_state_dict")(state["curriculum"])
     else:
-        model = _new_model(env, hp, n_units, out, args.seed)
-    targets = sorted(set(stages(args, hp)))
+        model = _new_model(env, recipe, n_units, out, args.seed)
+    targets = sorted(set(stages(args, recipe)))
     # the summary's baseline, and the front's at every target
-    knapsack = _knapsack_plans(base, targets if _writes_front(args, hp) else [summary_target(args, hp)])
+    knapsack = _knapsack_plans(base, targets if _writes_front(args, recipe) else [summary_target(args, recipe)])
     # a second view of the same problem, for walks that must not touch the training episode
     view = policy_view(gym.make(ENV_ID, model=base.problem.model, problem=base.problem, proxy_metric=base.proxy_metric,
-                                progress=False), hp)
-    warm_start = _warm_start(model, view, hp, targets, summary_target(args, hp), args) if checkpoint is None and hp.get("warm_start") else None
+                                progress=False), recipe)
+    warm_start = _warm_start(model, view, recipe, targets, summary_target(args, recipe), args) if checkpoint is None and recipe.warm_start else None
     start_plans = _start_plans(out, (warm_start or {}).pop("plans", None))
-    recorder = EpisodeRecorder(out, base.problem, hp["episodes"], progress=args.progress)
+    recorder = EpisodeRecorder(out, base.problem, recipe.episodes, progress=args.progress)
     for info in (warm_start or {}).pop("final_infos", {}).values():  # measured plans count as seen
         recorder.consider(info, episode=0)
     warm_start = _warm_start_record(out, warm_start, resumed=checkpoint is not None)
     callbacks = [recorder]
-    if hp.get("self_imitation"):
-        callbacks.append(SelfImitation(view, recorder, start_plans, seed=args.seed, **hp["self_imitation"]))
+    if recipe.self_imitation:
+        callbacks.append(SelfImitation(view, recorder, start_plans, seed=args.seed, **recipe.self_imitation.clone_settings()))
     if checkpoint is not None:
         recorder.load_state_dict(state["recorder"])
-    checkpoints = ResumableCheckpoint(out / "checkpoints", hp["checkpoint_every"], env, recorder)
+    checkpoints = ResumableCheckpoint(out / "checkpoints", recipe.checkpoint_every, env, recorder)
     setup_seconds = time.perf_counter() - started
-    remaining = max(0, hp["episodes"] - recorder.episodes)
+    remaining = max(0, recipe.episodes - recorder.episodes)
     if remaining:
         model.learn(total_timesteps=remaining * n_units, callback=CallbackList([*callbacks, checkpoints]),
                     tb_log_name="maskable_ppo", reset_num_timesteps=checkpoint is None)
@@ -232,7 +237,7 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     checkpoints.save()
     train_seconds = time.perf_counter() - started - setup_seconds
     model.save(out / "final_model")
-    return _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out, trained=remaining,
+    return _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, out, trained=remaining,
                      knapsack=knapsack, warm_start=warm_start, start_plans=start_plans)
 
 
@@ -270,18 +275,15 @@ def _start_plans(out: Path, plans: Optional[Dict[float, np.ndarray]]) -> Dict[fl
 
 
 
-def _warm_start(model: MaskablePPO, view: gym.Env, hp: Dict[str, Any], targets: List[float], final_target: float,
+def _warm_start(model: MaskablePPO, view: gym.Env, recipe: Recipe, targets: List[float], final_target: float,
                 args) -> Dict[str, Any]:
     """Behaviour cloning of the fresh policy on a teacher's plans at the curriculum's targets:
     the knapsack's (no proxy pass), or the calibrated knapsack's (its scales chosen at the final
     target: 7 proxy passes). With ``fit_critic`` the critic is fitted to the returns of measured
     walks through those plans (one proxy pass per target); the measured plans count as seen."""
-    settings = dict(hp["warm_start"])
-    source = settings.pop("demonstrations", "knapsack")
-    fit_critic = bool(settings.pop("fit_critic", True))
-    calibrate_at = float(settings.pop("calibrate_at", final_target))
-    if source not in DEMONSTRATIONS:
-        raise ConfigError(f"warm_start.demonstrations must be one of {DEMONSTRATIONS}, got {source!r} (hyperparams.yml).")
+    settings = recipe.warm_start  # validated: the teacher is one of recipe.DEMONSTRATIONS
+    source, fit_critic = settings.demonstrations, settings.fit_critic
+    calibrate_at = float(settings.calibrate_at if settings.calibrate_at is not None else final_target)
     started = time.perf_counter()
     base = view.unwrapped
     passes_before = base.problem.proxy_passes
@@ -294,8 +296,8 @@ def _warm_start(model: MaskablePPO, view: gym.Env, hp: Dict[str, Any], targets: 
     else:
         plans = _knapsack_plans(base, targets)
     # measured walks (one proxy pass per target) give the critic its targets
-    demos = collect_demonstrations(view, plans, gamma=float(hp["gamma"]) if fit_critic else None)
-    stats.update(behaviour_clone(model.policy, demos, seed=args.seed, progress=args.progress, **settings))
+    demos = collect_demonstrations(view, plans, gamma=float(recipe.gamma) if fit_critic else None)
+    stats.update(behaviour_clone(model.policy, demos, seed=args.seed, progress=args.progress, **settings.clone_settings()))
     stats["seconds"] = time.perf_counter() - started
     stats["steps"] = len(demos)
     stats["evaluations"] = base.problem.proxy_passes - passes_before  # proxy passes spent: calibration + measured walks
@@ -305,10 +307,10 @@ def _warm_start(model: MaskablePPO, view: gym.Env, hp: Dict[str, Any], targets: 
     return stats
 
 
-def _learning_rate(hp: Dict[str, Any]):
+def _learning_rate(recipe: Recipe):
     """The preset's learning rate, constant or (``lr_schedule: linear``) falling to 0."""
-    rate = float(hp["learning_rate"])
-    schedule = hp.get("lr_schedule", "constant")
+    rate = float(recipe.learning_rate)
+    schedule = (recipe.lr_schedule or "constant")
     if schedule == "constant":
         return rate
     if schedule == "linear":
@@ -316,29 +318,25 @@ def _learning_rate(hp: Dict[str, Any]):
     raise ConfigError(f"lr_schedule must be 'constant' or 'linear', got {schedule!r} (hyperparams.yml).")
 
 
-def _new_model(env, hp, n_units, out, seed) -> MaskablePPO:
-    episodes_per_update = int(hp.get("episodes_per_update", 1))
-    if episodes_per_update < 1:
-        raise ConfigError(f"episodes_per_update must be a positive integer, got {hp.get('episodes_per_update')!r}.")
-    ppo_updates = hp.get("ppo_updates", True)
-    if not isinstance(ppo_updates, bool):
-        raise ConfigError(f"ppo_updates must be true or false, got {ppo_updates!r} (hyperparams.yml).")
+def _new_model(env, recipe, n_units, out, seed) -> MaskablePPO:
+    episodes_per_update = recipe.episodes_per_update or 1
+    ppo_updates = True if recipe.ppo_updates is None else recipe.ppo_updates
     return MaskablePPO(
         WindQuantPolicy,
         env,
         # ppo_updates: false is the control that isolates PPO's gradient: the stock algorithm runs
         # (sampling, rollouts, self-imitation between them) with a learning rate of 0, so Adam's
         # steps leave actor and critic where the warm start and self-imitation put them
-        learning_rate=_learning_rate(hp) if ppo_updates else 0.0,
+        learning_rate=_learning_rate(recipe) if ppo_updates else 0.0,
         n_steps=n_units * episodes_per_update,  # a rollout = whole episodes
-        batch_size=min(hp["batch_size"], n_units * episodes_per_update),
-        n_epochs=hp["n_epochs"],
-        gamma=hp["gamma"],
-        gae_lambda=hp["gae_lambda"],
-        clip_range=hp["clip_range"],
-        ent_coef=hp["ent_coef"],
-        vf_coef=hp["vf_coef"],
-        policy_kwargs={"hidden_size": hp["hidden_size"], "shared_trunk": bool(hp.get("shared_trunk", True))},
+        batch_size=min(recipe.batch_size, n_units * episodes_per_update),
+        n_epochs=recipe.n_epochs,
+        gamma=recipe.gamma,
+        gae_lambda=recipe.gae_lambda,
+        clip_range=recipe.clip_range,
+        ent_coef=recipe.ent_coef,
+        vf_coef=recipe.vf_coef,
+        policy_kwargs={"hidden_size": recipe.hidden_size, "shared_trunk": (True if recipe.shared_trunk is None else recipe.shared_trunk)},
         tensorboard_log=str(out / "tb"),
         seed=seed,
         device="cpu",
@@ -351,7 +349,7 @@ def _score(info: Dict[str, Any]) -> float:
     return info["proxy_kl"] if info.get("proxy_metric") == "kl" else info["proxy_ppl"]
 
 
-def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out, trained, knapsack,
+def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, out, trained, knapsack,
               warm_start=None, start_plans=None) -> Dict[str, Any]:
     """At every target the run trained at: the deterministic policy's plan (one proxy pass),
     the best plan seen in training, and the one of them with the better proxy (the run's
@@ -363,8 +361,8 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
     problem = base.problem
     n_units = base.n_units
     freeze = env.get_wrapper_attr("freeze")
-    targets = list(dict.fromkeys(stages(args, hp)))
-    final_target = summary_target(args, hp)
+    targets = list(dict.fromkeys(stages(args, recipe)))
+    final_target = summary_target(args, recipe)
     metric = base.proxy_metric
     warm_start = warm_start or {}
     passes_before = problem.proxy_passes
@@ -390,11 +388,11 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
             QuantPlan.from_problem(problem, info["plan"], target_bits=target, proxy_dtype=problem.proxy_dtype,
                                    proxy_metric=metric, evaluations=policy_evaluations, allocator=f"MaskablePPO {slug}",
                                    **metrics).save(out / f"{slug}_{target:g}.json")
-    front = _writes_front(args, hp)
+    front = _writes_front(args, recipe)
     passes_before = problem.proxy_passes
     knapsack_proxy = {t: math.exp(problem.proxy_nll(knapsack[t])) for t in (targets if front else [final_target])}
     baseline_evaluations = problem.proxy_passes - passes_before  # the summary's (and front's) knapsack rows
-    held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, hp["eval_seq_len"], hp["eval_windows"])
+    held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, recipe.eval_seq_len, recipe.eval_windows)
     heldout = HeldoutCache(problem, held_out)
     teacher = _teacher(warm_start, start_plans)
     fp_windows = heldout(None)
@@ -426,17 +424,17 @@ def _evaluate(args, hp, env, model, recorder, setup_seconds, train_seconds, out,
             (out / f"{'final_plan' if slug == 'policy_plan' else slug}.json").write_text(path.read_text())
     if front:
         _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, policy_evaluations, held_out, heldout,
-                     args, hp)
+                     args, recipe)
     summary = {
-        "model": args.model, "preset": args.preset, "episodes": hp["episodes"], "gamma": hp["gamma"],
+        "model": args.model, "preset": args.preset, "episodes": recipe.episodes, "gamma": recipe.gamma,
         "target_bits": final_target, "n_units": n_units, "setup_seconds": setup_seconds,
         "train_seconds": train_seconds, "seconds_per_episode": train_seconds / max(1, trained),
-        "resumed_from_episode": hp["episodes"] - trained if args.resume else None,
-        "agent_seed": args.seed, "calibration_seed": calibration_seed(args, hp),
+        "resumed_from_episode": recipe.episodes - trained if args.resume else None,
+        "agent_seed": args.seed, "calibration_seed": calibration_seed(args, recipe),
         "evaluations": policy_evaluations + baseline_evaluations,
         "policy_evaluations": policy_evaluations, "baseline_evaluations": baseline_evaluations,
         "training_episodes": recorder.episodes,
-        "ppo_updates": bool(hp.get("ppo_updates", True)),
+        "ppo_updates": (recipe.ppo_updates is not False),
         "warm_start": warm_start or None,
         "heldout_tokens": int(held_out.numel()), "heldout_windows": int(len(held_out)),
         "proxy_dtype": problem.proxy_dtype,
@@ -469,7 +467,7 @@ def _teacher(warm_start: Dict[str, Any], start_plans: Optional[Dict[float, np.nd
 
 
 def _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, policy_evaluations, held_out, heldout,
-                 args, hp) -> None:
+                 args, recipe) -> None:
     """``front.{json,csv,md}``: per target the policy's one-pass plan (``MaskablePPO``), the
     run's returned plan, the teacher's (``calibrated-knapsack``: its calibration passes plus
     its own measurement) and the knapsack's (1 pass), with their held-out PPL."""
@@ -487,7 +485,7 @@ def _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, po
             rows.append(front_row(problem, heldout, "calibrated-knapsack", target, teacher["plans"][target],
                                   teacher["proxy_ppl"][target], teacher["calibration_evaluations"] + own, plans_dir))
         rows.append(front_row(problem, heldout, "knapsack", target, knapsack[target], knapsack_proxy[target], 1.0, plans_dir))
-    meta = {"model": args.model, "preset": args.preset, "agent_seed": args.seed, "calibration_seed": calibration_seed(args, hp),
+    meta = {"model": args.model, "preset": args.preset, "agent_seed": args.seed, "calibration_seed": calibration_seed(args, recipe),
             "heldout": f"wiki-sample eval, {len(held_out)} x {held_out.shape[1]} tokens",
             "policy_evaluations": policy_evaluations, "proxy_dtype": problem.proxy_dtype,
             "unquantized_heldout_window_nll": heldout(None),  # tells whether another file used the same windows
