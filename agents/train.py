@@ -120,13 +120,7 @@ def stages(args: TrainArgs, recipe: Recipe) -> List[float]:
 
 
 def _sampled(recipe: Recipe) -> bool:
-    targets = recipe.sampled_targets
-    if targets is None:
-        return False
-    if not isinstance(targets, (list, tuple)) or len(targets) < 1:
-        raise ConfigError(f"sampled_targets must be a list of target bits, got {targets!r} (hyperparams.yml); "
-                          "e.g. sampled_targets: [2.0, 2.5, 3.0].")
-    return True
+    return recipe.sampled_targets is not None  # its form is the Recipe's to check
 
 
 def summary_target(args: TrainArgs, recipe: Recipe) -> float:
@@ -140,7 +134,7 @@ def summary_target(args: TrainArgs, recipe: Recipe) -> float:
 def _writes_front(args: TrainArgs, recipe: Recipe) -> bool:
     """A run over several targets writes the front when the preset says ``front: true``
     (default: for ``sampled_targets``)."""
-    return len(set(stages(args, recipe))) > 1 and bool((recipe.front if recipe.front is not None else _sampled(recipe)))
+    return len(set(stages(args, recipe))) > 1 and (recipe.front if recipe.front is not None else _sampled(recipe))
 
 
 def make_env(args: TrainArgs, recipe: Recipe) -> gym.Env:
