@@ -19,7 +19,7 @@ from windquant_gym.export import (
     pack_fields,
     unpack_fields,
 )
-from windquant_gym.export.layout import PACKED_FILE, REQUIRED_FILES, REST_FILE
+from windquant_gym.export.layout import PACKED_FILE, REQUIRED_FILES
 from windquant_gym.plan import QuantPlan
 from windquant_gym.quant.bitwidths import BIT_WIDTHS, N_ACTIONS, SKIP_ACTION
 
@@ -132,23 +132,55 @@ def test_mixed_plan_uses_every_action(tiny_problem):
     assert set(_plans(len(tiny_problem.units))["mixed"]) == set(range(N_ACTIONS))
 
 
+def _weight(module):
+    return module.dequantized_weight() if isinstance(module, wq.PackedLinear) else module.weight
+
+
 def assert_loaded_matches_plan(loaded, problem, actions):
-    """Every quantized Linear of a loaded export equals the env's weights for ``actions``, bit for bit."""
+    """Every quantized Linear of a loaded export (packed, or dequantized) equals the env's
+    weights for ``actions``, bit for bit."""
     with wq.quantized_weights(problem.model, problem.table, actions) as model:
         for module in {u.module for u in problem.units}:
-            assert torch.equal(loaded.get_submodule(module).weight, model.get_submodule(module).weight), module
+            assert torch.equal(_weight(loaded.get_submodule(module)), model.get_submodule(module).weight), module
 
 
 @pytest.mark.parametrize("name", PLAN_NAMES)
 def test_loaded_weights_equal_the_envs_bit_for_bit(tiny_problem, exports, name):
     plan, folder = exports[name]
-    loaded = wq.load_quantized(folder)
+    loaded = wq.load_quantized(folder, dequantize=True)
     modules = {u.module for u in tiny_problem.units}
+    assert not any(isinstance(m, wq.PackedLinear) for m in loaded.modules())
+    assert getattr(loaded.config, "quantization_config", None) is None
     assert_loaded_matches_plan(loaded, tiny_problem, plan.actions)
     original = tiny_problem.model.state_dict()
     for key, value in loaded.state_dict().items():
         if key.rsplit(".", 1)[0] not in modules:  # the rest: fp16-rounded originals
             assert torch.equal(value, original[key].half().float()), key
+
+
+@pytest.mark.parametrize("name", PLAN_NAMES)
+def test_from_pretrained_gives_packed_linears_whose_logits_are_the_envs(tiny_problem, exports, name):
+    """The ecosystem's door: after import windquant_gym, AutoModelForCausalLM.from_pretrained on
+    an export folder builds PackedLinear modules; its logits equal the env's plan applied to
+    the model (to fp16 rounding of the rest), on the table path (a few tokens) and the tile
+    path (a whole block)."""
+    from transformers import AutoModelForCausalLM
+
+    plan, folder = exports[name]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    packed = {n for n, m in model.named_modules() if isinstance(m, wq.PackedLinear)}
+    assert packed == {u.module for u in tiny_problem.units}
+    assert model.config.quantization_config.format == wq.export.FORMAT
+    dense = wq.load_quantized(folder, dequantize=True)
+    ids = tiny_problem.blocks[:2]
+    with torch.no_grad():
+        for tokens in (ids[:1, :3], ids):  # 3 tokens: the table path; 2 x 64: float tiles
+            got, want = model(tokens).logits, dense(tokens).logits
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), (tokens.shape, (got - want).abs().max())
+        with wq.quantized_weights(tiny_problem.model, tiny_problem.table, plan.actions) as env_model:
+            env_logits = env_model(ids).logits
+        fp16_rest = (model(ids).logits - env_logits).abs().max().item()
+        assert fp16_rest < 2e-2 * env_logits.abs().max().item()
 
 
 @pytest.mark.parametrize("name", PLAN_NAMES)
@@ -171,7 +203,7 @@ def test_packed_bytes_match_storage_bits(tiny_problem, exports, name):
     assert size.accounted_bytes == pytest.approx(expected, rel=1e-9)
     assert size.packed_bytes == pytest.approx(expected, rel=0.01)
     assert size.packed_bytes >= expected  # only byte padding is added, never bits saved
-    assert size.packed_bytes == (folder / PACKED_FILE).stat().st_size - size.header_bytes
+    assert size.packed_bytes + size.rest_bytes == (folder / PACKED_FILE).stat().st_size - size.header_bytes
     assert sum(size.by_kind.values()) == size.packed_bytes
     assert ("fp16" in size.by_kind) == (SKIP_ACTION in plan.actions)
     assert size.ratio == pytest.approx(1.0, abs=0.01)
@@ -185,20 +217,23 @@ def test_files_of_an_export(tiny_problem, exports):
     plan, folder = exports["mixed"]
     for name in REQUIRED_FILES:
         assert (folder / name).is_file()
+    assert not (folder / "rest.safetensors").exists()  # format 2: one file, the model's own names
     assert QuantPlan.load(folder / "plan.json") == plan
     modules = {u.module for u in tiny_problem.units}
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "windquant" and config["format"] == "windquant-packed-2"
+    assert set(config["modules"]) == modules and config["chunk_size"] == tiny_problem.table.config.chunk_size
+    assert config["plan"]["table_fingerprint"] == plan.table_fingerprint
     with safe_open(str(folder / PACKED_FILE), framework="pt") as handle:
-        keys = list(handle.keys())
-        assert all(any(k.startswith(m + ".") for m in modules) for k in keys)
-        dtypes = {handle.get_tensor(k).dtype for k in keys}
-        assert dtypes <= {torch.uint8, torch.int8, torch.float16}
-        layout = json.loads(handle.metadata()["layout"])
-        assert set(layout) == modules
-    with safe_open(str(folder / REST_FILE), framework="pt") as handle:
-        rest = {k: handle.get_tensor(k) for k in handle.keys()}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    assert metadata["format"] == "pt" and json.loads(metadata["layout"]) == config["modules"]
+    packed = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] in modules}
+    rest = {k: v for k, v in tensors.items() if k not in packed}
+    assert not any(k.endswith(".weight") for k in packed)  # no float weight of a quantized Linear
+    assert {v.dtype for v in packed.values()} <= {torch.uint8, torch.int8, torch.float16}
     assert "model.embed_tokens.weight" in rest and "model.norm.weight" in rest
     assert "lm_head.weight" not in rest  # tied to the embeddings, written once
-    assert not any(k.rsplit(".", 1)[0] in modules for k in rest)
     assert {v.dtype for v in rest.values()} == {torch.float16}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     text = "Export a packed model."
@@ -326,10 +361,11 @@ def test_load_refuses_a_corrupt_or_foreign_packed_file(tiny_problem, tmp_path):
     with safe_open(str(folder / PACKED_FILE), framework="pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         metadata = handle.metadata()
-    key = next(k for k in tensors if k.endswith(".w3.codes"))
+    key = next(k for k in tensors if k.endswith(".w3_codes"))
     save_file({**tensors, key: tensors[key][:-5].clone()}, str(folder / PACKED_FILE), metadata=metadata)
-    with pytest.raises(wq.ExportFormatError, match="truncated"):
+    with pytest.raises(wq.ExportFormatError, match="w3_codes.*Export the plan again"):
         wq.load_quantized(folder)
-    save_file(tensors, str(folder / PACKED_FILE), metadata={**metadata, "format": "something-else"})
-    with pytest.raises(wq.ExportFormatError, match="something-else"):
+    del tensors[key]
+    save_file(tensors, str(folder / PACKED_FILE), metadata=metadata)
+    with pytest.raises(wq.ExportFormatError, match="has no tensor"):
         wq.load_quantized(folder)

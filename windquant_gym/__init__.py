@@ -7,6 +7,7 @@ from .errors import (
     ConfigError,
     DataError,
     ExportFormatError,
+    PlanNotFoundError,
     IncompleteExportError,
     MissingDependencyError,
     ModelStructureError,
@@ -21,7 +22,7 @@ from .envs import (
     TargetSampler, WindQuantEnv,
 )
 from .eval import mean_nll, perplexity
-from .export import export_plan, load_quantized, packed_size
+from .export import PackedLinear, export_plan, load_quantized, load_tokenizer, packed_size
 from .models import load_model
 from .problem import QuantProblem
 from .compute.process import keep_freed_memory
@@ -43,9 +44,9 @@ __all__ = [
     "build_table", "calibrate", "Calibration", "find_units", "quantized_weights",
     "load_model", "load_texts", "sample_token_blocks", "mean_nll", "perplexity",
     "WindQuantError", "ConfigError", "DataError", "MissingDependencyError", "ModelStructureError",
-    "TableMismatchError", "UnknownNameError", "OutputExistsError", "IncompleteExportError", "ExportFormatError",
+    "TableMismatchError", "UnknownNameError", "OutputExistsError", "IncompleteExportError", "ExportFormatError", "PlanNotFoundError",
     "RunFailedError", "CacheWarning",
-    "export_plan", "load_quantized", "packed_size", "keep_freed_memory",
+    "export_plan", "load_quantized", "load_tokenizer", "packed_size", "PackedLinear", "keep_freed_memory",
     "ENV_ID", "CurriculumWrapper", "WindQuantEnv", "RewardConfig", "PrecisionRules",
     "ActionCostObservation", "ProxyLossReward", "LossRewardConfig", "TargetSampler",
 ]

@@ -88,9 +88,9 @@ def _plot(argv: List[str]) -> int:
 def _export(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="windquant export",
-        description="Write a saved plan as a packed model folder: model.safetensors (packed quantized Linears), "
-        "rest.safetensors (everything else, fp16), plan.json, config and tokenizer. Load it with "
-        "windquant_gym.load_quantized(DIR).",
+        description="Write a saved plan as a packed model folder: model.safetensors (the quantized Linears packed, "
+        "everything else in fp16), plan.json, config.json (with its quantization_config) and tokenizer. Load it with "
+        "AutoModelForCausalLM.from_pretrained(DIR) after `import windquant_gym`, or windquant_gym.load_quantized(DIR).",
     )
     parser.add_argument("plan", help="a plan JSON (best_plan_*.json, final_plan.json of a run)")
     parser.add_argument("--out", required=True, help="output folder (new or empty, unless --overwrite)")

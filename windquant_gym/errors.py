@@ -47,6 +47,10 @@ class IncompleteExportError(WindQuantError, FileNotFoundError):
     """A packed-export folder lacks a file it needs."""
 
 
+class PlanNotFoundError(WindQuantError, FileNotFoundError):
+    """A plan file that does not exist."""
+
+
 class ExportFormatError(WindQuantError, ValueError):
     """A packed export (or the data to pack) is malformed, corrupt, or of another format version."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from .errors import ConfigError, TableMismatchError
+from .errors import ConfigError, PlanNotFoundError, TableMismatchError
 from .problem import ProblemSpec, QuantProblem
 from .quant.bitwidths import ACTION_BITS
 from .quant.config import QuantConfig
@@ -98,6 +98,11 @@ class QuantPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantPlan":
+        if not Path(path).is_file():
+            raise PlanNotFoundError(
+                f"No plan file at {str(path)!r}. Give a plan JSON saved by a run (runs/NAME/final_plan.json, "
+                "best_plan_T.json), by `windquant bench` (its *_plans/ folder) or by QuantPlan.save."
+            )
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as error:

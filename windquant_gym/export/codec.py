@@ -18,7 +18,7 @@ from ..quant.quantizers import dequantize_codes
 from ..quant.table import QuantTable
 from ..quant.units import Unit
 from .formats import CODE_FORMATS
-from .layout import ModuleLayout, codes_key, fp16_key, outlier_key, scales_key
+from .layout import FP16_NAME, ModuleLayout, codes_name, outlier_name, scales_name
 from .packing import field_bits, pack_fields, unpack_fields
 
 
@@ -30,8 +30,9 @@ def _used_actions(stored: Sequence[int]) -> List[int]:
 def encode_module(
     table: QuantTable, units: Sequence[Unit], actions: Sequence[int], original: torch.Tensor
 ) -> Tuple[Dict[str, torch.Tensor], ModuleLayout]:
-    """Packed tensors and layout of one module (``units`` in column order, ``actions``
-    requested per unit, ``original`` the module's weight, read for skipped units)."""
+    """Packed tensors (by local name, see :mod:`.layout`) and layout of one module (``units``
+    in column order, ``actions`` requested per unit, ``original`` the module's weight, read
+    for skipped units)."""
     module = units[0].module
     out_f, in_f = original.shape
     chunk_size = table.config.chunk_size
@@ -52,12 +53,12 @@ def encode_module(
         fmt = CODE_FORMATS[action]
         members = [u for u, s in zip(units, stored) if s == action]
         symbols = [fmt.encode(codes[action - 1, :, u.col_start : u.col_end][keep[:, u.col_start : u.col_end]]) for u in members]
-        tensors[codes_key(module, fmt.label)] = torch.from_numpy(fmt.packer.pack(np.concatenate(symbols)))
-        tensors[scales_key(module, fmt.label)] = torch.stack([scales[action - 1, :, u.col_start // chunk_size] for u in members])
+        tensors[codes_name(fmt.label)] = torch.from_numpy(fmt.packer.pack(np.concatenate(symbols)))
+        tensors[scales_name(fmt.label)] = torch.stack([scales[action - 1, :, u.col_start // chunk_size] for u in members])
 
     skipped = [u for u, s in zip(units, stored) if s == SKIP_ACTION]
     if skipped:
-        tensors[fp16_key(module)] = torch.cat(
+        tensors[FP16_NAME] = torch.cat(
             [original[:, u.col_start : u.col_end].detach().cpu().to(torch.float16) for u in skipped], dim=1
         ).contiguous()
 
@@ -75,10 +76,10 @@ def encode_module(
         values.append(outlier_values[mine])
         row_scales.append(outlier_scales[:, unit.col_start // chunk_size])
     if values:
-        tensors[outlier_key(module, "codes")] = torch.from_numpy(np.concatenate(values))
-        tensors[outlier_key(module, "columns")] = torch.from_numpy(pack_fields(columns))
-        tensors[outlier_key(module, "row_counts")] = torch.from_numpy(pack_fields(counts))
-        tensors[outlier_key(module, "scales")] = torch.stack(row_scales)
+        tensors[outlier_name("codes")] = torch.from_numpy(np.concatenate(values))
+        tensors[outlier_name("columns")] = torch.from_numpy(pack_fields(columns))
+        tensors[outlier_name("row_counts")] = torch.from_numpy(pack_fields(counts))
+        tensors[outlier_name("scales")] = torch.stack(row_scales)
     layout = ModuleLayout((out_f, in_f), chunk_size, tuple(stored), tuple(n_outliers))
     return {k: v.contiguous() for k, v in tensors.items()}, layout
 
@@ -91,7 +92,8 @@ def _expect(tensor: torch.Tensor, shape, what: str) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_module(module: str, layout: ModuleLayout, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """The module's float32 weight ``[O, I]`` from its packed tensors (``get(key)``)."""
+    """The module's float32 weight ``[O, I]`` from its packed tensors (``get(local name)``;
+    ``module`` names it in errors)."""
     out_f, in_f = layout.shape
     columns = layout.columns
     stored = layout.stored_actions
@@ -103,10 +105,10 @@ def decode_module(module: str, layout: ModuleLayout, get: Callable[[str], torch.
     if with_outliers:
         widths = [columns[i][1] - columns[i][0] for i in with_outliers]
         sizes = [layout.n_outliers[i] for i in with_outliers]
-        row_counts = unpack_fields(get(outlier_key(module, "row_counts")).numpy(), [(out_f, field_bits(g + 1)) for g in widths])
-        in_unit = unpack_fields(get(outlier_key(module, "columns")).numpy(), [(n, field_bits(g)) for n, g in zip(sizes, widths)])
-        codes = _expect(get(outlier_key(module, "codes")), (sum(sizes),), f"{module} outlier codes").split(sizes)
-        scales = _expect(get(outlier_key(module, "scales")), (len(sizes), out_f), f"{module} outlier scales")
+        row_counts = unpack_fields(get(outlier_name("row_counts")).numpy(), [(out_f, field_bits(g + 1)) for g in widths])
+        in_unit = unpack_fields(get(outlier_name("columns")).numpy(), [(n, field_bits(g)) for n, g in zip(sizes, widths)])
+        codes = _expect(get(outlier_name("codes")), (sum(sizes),), f"{module} outlier codes").split(sizes)
+        scales = _expect(get(outlier_name("scales")), (len(sizes), out_f), f"{module} outlier scales")
         for j, i in enumerate(with_outliers):
             counts, cols = row_counts[j], in_unit[j]
             if int(counts.sum()) != sizes[j] or (cols.size and cols.max() >= widths[j]):
@@ -122,8 +124,8 @@ def decode_module(module: str, layout: ModuleLayout, get: Callable[[str], torch.
         fmt = CODE_FORMATS[action]
         members = [i for i, s in enumerate(stored) if s == action]
         sizes = [out_f * (columns[i][1] - columns[i][0]) - layout.n_outliers[i] for i in members]
-        symbols = np.split(fmt.packer.unpack(get(codes_key(module, fmt.label)).numpy(), sum(sizes)), np.cumsum(sizes)[:-1])
-        scales = _expect(get(scales_key(module, fmt.label)), (len(members), out_f), f"{module} {fmt.label} scales")
+        symbols = np.split(fmt.packer.unpack(get(codes_name(fmt.label)).numpy(), sum(sizes)), np.cumsum(sizes)[:-1])
+        scales = _expect(get(scales_name(fmt.label)), (len(members), out_f), f"{module} {fmt.label} scales")
         for j, i in enumerate(members):
             start, end = columns[i]
             unit_symbols = np.zeros((out_f, end - start), dtype=np.int64)  # symbol 0 at outliers: overwritten below
@@ -144,7 +146,7 @@ def decode_module(module: str, layout: ModuleLayout, get: Callable[[str], torch.
     skipped = [i for i, s in enumerate(stored) if s == SKIP_ACTION]
     if skipped:
         width = sum(columns[i][1] - columns[i][0] for i in skipped)
-        fp16 = _expect(get(fp16_key(module)), (out_f, width), f"{module} fp16 columns")
+        fp16 = _expect(get(FP16_NAME), (out_f, width), f"{module} fp16 columns")
         at = 0
         for i in skipped:
             start, end = columns[i]

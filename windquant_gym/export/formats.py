@@ -42,7 +42,8 @@ class CodeFormat:
     action: int
     spec: BitWidth
     label: str
-    """Tensor-name tag, e.g. ``w4`` or ``w1.58``."""
+    """Tensor-name tag, an attribute name (e.g. ``w4``, ``w1_58``): the packed module's buffers
+    are ``<label>_codes`` and ``<label>_scales``."""
     codes: Tuple[int, ...]
     """The int8 codes the quantizer emits, ascending; symbol ``i`` stands for ``codes[i]``."""
     packer: Packer
@@ -50,6 +51,21 @@ class CodeFormat:
     def __post_init__(self) -> None:
         if self.packer.radix < len(self.codes) or self.packer.stored_bits != self.spec.stored_bits:
             raise ValueError(f"{self.packer} cannot store the {len(self.codes)} codes of {self.spec}.")
+        steps = {b - a for a, b in zip(self.codes, self.codes[1:])}
+        if len(steps) > 1:  # PackedLinear folds code = base + step * symbol into its scales
+            raise ValueError(f"The codes {self.codes} of {self.spec} are not evenly spaced.")
+
+    @property
+    def code_step(self) -> int:
+        """``codes[i] = codes[0] + code_step * i``: symbols map to codes by an affine map."""
+        return self.codes[1] - self.codes[0] if len(self.codes) > 1 else 1
+
+    @property
+    def weight_affine(self) -> Tuple[float, float]:
+        """``(a, b)`` with weight ``= alpha * (a * symbol + b)``: ``alpha * (code + shift) / divisor``
+        written in the symbol, which is what a packed module unpacks."""
+        spec = self.spec
+        return self.code_step / spec.divisor, (self.codes[0] + spec.shift) / spec.divisor
 
     def encode(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
         """int8 codes -> symbols (int64); refuses a code the quantizer cannot emit."""
@@ -89,7 +105,7 @@ def _format(action: int, spec: Optional[BitWidth]) -> Optional[CodeFormat]:
         return None
     # levels are (k + shift) / divisor, so the codes are level * divisor - shift
     codes = tuple(int(round(level * spec.divisor - spec.shift)) for level in spec.levels)
-    return CodeFormat(action, spec, f"w{ACTION_BITS[action]:g}", codes, PACKERS[spec.stored_bits])
+    return CodeFormat(action, spec, f"w{ACTION_BITS[action]:g}".replace(".", "_"), codes, PACKERS[spec.stored_bits])
 
 
 #: Indexed by action like ``BIT_WIDTHS``; entry 0 (skip, stored as fp16) is None.

@@ -1,4 +1,4 @@
-"""``load_quantized``: rebuild a Hugging Face causal LM from a packed export."""
+"""``load_quantized``: a packed export as a Hugging Face causal LM that stays packed."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import torch.nn as nn
 
 from ..errors import ExportFormatError, IncompleteExportError
 from .codec import decode_module
-from .layout import CONFIG_FILE, PACKED_FILE, REQUIRED_FILES, REST_FILE, read_layout_metadata
+from .layout import CONFIG_FILE, OLD_REST_FILE, PACKED_FILE, REQUIRED_FILES, read_layout_metadata
+
+#: Files of which a tokenizer needs at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def check_export_dir(path: str | Path) -> Path:
-    """``path`` as a Path; refuses a missing folder or one lacking a required file."""
+    """``path`` as a Path; refuses a missing folder, one lacking a required file, or one of
+    an older export format."""
     path = Path(path)
     if not path.is_dir():
         raise IncompleteExportError(
@@ -27,7 +31,31 @@ def check_export_dir(path: str | Path) -> Path:
             f"Export folder {str(path)!r} lacks {missing} (it needs {list(REQUIRED_FILES)}): an interrupted or partial "
             f"copy. Export again: `windquant export PLAN --out {path} --overwrite`."
         )
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportFormatError(f"{path / CONFIG_FILE} is not readable JSON ({exc}). Export again.") from None
+    if "quantization_config" not in config:
+        older = " (it has rest.safetensors: format 1 of an older windquant_gym)" if (path / OLD_REST_FILE).is_file() else ""
+        raise ExportFormatError(
+            f"{path / CONFIG_FILE} has no quantization_config{older}: not a packed export this version reads. "
+            f"Export the plan again: `windquant export PLAN --out {path} --overwrite`."
+        )
     return path
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved with an export; a named error when the export has none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise IncompleteExportError(
+            f"Export folder {str(path)!r} has no tokenizer (none of {list(TOKENIZER_FILES)}): it was exported without one. "
+            "Export again with the tokenizer (export_plan(plan, problem, ...) writes the problem's; with a QuantTable pass "
+            "tokenizer=...), or load the base model's: AutoTokenizer.from_pretrained(BASE_MODEL)."
+        )
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def read_packed_weights(path: str | Path) -> dict:
@@ -39,43 +67,36 @@ def read_packed_weights(path: str | Path) -> dict:
         layouts = read_layout_metadata(handle.metadata(), file)
         keys = set(handle.keys())
 
-        def get(key: str) -> torch.Tensor:
-            if key not in keys:
-                raise ExportFormatError(f"{file} has no tensor {key!r}, which its layout needs; the file is corrupt. Export again.")
-            return handle.get_tensor(key)
+        def reader(module: str):
+            def get(local: str) -> torch.Tensor:
+                key = f"{module}.{local}"
+                if key not in keys:
+                    raise ExportFormatError(f"{file} has no tensor {key!r}, which its layout needs; the file is corrupt. Export again.")
+                return handle.get_tensor(key)
+            return get
 
-        return {f"{name}.weight": decode_module(name, layout, get) for name, layout in layouts.items()}
+        return {f"{name}.weight": decode_module(name, layout, reader(name)) for name, layout in layouts.items()}
 
 
-def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The causal LM of an export folder (``windquant export`` / :func:`export_plan`), its
-    quantized Linears dequantized, in ``dtype`` (default float32) on ``device``, eval mode.
+def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   dequantize: bool = False) -> nn.Module:
+    """The causal LM of an export folder (``windquant export`` / :func:`export_plan`), eval mode.
 
-    Built with ``AutoModelForCausalLM.from_config(config.json)``; the tokenizer loads with
-    ``AutoTokenizer.from_pretrained(path)``. In float32 the quantized Linears equal, bit for
-    bit, what the env applies for the export's plan (``plan.json``).
+    ``AutoModelForCausalLM.from_pretrained(path)`` (after ``import windquant_gym``) with the
+    quantized Linears as :class:`~windquant_gym.export.PackedLinear` modules that hold the packed
+    codes and compute from them; everything else in ``dtype`` (default float32), on ``device``.
+    ``dequantize=True`` gives plain float Linears instead (``model.dequantize()``): in float32
+    they equal, bit for bit, what the env applies for the export's plan (``plan.json``). The
+    tokenizer: :func:`load_tokenizer`.
     """
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from .hf_quantizer import register_with_transformers
+
+    register_with_transformers()
     path = check_export_dir(path)
-    state = read_packed_weights(path)
-    with safe_open(str(path / REST_FILE), framework="pt") as handle:
-        tied = json.loads((handle.metadata() or {}).get("tied", "{}"))
-        state.update({key: handle.get_tensor(key) for key in handle.keys()})
-    for name, source in tied.items():
-        if source not in state:
-            raise ExportFormatError(f"{path / REST_FILE}: {name!r} is tied to {source!r}, which is missing. Export again.")
-        state[name] = state[source]
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-
-    config = AutoConfig.from_pretrained(str(path / CONFIG_FILE))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportFormatError(
-            f"The export in {str(path)!r} does not fit the model its config.json builds ({type(model).__name__}): "
-            f"missing {list(missing)[:3]}{'...' if len(missing) > 3 else ''}, unexpected {list(unexpected)[:3]}"
-            f"{'...' if len(unexpected) > 3 else ''}. Export again with this transformers version."
-        )
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if dequantize:
+        model = model.dequantize(dtype=dtype)
     return model.to(device).eval()
+

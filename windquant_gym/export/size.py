@@ -10,7 +10,7 @@ from typing import Dict, Tuple
 
 from ..plan import QuantPlan
 from ..quant.accounting import n_protected, storage_bits
-from .layout import PACKED_FILE, PLAN_FILE, REST_FILE, read_layout_metadata, tensor_kind
+from .layout import PACKED_FILE, PLAN_FILE, packed_names, read_layout_metadata
 from .reader import check_export_dir
 
 
@@ -27,17 +27,17 @@ def _data_bytes(header: Dict) -> Dict[str, int]:
 
 @dataclass
 class PackedSize:
-    """Sizes of an export, in bytes. ``packed_bytes`` is the tensor data of
-    ``model.safetensors`` (every quantized Linear, nothing else); ``accounted_bytes`` is
-    ``storage_bits / 8`` summed over its units (``QuantTable.plan_bits(plan)["storage_bits"]
-    * n_weights / 8``). Headers (tensor index and layout JSON) are reported apart."""
+    """Sizes of an export, in bytes. ``packed_bytes`` is the tensor data of the quantized
+    Linears' packed tensors in ``model.safetensors``; ``accounted_bytes`` is ``storage_bits /
+    8`` summed over their units (``QuantTable.plan_bits(plan)["storage_bits"] * n_weights /
+    8``); ``rest_bytes`` the file's other tensors (embeddings, norms). The header (tensor
+    index and layout JSON) is reported apart."""
 
     packed_bytes: int
     accounted_bytes: float
     n_weights: int
     header_bytes: int
     rest_bytes: int
-    rest_header_bytes: int
     by_kind: Dict[str, int] = field(default_factory=dict)
     """``codes``, ``scales``, ``outliers``, ``fp16`` parts of ``packed_bytes``."""
 
@@ -63,7 +63,7 @@ class PackedSize:
         return (
             f"packed {self.packed_bytes:,} B ({self.packed_bits_per_weight:.4f} bits/weight; {parts}) vs accounted "
             f"{self.accounted_bytes:,.0f} B ({self.accounted_bits_per_weight:.4f} bits/weight): {self.ratio - 1:+.3%}; "
-            f"header {self.header_bytes:,} B; rest.safetensors {self.rest_bytes:,} B (+ header {self.rest_header_bytes:,} B)"
+            f"header {self.header_bytes:,} B; the rest of the model {self.rest_bytes:,} B"
         )
 
 
@@ -74,9 +74,10 @@ def packed_size(path: str | Path) -> PackedSize:
     layouts = read_layout_metadata(header.get("__metadata__"), path / PACKED_FILE)
     salient_rate = QuantPlan.load(path / PLAN_FILE).quant_config.salient_rate
     sizes = _data_bytes(header)
+    kinds = packed_names(layouts)
     by_kind: Dict[str, int] = {}
-    for key, size in sizes.items():
-        by_kind[tensor_kind(key)] = by_kind.get(tensor_kind(key), 0) + size
+    for key, kind in kinds.items():
+        by_kind[kind] = by_kind.get(kind, 0) + sizes.get(key, 0)
     accounted, n_weights = 0.0, 0
     for layout in layouts.values():
         out_f = layout.shape[0]
@@ -84,13 +85,11 @@ def packed_size(path: str | Path) -> PackedSize:
             width = end - start
             accounted += storage_bits(out_f, width, n_protected(out_f * width, salient_rate), action) / 8
             n_weights += out_f * width
-    rest_header_bytes, rest_header = read_safetensors_header(path / REST_FILE)
     return PackedSize(
-        packed_bytes=sum(sizes.values()),
+        packed_bytes=sum(sizes.get(key, 0) for key in kinds),
         accounted_bytes=accounted,
         n_weights=n_weights,
         header_bytes=header_bytes,
-        rest_bytes=sum(_data_bytes(rest_header).values()),
-        rest_header_bytes=rest_header_bytes,
+        rest_bytes=sum(size for key, size in sizes.items() if key not in kinds),
         by_kind=dict(sorted(by_kind.items())),
     )

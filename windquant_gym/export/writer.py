@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +21,8 @@ from ..problem import QuantProblem
 from ..quant.table import QuantTable
 from ..quant.units import module_names
 from .codec import encode_module
-from .layout import FORMAT, PACKED_FILE, PLAN_FILE, REST_FILE, ModuleLayout, layout_metadata
+from .hf_quantizer import export_quantization_config
+from .layout import OLD_REST_FILE, PACKED_FILE, PLAN_FILE, ModuleLayout, layout_metadata
 
 #: Relative tolerance of the model <-> table check (float32 sums in another order).
 _ENERGY_RTOL = 1e-4
@@ -40,11 +43,13 @@ def export_plan(
     ``plan``: a :class:`QuantPlan`, the path of its JSON, or one action per unit.
     ``source``: the :class:`QuantProblem` the plan was made on, or its :class:`QuantTable`
     together with ``model=`` (and ``tokenizer=``, to write the tokenizer files).
-    Writes ``model.safetensors`` (packed quantized Linears only), ``rest.safetensors``
-    (every other tensor, in ``rest_dtype``), ``plan.json``, ``config.json`` and the
-    tokenizer files. ``out_dir`` must be new or empty unless ``overwrite=True`` (files of
-    the same name are then replaced; other files are left alone). Returns ``out_dir``.
-    Read it back with :func:`windquant_gym.load_quantized`; sizes with :func:`packed_size`.
+    Writes ``model.safetensors`` (the quantized Linears packed, every other tensor in
+    ``rest_dtype``, under the model's state-dict names), ``plan.json``, ``config.json`` (with
+    the ``quantization_config`` that ``AutoModelForCausalLM.from_pretrained`` reads after
+    ``import windquant_gym``) and the tokenizer files. ``out_dir`` must be new or empty unless
+    ``overwrite=True`` (files of the same name are then replaced; other files are left alone).
+    Returns ``out_dir``. Read it back with :func:`windquant_gym.load_quantized` or
+    ``from_pretrained``; sizes with :func:`packed_size`.
     """
     table, model, tokenizer = _resolve_source(source, model, tokenizer)
     plan = _resolve_plan(plan, table, getattr(model.config, "name_or_path", "") or type(model).__name__)
@@ -57,16 +62,19 @@ def export_plan(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         tensors, layouts = _packed_tensors(table, model, plan.actions)
+        tensors.update(_rest_tensors(model, {f"{name}.weight" for name in layouts}, rest_dtype))
         _save(tensors, staging / PACKED_FILE, layout_metadata(layouts))
-        rest, tied = _rest_tensors(model, {f"{name}.weight" for name in layouts}, rest_dtype)
-        _save(rest, staging / REST_FILE, {"format": FORMAT, "tied": json.dumps(tied)})
         plan.save(staging / PLAN_FILE)
-        model.config.save_pretrained(staging)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = export_quantization_config(layouts, table.config.chunk_size, _plan_summary(plan, table))
+        config.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         out_dir.mkdir(parents=True, exist_ok=True)
+        if (out_dir / OLD_REST_FILE).is_file():  # a format-1 export overwritten: its second file would mislead
+            (out_dir / OLD_REST_FILE).unlink()
         for item in staging.iterdir():
             target = out_dir / item.name
             if target.is_dir() and not target.is_symlink():
@@ -75,6 +83,17 @@ def export_plan(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _plan_summary(plan: QuantPlan, table: QuantTable) -> Dict:
+    bits = table.plan_bits(plan.actions)
+    summary = {"model": plan.model, "table_fingerprint": plan.table_fingerprint,
+               "effective_bits": float(bits["effective_bits"]), "storage_bits": float(bits["storage_bits"])}
+    if "target_bits" in plan.metrics:
+        summary["target_bits"] = plan.metrics["target_bits"]
+    if plan.problem is not None:
+        summary["problem"] = json.loads(json.dumps(dataclasses.asdict(plan.problem), default=str))
+    return summary
 
 
 def _resolve_source(source, model, tokenizer) -> Tuple[QuantTable, nn.Module, object]:
@@ -153,27 +172,27 @@ def _packed_tensors(table: QuantTable, model: nn.Module, actions: Sequence[int])
         module_tensors, layouts[name] = encode_module(
             table, units, [int(actions[u.index]) for u in units], model.get_submodule(name).weight
         )
-        tensors.update(module_tensors)
+        tensors.update({f"{name}.{local}": tensor for local, tensor in module_tensors.items()})
     return tensors, layouts
 
 
 def _rest_tensors(model: nn.Module, packed: set, dtype: torch.dtype):
-    """Every state-dict tensor not packed, floating ones cast to ``dtype``; a tensor shared
-    under several names (tied embeddings) is written once, the other names listed in ``tied``."""
+    """Every state-dict tensor not packed, floating ones cast to ``dtype``. A tensor the model
+    ties to another (the head to the embeddings, per its config) is written once, as
+    ``save_pretrained`` does: ``from_pretrained`` ties it again."""
     rest: Dict[str, torch.Tensor] = {}
-    first_name: Dict[tuple, str] = {}
-    tied: Dict[str, str] = {}
+    seen: Dict[tuple, str] = {}
+    ties = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     for name, tensor in model.state_dict().items():
         if name in packed:
             continue
         identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
-        if identity in first_name:
-            tied[name] = first_name[identity]
+        if identity in seen and ties:
             continue
-        first_name[identity] = name
+        seen.setdefault(identity, name)
         value = tensor.detach().cpu()
         rest[name] = (value.to(dtype) if value.is_floating_point() else value).contiguous().clone()
-    return rest, tied
+    return rest
 
 
 def _save(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
