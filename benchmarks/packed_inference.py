@@ -45,6 +45,18 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _peak_rss_kib() -> int:
+    """This process's own peak RSS: ``VmHWM`` (``ru_maxrss`` would carry the parent's peak
+    over fork and exec, and the parent holds the problem)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _prompt(tokenizer, n: int) -> torch.Tensor:
     import windquant_gym as wq
 
@@ -84,7 +96,7 @@ def worker(kind: str, source: str, model_name: str, out: Path) -> None:
         generated = model.generate(prompt, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False,
                                    pad_token_id=tokenizer.eos_token_id)
         decode_seconds = time.perf_counter() - t
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = _peak_rss_kib()
     out.write_text(json.dumps({
         "kind": kind, "source": source, "load_seconds": load_seconds, "quantized_linear_bytes": resident,
         "peak_rss_bytes": peak_kib * 1024, "prefill_tokens_per_s": PREFILL_TOKENS / min(prefill),

@@ -7,9 +7,10 @@ the searches and the calibrated knapsack (``windquant bench ... --search-seeds S
 
 A replayed plan's run is the folder it was read from (``cpu_s1``, ``cpu-no-ppo_s1``, ``cpu_noppo_s0``:
 kind ``cpu`` / ``cpu-no-ppo``, seed 1 / 1 / 0). Per target: each kind's held-out PPL per seed and
-the median; each run against the calibrated knapsack, against the search of the same seed, and
-(``cpu`` only) against its PPO-off control of the same seed, by a paired bootstrap over the
-windows; "tie" when the 95% interval contains 0.
+the median; each run against the calibrated knapsack, against the search of the same seed,
+(``cpu`` only) against its PPO-off control of the same seed, and (every other run, e.g. the
+ablations ``cpu-no-shaping``) against ``cpu`` of the same seed, by a paired bootstrap over
+the windows; "tie" when the 95% interval contains 0.
 """
 
 from __future__ import annotations
@@ -81,30 +82,32 @@ def main(argv=None) -> int:
     ns = parser.parse_args(argv)
     table, _ = read(ns.replay, ns.search)
     out = []
-    print("| target | run | seeds: held-out PPL | median | vs calibrated knapsack, per seed | vs search (same seed) | vs PPO-off control (same seed) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| target | run | seeds: held-out PPL | median | vs calibrated knapsack, per seed | vs search (same seed) "
+          "| vs PPO-off control (same seed) | vs `cpu` (same seed) |")
+    print("|---|---|---|---|---|---|---|---|")
     for target in sorted(table):
         rows = table[target]
         teacher = rows.get(("calibrated-knapsack", 0))
         kinds = sorted({k for k, _ in rows if k != "calibrated-knapsack"}, key=lambda k: (k != "cpu", k))
         if teacher is not None:
-            print(f"| {target:g} | calibrated-knapsack | {ppl(teacher):.2f} | {ppl(teacher):.2f} | | | |")
+            print(f"| {target:g} | calibrated-knapsack | {ppl(teacher):.2f} | {ppl(teacher):.2f} | | | | |")
         for kind in kinds:
             seeds = sorted(s for k, s in rows if k == kind)
             values = [ppl(rows[(kind, s)]) for s in seeds]
-            cells = {"vs_teacher": [], "vs_search": [], "vs_control": []}
+            cells = {"vs_teacher": [], "vs_search": [], "vs_control": [], "vs_cpu": []}
             for s in seeds:
                 mine = rows[(kind, s)]
                 for name, other in (("vs_teacher", ("calibrated-knapsack", 0)), ("vs_search", ("search", s)),
-                                    ("vs_control", ("cpu-no-ppo", s))):
+                                    ("vs_control", ("cpu-no-ppo", s)), ("vs_cpu", ("cpu", s))):
                     if other not in rows or other[0] == kind or (name == "vs_control" and kind != "cpu") \
-                            or (name == "vs_search" and kind == "search"):
+                            or (name == "vs_search" and kind == "search") or (name == "vs_cpu" and kind == "search"):
                         continue
                     change = paired_bootstrap(rows[other], mine, seed=0)
                     cells[name].append((s, change))
             fmt = lambda items: "; ".join(f"s{s} {c.describe()}" for s, c in items)  # noqa: E731
             print(f"| {target:g} | {kind} | {' / '.join(f's{s} {v:.2f}' for s, v in zip(seeds, values))} | "
-                  f"{statistics.median(values):.2f} | {fmt(cells['vs_teacher'])} | {fmt(cells['vs_search'])} | {fmt(cells['vs_control'])} |")
+                  f"{statistics.median(values):.2f} | {fmt(cells['vs_teacher'])} | {fmt(cells['vs_search'])} | {fmt(cells['vs_control'])} "
+                  f"| {fmt(cells['vs_cpu'])} |")
             out.append({"target_bits": target, "run": kind, "seeds": seeds, "heldout_ppl": values,
                         "median": statistics.median(values),
                         **{k: [{"seed": s, **c.to_dict()} for s, c in v] for k, v in cells.items()}})
