@@ -30,19 +30,11 @@ from pathlib import Path
 
 import torch
 
+from windquant_gym.compute.process import cpu_name
+
 PROMPT_TOKENS, DECODE_TOKENS, PREFILL_TOKENS, TEXT_TOKENS = 32, 256, 512, 64
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def _peak_rss_kib() -> int:

@@ -21,21 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
+from windquant_gym.compute.process import cpu_name
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _run_key(row) -> tuple:
@@ -79,7 +71,7 @@ def run(args) -> None:
 
     budgets = sorted(args.evaluations)
     common = {"model": args.model, "preset": args.preset, "calibration_seed": args.calibration_seed,
-              "heldout_tokens": int(held_out.numel()), "cpu": _cpu_name(), "torch": torch.__version__,
+              "heldout_tokens": int(held_out.numel()), "cpu": cpu_name(), "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     for target in args.targets:
         env.set_target_bits(target)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from table_build import cpu_name  # (benchmarks/ is on the path when a script here runs)
+from windquant_gym.compute.process import cpu_name
 
 
 def _heldout(folder: Path) -> float:

@@ -11,7 +11,6 @@ the calibration pass with and without the Hessian blocks. Prints ratios to the p
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -22,6 +21,7 @@ from windquant_gym.data import sample_token_blocks
 from windquant_gym.envs.windquant import quant_config_from_kwargs
 from windquant_gym.quant.build import build_table
 from windquant_gym.quant.units import find_units
+from windquant_gym.compute.process import cpu_name
 
 CONFIGS = {
     "paper (round, activation metric)": dict(compensation="none", error_metric="activation"),
@@ -30,14 +30,6 @@ CONFIGS = {
 }
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

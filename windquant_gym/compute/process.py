@@ -90,3 +90,17 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() != int(parent):  # the parent died before the request took effect
         raise SystemExit(f"windquant: the sweep's worker (pid {parent}) is gone; not starting this run.")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for naming the machine beside every figure."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
