@@ -215,6 +215,11 @@ class PackedLinear(nn.Module):
         if skipped:
             index = np.concatenate([np.arange(*layout.columns[i]) for i in skipped])
             self.register_buffer("skip_index", torch.from_numpy(index).to(device), persistent=False)
+        for name in self.layout.tensor_specs():  # what stays of the file form: scales, outlier values, fp16 columns
+            if name in self._buffers:
+                # own the memory: a loader's tensors can be views of the file's mmap, which would keep the
+                # whole file mapped (and its pages resident) for the model's life
+                self._buffers[name] = self._buffers[name].clone()
         self._groups = tuple(groups)
         self.prepared = True
         return self
