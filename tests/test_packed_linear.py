@@ -9,22 +9,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import windquant_gym as wq
-from windquant_gym.export import PACKERS
 from windquant_gym.export.codec import decode_module, encode_module
 from windquant_gym.export.layout import PACKED_FILE
-from windquant_gym.export.torch_unpack import group_bytes, group_symbols, padded_symbols, unpack_symbols
+from windquant_gym.export.planes import PLANES
+from windquant_gym.export.torch_unpack import unpack_symbols
 from windquant_gym.quant.bitwidths import N_ACTIONS
 
 
 # ----- the torch unpackers --------------------------------------------------------------------
-@pytest.mark.parametrize("stored_bits", sorted(PACKERS))
+@pytest.mark.parametrize("plane", sorted({p for planes in PLANES.values() for p in planes}, key=str))
 @pytest.mark.parametrize("n", [1, 5, 8, 24, 40, 1000, 4099])
-def test_torch_unpack_reads_the_numpy_packers_stream_exactly(stored_bits, n):
-    packer = PACKERS[stored_bits]
+def test_torch_unpack_reads_the_numpy_packers_stream_exactly(plane, n):
+    packer = plane.packer
     rng = np.random.default_rng(n)
-    symbols = rng.integers(0, packer.radix if stored_bits != 1.6 else 3, size=padded_symbols(packer, n))
+    symbols = rng.integers(0, plane.radix, size=-(-n // plane.per_byte) * plane.per_byte)
     packed = packer.pack(symbols)
-    assert packed.size % group_bytes(packer) == 0 and packed.size // group_bytes(packer) * group_symbols(packer) == symbols.size
     got = unpack_symbols(packer, torch.from_numpy(packed))
     assert got.dtype == torch.uint8 and got.tolist() == symbols.tolist()
 

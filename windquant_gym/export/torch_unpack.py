@@ -1,14 +1,12 @@
 """Packed symbols -> uint8 symbols in torch, on the tensor's device (CPU or CUDA).
 
-The inverse of the numpy packers of :mod:`.packing` for streams cut into whole groups (a
-packed module pads each unit to whole groups, see :func:`group_symbols`), written with
-tensor ops only so that a :class:`~windquant_gym.export.packed_linear.PackedLinear` unpacks
+The inverse of the numpy packers of :mod:`.packing` for byte-aligned streams (the planes of
+:mod:`.planes`: 8, 4, 2, 1 bits, 5 trits per byte), written with tensor ops only so that a :class:`~windquant_gym.export.packed_linear.PackedLinear` unpacks
 its codes where they live. One function per packer kind, chosen from a table.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Union
 
 import torch
@@ -16,25 +14,6 @@ import torch
 from .packing import BitPacker, RadixPacker
 
 Packer = Union[BitPacker, RadixPacker]
-
-
-def group_symbols(packer: Packer) -> int:
-    """Symbols of the smallest whole-byte group (8 for 3-bit, 5 for ternary, 8/bits else)."""
-    if isinstance(packer, RadixPacker):
-        return packer.per_byte
-    return math.lcm(packer.bits, 8) // packer.bits
-
-
-def group_bytes(packer: Packer) -> int:
-    if isinstance(packer, RadixPacker):
-        return 1
-    return math.lcm(packer.bits, 8) // 8
-
-
-def padded_symbols(packer: Packer, n: int) -> int:
-    """``n`` rounded up to whole groups."""
-    per = group_symbols(packer)
-    return -(-n // per) * per
 
 
 _SHIFTS: Dict[tuple, torch.Tensor] = {}
@@ -48,21 +27,14 @@ def _shifts(bits: int, count: int, dtype: torch.dtype, device: torch.device) -> 
 
 
 def _unpack_bits(packer: BitPacker, data: torch.Tensor) -> torch.Tensor:
+    """8, 4, 2 or 1 bits: every byte holds whole symbols (the planes' packers); stay in uint8."""
     bits = packer.bits
-    per, nbytes = group_symbols(packer), group_bytes(packer)
-    mask = (1 << bits) - 1
-    if nbytes == 1:  # 8, 4, 2, 1 bits: every byte holds whole symbols; stay in uint8
-        if bits == 8:
-            return data
-        shifts = _shifts(bits, per, torch.uint8, data.device)
-        return (data.unsqueeze(1) >> shifts).bitwise_and_(mask).reshape(-1)
-    # a group of bytes (3 for 3-bit) holds whole symbols: gather it into one little-endian int32
-    groups = data.view(-1, nbytes).to(torch.int32)
-    word = groups[:, 0].clone()
-    for j in range(1, nbytes):
-        word |= groups[:, j] << (8 * j)
-    shifts = _shifts(bits, per, torch.int32, data.device)
-    return (word.unsqueeze(1) >> shifts).bitwise_and_(mask).to(torch.uint8).reshape(-1)
+    if 8 % bits:
+        raise ValueError(f"{bits}-bit symbols cross bytes; a packed module stores them in byte-aligned planes")
+    if bits == 8:
+        return data
+    shifts = _shifts(bits, 8 // bits, torch.uint8, data.device)
+    return (data.unsqueeze(1) >> shifts).bitwise_and_((1 << bits) - 1).reshape(-1)
 
 
 _POWERS: Dict[tuple, torch.Tensor] = {}
@@ -79,6 +51,6 @@ _UNPACKERS: Dict[type, Callable] = {BitPacker: _unpack_bits, RadixPacker: _unpac
 
 
 def unpack_symbols(packer: Packer, data: torch.Tensor) -> torch.Tensor:
-    """The uint8 symbols of ``data`` (uint8, whole groups: ``len(data)`` a multiple of
-    :func:`group_bytes`), ``group_symbols`` per group, on ``data``'s device."""
+    """The uint8 symbols of ``data`` (uint8), ``8 / bits`` (or ``per_byte``) per byte, on
+    ``data``'s device."""
     return _UNPACKERS[type(packer)](packer, data)
