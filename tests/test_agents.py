@@ -29,10 +29,16 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     paper_cpu = load_hyperparams("cpu-paper")  # the paper's recipe on the small proxy
     assert paper_cpu["learning_rate"] == 5e-4 and paper_cpu["env_kwargs"]["salient_rate"] == 0.03
     assert "warm_start" not in paper_cpu and paper_cpu.get("observation", "paper") == "paper"
-    cpu = load_hyperparams("cpu")  # the README's: the recipe that wins (issue 12)
+    cpu = load_hyperparams("cpu")  # the README's: the recipe that wins (issues 12, 21)
     assert cpu["env_kwargs"]["n_calibration_samples"] == 16 and cpu["env_kwargs"]["seed"] == 0
-    assert (cpu["observation"], cpu["reward_kind"], cpu["warm_start"]["demonstrations"]) == ("action-costs", "proxy-loss", "calibrated-knapsack")
-    for ablation in ("cpu-no-action-costs", "cpu-no-loss-reward", "cpu-no-shaping", "cpu-no-warm-start", "cpu-no-normalization",
+    assert (cpu["observation"], cpu["reward_kind"], cpu["warm_start"]["demonstrations"]) == ("paper", "proxy-loss", "calibrated-knapsack")
+    assert cpu["normalize_observation"] is True
+    # the earlier README preset stays reproducible by name: cpu with ActionCostObservation
+    assert load_hyperparams("cpu-action-costs") == {**cpu, "observation": "action-costs"}
+    assert load_hyperparams("cpu-action-costs-no-ppo") == {**cpu, "observation": "action-costs", "ppo_updates": False}
+    front = load_hyperparams("cpu-front")
+    assert front["observation"] == "paper" and load_hyperparams("cpu-front-action-costs") == {**front, "observation": "action-costs"}
+    for ablation in ("cpu-action-costs", "cpu-no-loss-reward", "cpu-no-shaping", "cpu-no-warm-start", "cpu-no-normalization",
                      "cpu-knapsack-teacher", "cpu-no-self-imitation"):
         assert load_hyperparams(ablation) != cpu
     with pytest.raises(wq.UnknownNameError, match="cpu"):
