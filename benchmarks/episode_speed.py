@@ -35,7 +35,7 @@ from sb3_contrib import MaskablePPO
 import windquant_gym as wq
 from windquant_gym.agents import WindQuantPolicy, load_hyperparams
 from windquant_gym.data import sample_token_blocks
-from windquant_gym.compute.kernels import ENV_VAR as LINEAR_KERNEL_VAR
+from windquant_gym.compute.kernels import ENV_VAR as LINEAR_KERNEL_VAR, chosen_cpu_linear_kernel
 from windquant_gym.compute.kernels import proxy_precision
 from windquant_gym.eval.perplexity import mean_nll
 from windquant_gym.problem import _cached_calibration
@@ -182,10 +182,11 @@ def main(args: Args) -> Dict[str, float]:
     ours = [policy_episode(env, agent) for _ in range(args.episodes)]
     with proxy_precision(next(model.parameters()).device, problem.proxy_dtype):
         forward = time_forward(model, blocks, problem.batch_size, args.episodes)
-    # The same pass on PyTorch's default CPU kernel (MKL), side by side: what the oneDNN
-    # routing in windquant_gym.compute.kernels buys on this machine (float32 proxies only).
+    # The same pass on each CPU kernel, side by side, against what the measured choice
+    # (windquant_gym.compute.kernel_choice) picked on this machine (float32 proxies only).
     cpu_float32 = next(model.parameters()).device.type == "cpu" and problem.proxy_dtype == "float32"
     forward_default = time_forward(model, blocks, problem.batch_size, args.episodes, kernel="aten") if cpu_float32 else []
+    forward_onednn = time_forward(model, blocks, problem.batch_size, args.episodes, kernel="onednn") if cpu_float32 else []
 
     paper, checks = [], []
     for episode in ours[: args.paper_episodes]:
@@ -208,8 +209,10 @@ def main(args: Args) -> Dict[str, float]:
     print(f"{'(c) one proxy forward pass alone':44} {med(forward):8.3f}")
     print(f"{'(c) N env steps alone under MaskablePPO':44} {steps:8.3f}")
     if forward_default:
-        print(f"{'    forward on PyTorch default kernel (MKL)':44} {med(forward_default):8.3f}"
-              f"   (oneDNN speed-up {med(forward_default) / med(forward):.2f}x)")
+        print(f"{'    forward on PyTorch default kernel (MKL)':44} {med(forward_default):8.3f}")
+        print(f"{'    forward on oneDNN':44} {med(forward_onednn):8.3f}"
+              f"   (oneDNN speed-up {med(forward_default) / med(forward_onednn):.2f}x; measured choice here: "
+              f"{chosen_cpu_linear_kernel(model)})")
     gflop = linear_gflop(model, blocks)
     print(f"proxy forward: {gflop:.3g} GFLOP in Linear layers and the LM head, "
           f"{gflop / med(forward):.0f} GFLOP/s achieved")

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from windquant_gym.errors import ConfigError
-from windquant_gym.compute import kernels
+from windquant_gym.cache.listing import cache_entries, clear_cache
+from windquant_gym.errors import CacheWarning, ConfigError
+from windquant_gym.compute import kernel_choice, kernels
 from windquant_gym.eval.perplexity import mean_nll
 
 needs_onednn = pytest.mark.skipif(kernels._onednn_linear_op() is None, reason="this PyTorch build has no oneDNN linear")
@@ -71,16 +72,85 @@ def test_routing_is_off_for_aten_and_for_other_devices(monkeypatch):
     monkeypatch.setenv(kernels.ENV_VAR, "aten")
     with kernels.linear_kernels("cpu") as active:
         assert active is False
-    monkeypatch.delenv(kernels.ENV_VAR)
+    monkeypatch.setenv(kernels.ENV_VAR, "onednn")
     with kernels.linear_kernels("meta") as active:
         assert active is False
     with kernels.linear_kernels("cpu") as active:
         assert active is (kernels._onednn_linear_op() is not None)
 
 
+def _fake_timer(onednn, aten, calls):
+    def timer(op, shapes):
+        calls.append(shapes)
+        return onednn, aten
+    return timer
+
+
+@pytest.mark.parametrize("onednn, aten, expected", [(1.0, 2.0, "onednn"), (2.0, 1.0, "aten"), (1.0, 1.01, "aten")])
+def test_auto_chooses_the_kernel_measured_faster_and_keeps_pytorchs_within_noise(tiny, tmp_path, monkeypatch,
+                                                                                onednn, aten, expected):
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "_CHOSEN", {})
+    calls = []
+    choice = kernel_choice.choose_cpu_linear_kernel(object(), tiny[0], timer=_fake_timer(onednn, aten, calls))
+    assert (choice.kernel, choice.onednn_seconds, choice.aten_seconds) == (expected, onednn, aten)
+    model, _ = tiny
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert calls == [kernel_choice.linear_shapes(model)]  # the model's own shapes, every Linear counted
+    assert sum(n for _, _, n in calls[0]) == len(linears)
+
+
+def test_the_measurement_is_cached_per_machine_and_thread_count(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "_CHOSEN", {})
+    calls = []
+    timer = _fake_timer(1.0, 2.0, calls)
+    first = kernel_choice.choose_cpu_linear_kernel(object(), tiny[0], timer=timer)
+    [entry] = (tmp_path / "kernels").glob("*.json")
+    monkeypatch.setattr(kernel_choice, "_CHOSEN", {})  # a new process: only the file is left
+    assert kernel_choice.choose_cpu_linear_kernel(object(), tiny[0], timer=timer) == first
+    assert len(calls) == 1
+    listed = [e for e in cache_entries(["kernels"]) if e.path == entry]
+    assert listed and "onednn (oneDNN 1000.0 ms, PyTorch's 2000.0 ms" in listed[0].detail
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        kernel_choice.choose_cpu_linear_kernel(object(), tiny[0], timer=timer)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 2 and len(list((tmp_path / "kernels").glob("*.json"))) == 2
+    # a damaged entry is measured again, with a warning naming the file
+    entry.write_text("{not json")
+    monkeypatch.setattr(kernel_choice, "_CHOSEN", {})
+    with pytest.warns(CacheWarning, match="damaged kernel-choice entry"):
+        kernel_choice.choose_cpu_linear_kernel(object(), tiny[0], timer=timer)
+    assert len(calls) == 3
+    clear_cache(["kernels"])
+    assert not list((tmp_path / "kernels").glob("*.json"))
+
+
+@needs_onednn
+def test_the_real_measurement_times_both_kernels_and_auto_routes_by_it(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_choice, "_CHOSEN", {})
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    model, _ = tiny
+    choice = kernel_choice.choose_cpu_linear_kernel(kernels._onednn_linear_op(), model)
+    assert choice.onednn_seconds > 0 and choice.aten_seconds > 0
+    assert choice.kernel == ("onednn" if choice.speedup >= kernel_choice.MIN_SPEEDUP else "aten")
+    with kernels.linear_kernels("cpu", model) as active:
+        assert active is (choice.kernel == "onednn")
+    monkeypatch.setattr(kernel_choice, "_CHOSEN", {})  # the cached file, with the other answer
+    [entry] = (tmp_path / "kernels").glob("*.json")
+    flipped = {"onednn": "aten", "aten": "onednn"}[choice.kernel]
+    entry.write_text(entry.read_text().replace(f'"kernel": "{choice.kernel}"', f'"kernel": "{flipped}"'))
+    with kernels.linear_kernels("cpu", model) as active:
+        assert active is (flipped == "onednn")
+
+
 def test_an_unknown_kernel_name_is_a_named_error(monkeypatch):
     monkeypatch.setenv(kernels.ENV_VAR, "mkl")
-    with pytest.raises(ConfigError, match=r"WINDQUANT_CPU_LINEAR='mkl'.*onednn, aten.*unset it"):
+    with pytest.raises(ConfigError, match=r"WINDQUANT_CPU_LINEAR='mkl'.*auto, onednn, aten.*unset it"):
         with kernels.linear_kernels("cpu"):
             pass
 

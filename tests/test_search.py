@@ -264,10 +264,10 @@ def test_kl_of_the_unquantized_model_is_zero_and_grows_with_fewer_bits(tiny_prob
         coarse = wq.eval.token_losses(tiny_problem.model, tiny_problem.blocks, reference=reference).kl
         exact = wq.eval.token_losses(tiny_problem.model, tiny_problem.blocks, reference=full).kl
     assert 0 < coarse <= exact
-    same_kernels = wq.compute.kernels.linear_kernels("cpu")  # the passes' own float32 kernel, for like rounding
+    same_kernels = wq.compute.kernels.linear_kernels("cpu", tiny_problem.model)  # the passes' own float32 kernel, for like rounding
     with torch.inference_mode(), same_kernels, wq.quantized_weights(tiny_problem.model, tiny_problem.table, plan):
         quantized = tiny_problem.model(tiny_problem.blocks).logits[:, :-1].float().log_softmax(-1)
-    with torch.inference_mode(), wq.compute.kernels.linear_kernels("cpu"):
+    with torch.inference_mode(), wq.compute.kernels.linear_kernels("cpu", tiny_problem.model):
         original = tiny_problem.model(tiny_problem.blocks).logits[:, :-1].float().log_softmax(-1)
     direct = (original.exp() * (original - quantized)).sum(-1).mean().item()
     assert exact == pytest.approx(direct, rel=1e-4)

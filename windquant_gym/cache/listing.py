@@ -1,5 +1,5 @@
 """What the cache holds, for ``windquant cache list`` / ``windquant cache clear``: the one
-place that knows each kind of entry (converted models, calibrations, tables) and whether the
+place that knows each kind of entry (converted models, calibrations, tables, kernel choices) and whether the
 current code could still read it. The storage itself (:mod:`.storage`) knows none of them."""
 
 from __future__ import annotations
@@ -102,6 +102,10 @@ def cache_entries(kinds: Sequence[str] = CACHE_KINDS, root: Optional[Path] = Non
                 if kind == "models" and path.name not in converted_model_names():
                     continue  # not ours (WINDQUANT_MODEL_CACHE may be a shared folder)
                 entries.append(CacheEntry(kind, path, _folder_size(path), stat.st_mtime, path.name, "converted model"))
+            elif kind == "kernels" and path.suffix == ".json":
+                from ..compute.kernel_choice import describe_entry
+
+                entries.append(CacheEntry(kind, path, stat.st_size, stat.st_mtime, "-", describe_entry(path)))
             elif path.suffix == ".safetensors":
                 model, detail = _describe_safetensors(kind, path)
                 entries.append(CacheEntry(kind, path, stat.st_size, stat.st_mtime, model, detail))

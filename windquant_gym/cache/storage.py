@@ -31,8 +31,9 @@ from ..errors import CacheWarning
 
 T = TypeVar("T")
 
-CACHE_KINDS = ("models", "calibration", "tables")
-"""The cache's sub-folders: converted models, calibration statistics, quantization tables."""
+CACHE_KINDS = ("models", "calibration", "tables", "kernels")
+"""The cache's sub-folders: converted models, calibration statistics, quantization tables, and
+which CPU kernel was measured faster on this machine."""
 
 
 def temporary_path(path: Path) -> Path:

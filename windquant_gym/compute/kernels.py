@@ -1,16 +1,19 @@
 """Which kernel runs the Linear layers of an inference pass on the CPU.
 
 The proxy forward pass is most of an episode, and 80% of it is float32 matrix products.
-PyTorch sends those to MKL's sgemm, which on some CPUs (measured on an AMD EPYC with
-AVX-512: 180-220 GFLOP/s) runs well below the oneDNN kernel that PyTorch also ships
-(350-480 GFLOP/s on the same shapes). :func:`linear_kernels` routes ``F.linear`` through
-oneDNN for the duration of a pass, in float32 throughout (no lower-precision math: results
-agree with MKL's to float32 rounding), without touching the model: a
-``TorchFunctionMode`` intercepts the call, so nothing is patched and nothing needs
-restoring. ``benchmarks/episode_speed.py`` prints both kernels' forward time side by side.
+PyTorch sends those to MKL's sgemm; it also ships oneDNN's kernel, and which of the two is
+faster depends on the CPU (oneDNN 1.8-2.0x faster on a 2-core AMD EPYC with AVX-512, 0.90x on
+a 2-core Xeon with AMX). :func:`linear_kernels` routes ``F.linear`` through oneDNN for the
+duration of a pass where a measurement on this machine found it faster
+(:mod:`.kernel_choice`: the model's own shapes, once per machine, cached), in float32
+throughout (no lower-precision math: results agree with MKL's to float32 rounding), without
+touching the model: a ``TorchFunctionMode`` intercepts the call, so nothing is patched and
+nothing needs restoring. ``benchmarks/episode_speed.py`` prints both kernels' forward time
+side by side.
 
-``WINDQUANT_CPU_LINEAR=aten`` turns the routing off (PyTorch's default kernel), e.g. on a
-CPU where MKL is the faster one. Only x86 CPUs are routed (ARM builds keep their default).
+``WINDQUANT_CPU_LINEAR=onednn`` or ``=aten`` (PyTorch's default kernel) overrides the
+measurement; ``auto`` (the default) measures. Only x86 CPUs are routed (ARM builds keep their
+default).
 """
 
 from __future__ import annotations
@@ -20,17 +23,18 @@ import functools
 import os
 import platform
 import warnings
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
 
 ENV_VAR = "WINDQUANT_CPU_LINEAR"
-CPU_LINEAR_KERNELS = ("onednn", "aten")
-"""Accepted values of ``WINDQUANT_CPU_LINEAR``; the first is the default."""
+CPU_LINEAR_KERNELS = ("auto", "onednn", "aten")
+"""Accepted values of ``WINDQUANT_CPU_LINEAR``; the first is the default (chosen by measurement)."""
 
 
 @functools.lru_cache(maxsize=None)  # looked up once, not on every pass
@@ -91,27 +95,44 @@ class _OneDNNLinear(TorchFunctionMode):
 
 
 def cpu_linear_kernel() -> str:
-    """The kernel choice from ``WINDQUANT_CPU_LINEAR`` (default ``onednn``)."""
+    """The setting of ``WINDQUANT_CPU_LINEAR`` (default ``auto``: measured)."""
     value = os.environ.get(ENV_VAR, CPU_LINEAR_KERNELS[0]).strip().lower()
     if value not in CPU_LINEAR_KERNELS:
         raise ConfigError(
             f"{ENV_VAR}={os.environ.get(ENV_VAR)!r} is not a CPU linear kernel; use one of "
-            f"{', '.join(CPU_LINEAR_KERNELS)} (e.g. {ENV_VAR}=aten for PyTorch's default), or unset it."
+            f"{', '.join(CPU_LINEAR_KERNELS)} (e.g. {ENV_VAR}=aten for PyTorch's default), or unset it to "
+            "choose by measurement."
         )
     return value
 
 
-@contextlib.contextmanager
-def linear_kernels(device: torch.device | str) -> Iterator[bool]:
-    """Route the Linear layers of a no-grad pass on ``device`` through the chosen CPU kernel.
+def chosen_cpu_linear_kernel(model: Optional[nn.Module] = None) -> str:
+    """``"onednn"`` or ``"aten"``: the setting of ``WINDQUANT_CPU_LINEAR``, or with ``auto``
+    the faster for ``model``'s Linear shapes on this machine (measured at first use, then read
+    from the cache; :func:`~.kernel_choice.choose_cpu_linear_kernel`). ``aten`` where this
+    PyTorch build has no oneDNN linear."""
+    setting = cpu_linear_kernel()
+    op = _onednn_linear_op()
+    if op is None or setting == "aten":
+        return "aten"
+    if setting == "onednn":
+        return "onednn"
+    from .kernel_choice import choose_cpu_linear_kernel
 
-    Yields whether oneDNN routing is active (False on accelerators, with
-    ``WINDQUANT_CPU_LINEAR=aten``, or where the op is missing)."""
-    op = _onednn_linear_op() if torch.device(device).type == "cpu" and cpu_linear_kernel() == "onednn" else None
-    if op is None:
+    return choose_cpu_linear_kernel(op, model).kernel
+
+
+@contextlib.contextmanager
+def linear_kernels(device: torch.device | str, model: Optional[nn.Module] = None) -> Iterator[bool]:
+    """Route the Linear layers of a no-grad pass on ``device`` through the chosen CPU kernel
+    (for ``model``'s shapes, see :func:`chosen_cpu_linear_kernel`).
+
+    Yields whether oneDNN routing is active (False on accelerators, where PyTorch's kernel was
+    measured faster or is set, or where the op is missing)."""
+    if torch.device(device).type != "cpu" or chosen_cpu_linear_kernel(model) != "onednn":
         yield False
         return
-    with _OneDNNLinear(op):
+    with _OneDNNLinear(_onednn_linear_op()):
         yield True
 
 

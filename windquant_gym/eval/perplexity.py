@@ -44,7 +44,7 @@ def _logit_chunks(
     """The one loop every pass shares: the decoder on ``batch_size`` blocks at a time, then
     the LM head on ``logits_chunk`` positions at a time. Yields ``(first block of the batch,
     positions within the batch's flattened [b * (L - 1)] predictions, float32 logits
-    [c, vocab], next-token targets [c])``. Linear layers run on oneDNN on the CPU (.kernels)."""
+    [c, vocab], next-token targets [c])``. Linear layers run on the CPU kernel measured faster for the model (.kernels)."""
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -54,7 +54,7 @@ def _logit_chunks(
     elif isinstance(logits_chunk, bool) or not isinstance(logits_chunk, numbers.Integral) or logits_chunk < 1:
         raise ConfigError(f"logits_chunk must be a positive int (positions per LM-head chunk), got {logits_chunk!r}; "
                           "leave it None to bound the logits to ~400 MB.")
-    with linear_kernels(device):
+    with linear_kernels(device, model):
         for start in tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", disable=not progress):
             ids = blocks[start : start + batch_size].to(device)
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].reshape(-1, head.in_features)
