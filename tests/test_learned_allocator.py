@@ -214,7 +214,9 @@ def test_demonstrations_refuse_a_plan_the_masks_forbid(tiny_problem):
 def test_run_returns_the_better_plan_by_proxy_and_reports_both(tmp_path, monkeypatch):
     monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    summary = train(TrainArgs(model="tiny-llama", preset="smoke", out=str(run), episodes=4, target_bits=2.5, progress=False))
+    # trained on ActionCostObservation, so that the bench needs config.json to see what it saw
+    summary = train(TrainArgs(model="tiny-llama", preset="smoke", out=str(run), episodes=4, target_bits=2.5, progress=False,
+                              overrides={"observation": "action-costs"}))
     assert summary["warm_start"]["steps"] > 0 and 0 <= summary["warm_start"]["accuracy"] <= 1
     policy = wq.plan.QuantPlan.load(run / "final_plan.json")
     best = wq.plan.QuantPlan.load(run / "best_plan.json")
