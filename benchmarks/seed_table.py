@@ -8,8 +8,8 @@ the searches and the calibrated knapsack (``windquant bench ... --search-seeds S
 A replayed plan's run is the folder it was read from (``cpu_s1``, ``cpu-no-ppo_s1``, ``cpu_noppo_s0``:
 kind ``cpu`` / ``cpu-no-ppo``, seed 1 / 1 / 0). Per target: each kind's held-out PPL per seed and
 the median; each run against the calibrated knapsack, against the search of the same seed,
-(``cpu`` only) against its PPO-off control of the same seed, and (every other run, e.g. the
-ablations ``cpu-no-shaping``) against ``cpu`` of the same seed, by a paired bootstrap over
+(the ``--main`` run only, default ``cpu``) against its PPO-off ``--control`` of the same seed, and
+(every other run, e.g. the ablations ``cpu-no-shaping``) against the main run of the same seed, by a paired bootstrap over
 the windows; "tie" when the 95% interval contains 0.
 """
 
@@ -79,16 +79,19 @@ def main(argv=None) -> int:
     parser.add_argument("--replay", nargs="+", type=Path, required=True)
     parser.add_argument("--search", nargs="+", type=Path, required=True)
     parser.add_argument("--json", type=Path, help="write the table here too")
+    parser.add_argument("--main", default="cpu", help="the run every other is compared with, seed by seed (a folder "
+                        "kind, e.g. cpu-no-action-costs for the runs made under that name)")
+    parser.add_argument("--control", default="cpu-no-ppo", help="the main run's PPO-off control (a folder kind)")
     ns = parser.parse_args(argv)
     table, _ = read(ns.replay, ns.search)
     out = []
     print("| target | run | seeds: held-out PPL | median | vs calibrated knapsack, per seed | vs search (same seed) "
-          "| vs PPO-off control (same seed) | vs `cpu` (same seed) |")
+          f"| vs PPO-off control (same seed) | vs `{ns.main}` (same seed) |")
     print("|---|---|---|---|---|---|---|---|")
     for target in sorted(table):
         rows = table[target]
         teacher = rows.get(("calibrated-knapsack", 0))
-        kinds = sorted({k for k, _ in rows if k != "calibrated-knapsack"}, key=lambda k: (k != "cpu", k))
+        kinds = sorted({k for k, _ in rows if k != "calibrated-knapsack"}, key=lambda k: (k != ns.main, k))
         if teacher is not None:
             print(f"| {target:g} | calibrated-knapsack | {ppl(teacher):.2f} | {ppl(teacher):.2f} | | | | |")
         for kind in kinds:
@@ -98,8 +101,8 @@ def main(argv=None) -> int:
             for s in seeds:
                 mine = rows[(kind, s)]
                 for name, other in (("vs_teacher", ("calibrated-knapsack", 0)), ("vs_search", ("search", s)),
-                                    ("vs_control", ("cpu-no-ppo", s)), ("vs_cpu", ("cpu", s))):
-                    if other not in rows or other[0] == kind or (name == "vs_control" and kind != "cpu") \
+                                    ("vs_control", (ns.control, s)), ("vs_cpu", (ns.main, s))):
+                    if other not in rows or other[0] == kind or (name == "vs_control" and kind != ns.main) \
                             or (name == "vs_search" and kind == "search") or (name == "vs_cpu" and kind == "search"):
                         continue
                     change = paired_bootstrap(rows[other], mine, seed=0)

@@ -49,8 +49,9 @@ def test_the_report_projects_each_stage_from_its_own_exponent(scale, tmp_path):
 def test_the_test_shape_runs_the_whole_pipeline_in_its_own_process(tmp_path):
     out = tmp_path / "scale.json"
     env = {**os.environ, "WINDQUANT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    # streamed (8B's layout; CI's own run of the script covers the default one)
     done = subprocess.run([sys.executable, str(SCRIPT), "--size", "test", "--json", str(out), "--episodes", "1",
-                           "--heldout-windows", "4"], capture_output=True, text=True, env=env, timeout=600)
+                           "--heldout-windows", "4", "--stream", "on"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     record = results["sizes"]["test"]
@@ -62,5 +63,8 @@ def test_the_test_shape_runs_the_whole_pipeline_in_its_own_process(tmp_path):
     assert record["weights"] == 2 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256)  # q, o + k, v + gate, up, down
     assert record["proxy_gflop"] == pytest.approx(2 * 2048 * (record["weights"] + 128 * 512) / 1e9)
     assert math.isfinite(record["heldout_ppl"])
+    assert record["stream"] is True
+    assert record["estimated_peak_bytes"] == pytest.approx(record["peak_rss_bytes"], rel=0.25)
+    assert record["estimate_parts_bytes"]["assembled weights"] == 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256)  # one layer
     assert results["machine"]["cores"] == os.cpu_count() and results["machine"]["gemm_fp32_gflops"] > 0
     assert "| test |" in done.stdout

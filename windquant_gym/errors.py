@@ -59,6 +59,11 @@ class RunFailedError(WindQuantError, RuntimeError):
     """A sweep's training run exited with an error or was killed; the message names its log."""
 
 
+class InsufficientMemoryError(WindQuantError, MemoryError):
+    """The estimate of what a model's problem needs exceeds the memory available; the message
+    names the parts and the fixes (raised before anything large is allocated)."""
+
+
 class CacheWarning(UserWarning):
     """A cache file was damaged (truncated, half-written, another format) and is rebuilt; the
     message names the file."""

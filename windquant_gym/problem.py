@@ -20,6 +20,7 @@ from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks
 from .errors import ConfigError
 from .compute.kernels import check_proxy_dtype, proxy_precision, warn_if_bf16_is_emulated
+from .memory import check_memory, estimate_memory
 from .eval.divergence import DEFAULT_TOPK, TopKReference
 from .eval.perplexity import TokenLosses, mean_nll, token_losses, topk_reference
 from .fingerprint import tensors_fingerprint
@@ -28,7 +29,7 @@ from .quant.apply import WeightAssembler, quantized_weights, streamed_quantized_
 from .quant.config import QuantConfig
 from .quant.build import build_table, describe_model
 from .quant.table import QuantTable
-from .quant.units import Unit, check_weights, find_units
+from .quant.units import Unit, check_weights, find_units, module_names
 
 
 CALIBRATION_FORMAT = 3
@@ -249,6 +250,11 @@ class QuantProblem:
                            config, proxy_dtype)  # checks the sizes and the seed too
         units = find_units(model, config.chunk_size)
         check_weights(model, units)
+        # before the first large allocation: a model that does not fit is told so by name
+        device = next(model.parameters()).device
+        needed = estimate_memory(model, module_names(units), config.chunk_size, batch_size=batch_size, seq_len=spec.seq_len,
+                                 salient_rate=config.salient_rate, stream=stream)
+        check_memory(needed, device)
         documents = load_texts(texts, split="calibration") if isinstance(texts, (str, Path)) else texts
         blocks = sample_token_blocks(documents, tokenizer, spec.n_samples, spec.seq_len, spec.seed)
         calibration = _cached_calibration(model, units, blocks, batch_size, cache, progress)

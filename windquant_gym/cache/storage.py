@@ -145,9 +145,12 @@ def load_entry(path: Path, load: Callable[[Path], T], what: str) -> Optional[T]:
 
 
 def load_or_build(path: Path, load: Callable[[Path], T], build: Callable[[], T], save: Callable[[T, Path], None],
-                  what: str) -> T:
+                  what: str, reload: bool = False) -> T:
     """The cached entry at ``path``, else ``build()`` it and ``save(value, path)`` it (``save``
-    writes through :func:`atomic_path`); one process builds while the others wait for its result."""
+    writes through :func:`atomic_path`); one process builds while the others wait for its result.
+    ``reload=True``: the builder too returns ``load(path)`` (for entries that ``load``
+    memory-maps: the built copy is freed, and the builder shares the file's pages with every
+    other reader instead of holding a private copy)."""
     path = Path(path)
     found = load_entry(path, load, what)
     if found is not None:
@@ -162,6 +165,10 @@ def load_or_build(path: Path, load: Callable[[Path], T], build: Callable[[], T],
             return found
         value = build()
         save(value, path)
+    if reload:
+        found = load_entry(path, load, what)
+        if found is not None:
+            return found
     return value
 
 

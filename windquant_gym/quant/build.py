@@ -112,7 +112,10 @@ def build_table(
         return fit()
     folder = cache_dir("tables") if cache is True else Path(cache)
     path = folder / f"{fingerprint}.safetensors"
-    return load_or_build(path, lambda p: _load_table(p, storage, fingerprint), fit, QuantTable.save, "quantization table")
+    # on the CPU the table is read memory-mapped (safetensors): processes that need it (vector-env
+    # workers, sweep runs) share one copy of its pages, the builder too once it has written it
+    return load_or_build(path, lambda p: _load_table(p, storage, fingerprint), fit, QuantTable.save, "quantization table",
+                         reload=storage.type == "cpu")
 
 
 def _load_table(path: Path, device: torch.device, fingerprint: str) -> QuantTable:

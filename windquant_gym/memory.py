@@ -1,0 +1,201 @@
+"""What a model's problem will need in memory, estimated before anything large is allocated.
+
+A 1B-class model on a 24 GiB machine should learn that it does not fit from a sentence, not
+from a ``MemoryError`` (or the kernel's OOM killer) twenty minutes into the table build.
+:func:`estimate_memory` adds up, from the model's shapes alone, what
+:meth:`~windquant_gym.QuantProblem.build` and the episodes after it allocate beside the
+model already in memory:
+
+table          six int8 codes per decoder Linear weight (one per non-skip action), fp16 row
+               scales per unit and action, the INT8 outliers (index, code, scale)
+table_build    while the table is fitted: a bool mask and an int8 outlier code per weight,
+               and one batch of units in fitting (``batch_elements`` weights, float32, the
+               fit's copies of it)
+hessians       the calibration's ``[chunks, G, G]`` float32 blocks, one per distinct input
+assembly       the plan's weights, float32: every quantized Linear's (``stream=False``) or
+               one decoder layer's (``stream=True``)
+activations    one proxy batch through the widest layer and the LM head's logits chunk
+
+The peak is ``resident + max(table + table_build + hessians, table + hessians + assembly
++ activations)``: the build's scratch is freed before the first episode. The ``resident`` part
+is this process as it stands (interpreter, torch, the model). :func:`check_memory` compares
+the rest with what the machine (or its cgroup) has available and raises
+:class:`~windquant_gym.errors.InsufficientMemoryError` naming the parts and the fixes;
+``WINDQUANT_MEMORY_CHECK=off`` skips it (e.g. where swap is meant to take the excess).
+``benchmarks/scale.py`` prints the estimate beside the measured peak per model size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, InsufficientMemoryError
+from .eval.perplexity import LOGITS_BYTES
+
+ENV_VAR = "WINDQUANT_MEMORY_CHECK"
+FIT_COPIES = 12
+"""Float32 copies of a batch of units that the fit holds at once (weights, scales and
+residuals per action, compensation's running error; measured at 135M, see module docs)."""
+SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+"""Modules that read one input tensor, so the calibration keeps one Hessian for the set."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes, per part (see the module docstring)."""
+
+    resident: int
+    table: int
+    table_build: int
+    hessians: int
+    assembly: int
+    activations: int
+    weights: int
+    """Decoder Linear weights (the count the parts are made of)."""
+    streamed_assembly: int
+    """What ``assembly`` would be with ``stream=True`` (one decoder layer's weights)."""
+
+    @property
+    def additional(self) -> int:
+        """What comes on top of ``resident`` at the peak."""
+        return max(self.table + self.table_build + self.hessians,
+                   self.table + self.hessians + self.assembly + self.activations)
+
+    @property
+    def peak(self) -> int:
+        return self.resident + self.additional
+
+    def parts(self) -> Dict[str, int]:
+        return {"table": self.table, "table build": self.table_build, "hessians": self.hessians,
+                "assembled weights": self.assembly, "activations": self.activations}
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {_gib(value)}" for name, value in self.parts().items())
+        return f"{_gib(self.additional)} beside the {_gib(self.resident)} already resident ({parts})"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _module_groups(model: nn.Module, names: List[str]) -> List[List[str]]:
+    """``names`` grouped by the input they read (q/k/v and gate/up of one layer share)."""
+    groups: Dict[tuple, List[str]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        shared = next((i for i, members in enumerate(SHARED_INPUTS) if leaf in members), None)
+        key = (parent, shared) if shared is not None else (name,)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def estimate_memory(model: nn.Module, module_names: List[str], chunk_size: int, *, batch_size: int, seq_len: int,
+                    salient_rate: float = 0.0, stream: bool = False, batch_elements: int = 1 << 23,
+                    resident: Optional[int] = None) -> MemoryEstimate:
+    """The estimate for ``model``'s quantized Linears ``module_names`` (see module docstring).
+
+    ``resident``: bytes already in memory (default: this process's RSS now)."""
+    if chunk_size < 1 or batch_size < 1 or seq_len < 1:
+        raise ConfigError(f"estimate_memory needs positive chunk_size, batch_size and seq_len, got {chunk_size}, "
+                          f"{batch_size}, {seq_len}.")
+    shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in module_names}
+    weights = sum(o * i for o, i in shapes.values())
+    chunks = {name: -(-i // chunk_size) for name, (o, i) in shapes.items()}
+    outliers = int(weights * salient_rate)
+    table = (6 * weights  # int8 codes, one slice per non-skip action
+             + sum(7 * 2 * o * chunks[n] for n, (o, i) in shapes.items())  # fp16 scales: 6 actions + outliers'
+             + outliers * (8 + 1))  # int64 index, int8 code
+    largest_unit = max(o * min(i, chunk_size) for o, i in shapes.values())
+    fit_batch = min(weights, max(batch_elements, largest_unit))  # a batch holds at least one unit
+    table_build = 2 * weights + FIT_COPIES * 4 * fit_batch
+    hessians = sum(4 * chunks[group[0]] * chunk_size**2 for group in _module_groups(model, module_names))
+    per_layer: Dict[str, int] = {}
+    for name, (o, i) in shapes.items():
+        layer = name.rpartition(".")[0].rpartition(".")[0]  # "model.layers.3.self_attn.q_proj" -> "model.layers.3"
+        per_layer[layer] = per_layer.get(layer, 0) + o * i
+    streamed = 4 * max(per_layer.values())
+    assembly = streamed if stream else 4 * weights
+    widest = max(max(o, i) for o, i in shapes.values())
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    tokens = batch_size * seq_len
+    # a decoder layer's live float32 tensors (residual, norms, q/k/v, MLP's two widest) and
+    # the attention scores where the math path materialises them
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = head.weight.shape[0] if head is not None else widest
+    logits = 2 * min(LOGITS_BYTES, 4 * tokens * vocab)  # one LM-head chunk and its log-softmax
+    activations = 4 * tokens * (6 * widest) + 4 * batch_size * heads * seq_len**2 + logits
+    return MemoryEstimate(resident=current_rss_bytes() if resident is None else int(resident), table=int(table),
+                          table_build=int(table_build), hessians=int(hessians), assembly=int(assembly),
+                          activations=int(activations), weights=int(weights), streamed_assembly=int(streamed))
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set now (``VmRSS``; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def available_memory_bytes() -> Optional[int]:
+    """What the kernel can give this process now: ``MemAvailable``, lowered to the cgroup's
+    headroom (``memory.max - memory.current``) where a limit is set; None where neither can
+    be read (then nothing is checked)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+            headroom = max(0, int(limit) - used)
+            available = headroom if available is None else min(available, headroom)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def memory_check_enabled() -> bool:
+    value = os.environ.get(ENV_VAR, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ConfigError(f"{ENV_VAR}={os.environ.get(ENV_VAR)!r} must be on (default) or off (skip the check).")
+    return value == "on"
+
+
+def check_memory(estimate: MemoryEstimate, device: torch.device | str = "cpu", available: Optional[int] = None,
+                 what: str = "QuantProblem.build") -> None:
+    """Raise :class:`InsufficientMemoryError` when ``estimate.additional`` exceeds the host's
+    available memory (CPU models; on an accelerator its own allocator reports). The message
+    names the parts and what would make it fit."""
+    if torch.device(device).type != "cpu" or not memory_check_enabled():
+        return
+    available = available_memory_bytes() if available is None else available
+    if available is None or estimate.additional <= available:
+        return
+    fixes = []
+    saved = estimate.assembly - estimate.streamed_assembly
+    if saved > 0:
+        fixes.append(f"QuantProblem.build(..., stream=True) and gym.make(..., problem=problem) (one decoder layer's "
+                     f"weights assembled at a time: {_gib(saved)} less)")
+    fixes += ["a machine (or container limit) with more memory",
+              f"{ENV_VAR}=off to try anyway (e.g. with swap)"]
+    raise InsufficientMemoryError(
+        f"{what} needs about {estimate.describe()} for {estimate.weights / 1e6:.0f}M quantized weights; "
+        f"{_gib(available)} is available: " + "; or ".join(fixes) + "."
+    )
