@@ -157,7 +157,7 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     from windquant_gym.quant.units import find_units
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from episode_speed import linear_gflop, paper_faithful_proxy_nll
+    from episode_speed import linear_gflop, paper_faithful_proxy_nll, policy_episode
 
     torch.manual_seed(0)
     hp = load_hyperparams("cpu")
@@ -213,15 +213,10 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     plans, walls, evaluation = [], [], []
     with stage("episode", record, device):
         for _ in range(episodes + 1):  # the first is a warm-up
-            t = time.perf_counter()
-            obs, _ = env.reset()
-            done = False
-            while not done:
-                action, _ = agent.predict(obs, action_masks=env.unwrapped.action_masks(), deterministic=False)
-                obs, _, done, _, info = env.step(int(action))
-            walls.append(time.perf_counter() - t)
-            evaluation.append(info["assemble_seconds"] + info["forward_seconds"])
-            plans.append(list(info["plan"]))
+            episode = policy_episode(env, agent)
+            walls.append(episode["total"])
+            evaluation.append(episode["total"] - episode["decisions"])
+            plans.append(list(episode["plan"]))
     record["episode_seconds"] = statistics.median(walls[1:])
     record["episode_decision_seconds"] = statistics.median(w - e for w, e in zip(walls[1:], evaluation[1:]))
     if paper_episodes:
