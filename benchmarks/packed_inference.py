@@ -31,22 +31,17 @@ from pathlib import Path
 import torch
 
 from windquant_gym.compute.process import cpu_name
+from windquant_gym.memory import peak_rss_bytes
 
 PROMPT_TOKENS, DECODE_TOKENS, PREFILL_TOKENS, TEXT_TOKENS = 32, 256, 512, 64
 
 
 
 
-def _peak_rss_kib() -> int:
-    """This process's own peak RSS: ``VmHWM`` (``ru_maxrss`` would carry the parent's peak
-    over fork and exec, and the parent holds the problem)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _peak_rss_bytes() -> int:
+    """This process's own peak RSS (``VmHWM``: ``ru_maxrss`` would carry the parent's peak over
+    fork and exec, and the parent holds the problem; ``ru_maxrss`` only where /proc is missing)."""
+    return peak_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _prompt(tokenizer, n: int) -> torch.Tensor:
@@ -88,10 +83,10 @@ def worker(kind: str, source: str, model_name: str, out: Path) -> None:
         generated = model.generate(prompt, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False,
                                    pad_token_id=tokenizer.eos_token_id)
         decode_seconds = time.perf_counter() - t
-    peak_kib = _peak_rss_kib()
+    peak_bytes = _peak_rss_bytes()
     out.write_text(json.dumps({
         "kind": kind, "source": source, "load_seconds": load_seconds, "quantized_linear_bytes": resident,
-        "peak_rss_bytes": peak_kib * 1024, "prefill_tokens_per_s": PREFILL_TOKENS / min(prefill),
+        "peak_rss_bytes": peak_bytes, "prefill_tokens_per_s": PREFILL_TOKENS / min(prefill),
         "decode_tokens_per_s": DECODE_TOKENS / decode_seconds, "threads": torch.get_num_threads(),
         "generated": generated[0, PROMPT_TOKENS:].tolist(),
     }))

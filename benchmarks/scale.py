@@ -48,6 +48,8 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
+from windquant_gym.memory import peak_rss_bytes
+
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings, head dim (the published configs)
     "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
@@ -69,16 +71,6 @@ PAPER = {"1b_episode_seconds": 511.0, "8b_episode_seconds": 1764.0, "8b_memory_g
 
 
 # --------------------------------------------------------------------------- measurement
-
-def peak_rss_bytes() -> int:
-    """This process's high-water RSS (``VmHWM``; ``ru_maxrss`` would carry a parent's peak
-    across fork and exec)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
 
 def reset_peak_rss() -> bool:
     try:
@@ -184,13 +176,10 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     from windquant_gym.memory import estimate_memory
     from windquant_gym.quant.units import module_names
 
-    estimate = estimate_memory(model, module_names(units), config.chunk_size, batch_size=8, seq_len=length,
-                               salient_rate=config.salient_rate)  # what QuantProblem.build checks before it starts
     # auto: 8B streams (on a GPU the table stays in host memory, each layer assembled as it runs)
     streamed = size == "8b" if stream == "auto" else stream == "on"
-    if streamed:
-        estimate = estimate_memory(model, module_names(units), config.chunk_size, batch_size=8, seq_len=length,
-                                   salient_rate=config.salient_rate, stream=True, resident=estimate.resident)
+    estimate = estimate_memory(model, module_names(units), config.chunk_size, batch_size=8, seq_len=length,
+                               salient_rate=config.salient_rate, stream=streamed)  # what QuantProblem.build checks
     record["stream"] = streamed
     record["estimated_peak_bytes"] = estimate.peak
     record["estimate_parts_bytes"] = {"resident": estimate.resident, **estimate.parts()}

@@ -51,7 +51,7 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path):
     and an episode, against the estimate made before the build."""
     script = textwrap.dedent(f"""
         import json, gymnasium as gym, windquant_gym as wq
-        from windquant_gym.memory import estimate_memory
+        from windquant_gym.memory import estimate_memory, peak_rss_bytes
         from windquant_gym.quant.units import find_units, module_names
         model, tokenizer = wq.load_model("tiny-llama")
         config = wq.QuantConfig(chunk_size=48)
@@ -64,8 +64,7 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path):
         done = False
         while not done:
             _, _, done, _, _ = env.step(int(env.unwrapped.action_masks().nonzero()[0][-1]))
-        peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-        print(json.dumps({{"estimate": est.peak, "peak": peak}}))
+        print(json.dumps({{"estimate": est.peak, "peak": peak_rss_bytes()}}))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -37,6 +37,7 @@ from torch import nn
 
 from .errors import ConfigError, InsufficientMemoryError
 from .eval.perplexity import LOGITS_BYTES
+from .quant.module_kinds import module_kind
 
 ENV_VAR = "WINDQUANT_MEMORY_CHECK"
 FIT_COPIES = 32
@@ -44,8 +45,9 @@ FIT_COPIES = 32
 residuals per action, compensation's running error): measured on SmolLM2-135M with GPTQ
 compensation, the table stage's peak RSS stood 1.9 GiB above calibration's, of which the table
 is 0.63 GiB and the masks 0.2 GiB (benchmarks/scale.py)."""
-SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
-"""Modules that read one input tensor, so the calibration keeps one Hessian for the set."""
+SHARED_INPUT_KINDS = ({0, 1, 2}, {4, 5})
+""":func:`~.quant.module_kinds.module_kind` roles that read one input tensor (q/k/v, gate/up), so
+the calibration keeps one Hessian for the set."""
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,13 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def _module_groups(model: nn.Module, names: List[str]) -> List[List[str]]:
+def _input_groups(names: List[str]) -> List[List[str]]:
     """``names`` grouped by the input they read (q/k/v and gate/up of one layer share)."""
     groups: Dict[tuple, List[str]] = {}
     for name in names:
-        parent, _, leaf = name.rpartition(".")
-        shared = next((i for i, members in enumerate(SHARED_INPUTS) if leaf in members), None)
-        key = (parent, shared) if shared is not None else (name,)
+        kind = module_kind(name)
+        shared = next((i for i, kinds in enumerate(SHARED_INPUT_KINDS) if kind in kinds), None)
+        key = (name.rpartition(".")[0], shared) if shared is not None else (name,)
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 
@@ -117,7 +119,7 @@ def estimate_memory(model: nn.Module, module_names: List[str], chunk_size: int, 
     largest_unit = max(o * min(i, chunk_size) for o, i in shapes.values())
     fit_batch = min(weights, max(batch_elements, largest_unit))  # a batch holds at least one unit
     table_build = 2 * weights + FIT_COPIES * 4 * fit_batch
-    hessians = sum(4 * chunks[group[0]] * chunk_size**2 for group in _module_groups(model, module_names))
+    hessians = sum(4 * chunks[group[0]] * chunk_size**2 for group in _input_groups(module_names))
     per_layer: Dict[str, int] = {}
     for name, (o, i) in shapes.items():
         layer = name.rpartition(".")[0].rpartition(".")[0]  # "model.layers.3.self_attn.q_proj" -> "model.layers.3"
@@ -139,16 +141,27 @@ def estimate_memory(model: nn.Module, module_names: List[str], chunk_size: int, 
                           activations=int(activations), weights=int(weights), streamed_assembly=int(streamed))
 
 
-def current_rss_bytes() -> int:
-    """This process's resident set now (``VmRSS``; 0 where /proc is missing)."""
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` in bytes (0 where /proc is missing)."""
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set now (``VmRSS``)."""
+    return _status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """This process's own high-water resident set (``VmHWM``; ``ru_maxrss`` would carry a
+    parent's peak across fork and exec)."""
+    return _status_bytes("VmHWM")
 
 
 def available_memory_bytes() -> Optional[int]:
@@ -182,8 +195,7 @@ def memory_check_enabled() -> bool:
     return value == "on"
 
 
-def check_memory(estimate: MemoryEstimate, device: torch.device | str = "cpu", available: Optional[int] = None,
-                 what: str = "QuantProblem.build") -> None:
+def check_memory(estimate: MemoryEstimate, device: torch.device | str = "cpu", available: Optional[int] = None) -> None:
     """Raise :class:`InsufficientMemoryError` when ``estimate.additional`` exceeds the host's
     available memory (CPU models; on an accelerator its own allocator reports). The message
     names the parts and what would make it fit."""
@@ -200,6 +212,6 @@ def check_memory(estimate: MemoryEstimate, device: torch.device | str = "cpu", a
     fixes += ["a machine (or container limit) with more memory",
               f"{ENV_VAR}=off to try anyway (e.g. with swap)"]
     raise InsufficientMemoryError(
-        f"{what} needs about {estimate.describe()} for {estimate.weights / 1e6:.0f}M quantized weights; "
+        f"QuantProblem.build needs about {estimate.describe()} for {estimate.weights / 1e6:.0f}M quantized weights; "
         f"{_gib(available)} is available: " + "; or ".join(fixes) + "."
     )
