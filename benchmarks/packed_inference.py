@@ -10,7 +10,8 @@ every packed export (``AutoModelForCausalLM.from_pretrained`` after ``import
 windquant_gym``). Per model: bytes of the quantized Linears resident in memory (against
 ``storage_bits * n / 8`` for the packed ones), whole-process peak RSS of load + a 256-token
 greedy generation, prefill tokens/s (1 x 512, best of 3 after a warm-up) and decode tokens/s
-(batch 1, 256 new tokens after a 32-token prompt). Then, in this process, per plan: the
+(batch 1, 256 new tokens after a 32-token prompt), once per decode path (``--decode-path``: the
+native kernel and the tensor-op path, side by side). Then, in this process, per plan: the
 packed model's logits against the dequantized model's (``load_quantized(...,
 dequantize=True)``), its greedy text against theirs for 64 tokens, and its held-out PPL
 against the env's for the plan (the model with the plan's weights applied). Prints the CPU,
@@ -92,10 +93,15 @@ def worker(kind: str, source: str, model_name: str, out: Path) -> None:
     }))
 
 
-def _run_worker(kind: str, source: str, model_name: str, folder: Path) -> dict:
-    out = folder / f"worker_{kind}_{Path(source).name or 'model'}.json"
+#: The packed model's decode path per run: the native kernel (``packed_gemv.c``) or tensor ops.
+DECODE_PATHS = {"native": "on", "tensor-ops": "off"}
+
+
+def _run_worker(kind: str, source: str, model_name: str, folder: Path, decode_path: str = "native") -> dict:
+    out = folder / f"worker_{kind}_{Path(source).name or 'model'}_{decode_path}.json"
+    env = {**os.environ, "WINDQUANT_NATIVE_GEMV": DECODE_PATHS[decode_path]}
     subprocess.run([sys.executable, __file__, "--worker", kind, "--source", source, "--model", model_name,
-                    "--worker-out", str(out)], check=True)
+                    "--worker-out", str(out)], check=True, env=env)
     return json.loads(out.read_text())
 
 
@@ -132,6 +138,8 @@ def main() -> None:
     parser.add_argument("--uniform", type=float, action="append", default=[], help="also a uniform plan at these bits")
     parser.add_argument("--out", type=Path, default=Path("bench/packed"))
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows (x 256 tokens) of the PPL check")
+    parser.add_argument("--decode-path", nargs="+", choices=sorted(DECODE_PATHS), default=["native", "tensor-ops"],
+                        help="the packed models' decode paths to measure, each export once per path (side by side)")
     parser.add_argument("--worker", choices=("float32", "bfloat16", "packed"), help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -162,12 +170,14 @@ def main() -> None:
         folder = args.out / name.replace(" ", "-")
         wq.export_plan(plan_path, problem, folder, overwrite=True)
         size = wq.packed_size(folder)
-        result = _run_worker("packed", str(folder), args.model, args.out)
         check = checks(folder, plan_path, problem, args.eval_windows)
         plan_bits = problem.table.plan_bits(wq.plan.QuantPlan.load(plan_path).actions)
-        rows.append({"model": f"packed {name}", **{k: v for k, v in result.items() if k != "generated"},
-                     "storage_bits": plan_bits["storage_bits"], "effective_bits": plan_bits["effective_bits"],
-                     "accounted_bytes": size.accounted_bytes, "file_packed_bytes": size.packed_bytes, **check})
+        for path in args.decode_path:
+            result = _run_worker("packed", str(folder), args.model, args.out, path)
+            rows.append({"model": f"packed {name} ({path})", "decode_path": path,
+                         **{k: v for k, v in result.items() if k != "generated"},
+                         "storage_bits": plan_bits["storage_bits"], "effective_bits": plan_bits["effective_bits"],
+                         "accounted_bytes": size.accounted_bytes, "file_packed_bytes": size.packed_bytes, **check})
     f32 = rows[0]
     for row in rows:
         row["prefill_vs_float32"] = row["prefill_tokens_per_s"] / f32["prefill_tokens_per_s"]
@@ -184,7 +194,8 @@ def main() -> None:
     for row in rows:
         mib = row["quantized_linear_bytes"] / 2**20
         lines.append(
-            f"| {row['model']} | {mib:.1f} MiB | {row.get('resident_vs_accounted', float('nan')):.3f} | "
+            f"| {row['model']} | {mib:.1f} MiB | "
+            + (f"{row['resident_vs_accounted']:.3f}" if "resident_vs_accounted" in row else "-") + " | "
             f"{row['peak_rss_bytes'] / 2**20:.0f} MiB | "
             + (f"{row['rss_saving_bytes'] / 2**20:.0f} / {row['weights_saving_bytes'] / 2**20:.0f} MiB" if "rss_saving_bytes" in row else "-")
             + f" | {row['prefill_tokens_per_s']:.0f} ({row['prefill_vs_float32']:.2f}x) | {row['decode_tokens_per_s']:.1f} "

@@ -26,8 +26,8 @@ and the FLOPs of one proxy pass in the Linear layers and the LM head (2 x tokens
 with the GFLOP/s it achieved against a large matrix product's on this machine (fp32, and bf16
 where the CPU has native bf16: the practical peaks). ``--report`` fits ``seconds = c *
 weights^k`` per stage (least squares in log-log over the sizes measured) and projects to 8B
-and 70B on this CPU; ``--stream on`` (default at 8B) keeps the table in host memory and
-assembles each decoder layer's weights only while it runs. The H200 projection of an episode rests on published figures only (989
+and 70B on this CPU; ``--stream on`` (``auto``: 8B, and on the CPU whenever ``QuantProblem.build(stream="auto")``
+would stream, i.e. memory is short) keeps the table in host memory and assembles each decoder layer's weights only while it runs. The H200 projection of an episode rests on published figures only (989
 TFLOP/s dense bf16, 4.8 TB/s HBM3e) and the FLOPs and bytes an episode moves, and says so.
 """
 
@@ -145,6 +145,7 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     from windquant_gym.data import eval_windows, sample_token_blocks
     from windquant_gym.envs.windquant import quant_config_from_kwargs
     from windquant_gym.eval.perplexity import mean_nll
+    from windquant_gym.harness.episodes import plan_window_nlls
     from windquant_gym.quant.build import build_table
     from windquant_gym.quant.units import find_units
 
@@ -173,13 +174,17 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     record.update(units=len(units), proxy_tokens=int(blocks.numel()), proxy_gflop=linear_gflop(model, blocks))
     print(f"{size}: {record['weights'] / 1e6:.0f}M decoder Linear weights, {len(units)} units, "
           f"proxy {tuple(blocks.shape)}, {record['proxy_gflop']:.0f} GFLOP per pass", flush=True)
-    from windquant_gym.memory import estimate_memory
+    from windquant_gym.memory import choose_stream, estimate_memory
     from windquant_gym.quant.units import module_names
 
-    # auto: 8B streams (on a GPU the table stays in host memory, each layer assembled as it runs)
-    streamed = size == "8b" if stream == "auto" else stream == "on"
-    estimate = estimate_memory(model, module_names(units), config.chunk_size, batch_size=8, seq_len=length,
-                               salient_rate=config.salient_rate, stream=streamed)  # what QuantProblem.build checks
+    def estimate_for(streamed: bool):  # what QuantProblem.build checks
+        return estimate_memory(model, module_names(units), config.chunk_size, batch_size=8, seq_len=length,
+                               salient_rate=config.salient_rate, stream=streamed)
+
+    # auto: what QuantProblem.build(stream="auto") decides (on the CPU: when memory is short), and 8B always
+    # (on a GPU the table stays in host memory, each layer assembled as it runs)
+    streamed = (size == "8b" or choose_stream(estimate_for(False), device)) if stream == "auto" else stream == "on"
+    estimate = estimate_for(streamed)
     record["stream"] = streamed
     record["estimated_peak_bytes"] = estimate.peak
     record["estimate_parts_bytes"] = {"resident": estimate.resident, **estimate.parts()}
@@ -219,8 +224,8 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
         record["paper_episode_seconds"] = statistics.median(paper)
     plan = plans[-1]
     with stage("heldout", record, device):
-        with wq.quantized_weights(model, table, plan):
-            record["heldout_ppl"] = math.exp(mean_nll(model, heldout, batch_size=8))
+        problem.stream = streamed  # the paper episode turned it off
+        record["heldout_ppl"] = math.exp(float(plan_window_nlls(problem, plan, heldout).mean()))
     with tempfile.TemporaryDirectory() as folder, stage("export", record, device):
         wq.export.export_plan(plan, problem, Path(folder) / "packed", tokenizer=tokenizer)
         record["export_bytes"] = (Path(folder) / "packed" / wq.export.PACKED_FILE).stat().st_size

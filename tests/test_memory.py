@@ -82,8 +82,12 @@ def test_a_model_that_does_not_fit_is_told_so_before_calibration(tiny, tmp_path,
     monkeypatch.setattr(wq.problem, "_cached_calibration", no_calibration)
     with pytest.raises(wq.InsufficientMemoryError, match=r"needs about .* \(table .* GiB is available") as caught:
         wq.QuantProblem.build(model, tokenizer, "wiki-sample", wq.QuantConfig(chunk_size=48), n_samples=8, seq_len=64,
-                              cache=tmp_path / "cache", progress=False)
+                              cache=tmp_path / "cache", progress=False, stream=False)
     assert "stream=True" in str(caught.value) and "WINDQUANT_MEMORY_CHECK=off" in str(caught.value)
+    with pytest.raises(wq.InsufficientMemoryError) as caught:  # the default streams already: not offered again
+        wq.QuantProblem.build(model, tokenizer, "wiki-sample", wq.QuantConfig(chunk_size=48), n_samples=8, seq_len=64,
+                              cache=tmp_path / "cache", progress=False)
+    assert "stream=True" not in str(caught.value) and "WINDQUANT_MEMORY_CHECK=off" in str(caught.value)
     assert isinstance(caught.value, MemoryError)  # except MemoryError still catches it
     monkeypatch.setenv(memory.ENV_VAR, "off")  # the way past it, as the message says
     with pytest.raises(AssertionError, match="calibration started"):
@@ -92,6 +96,30 @@ def test_a_model_that_does_not_fit_is_told_so_before_calibration(tiny, tmp_path,
     monkeypatch.setenv(memory.ENV_VAR, "maybe")
     with pytest.raises(wq.ConfigError, match="on .default. or off"):
         memory.memory_check_enabled()
+
+
+def test_auto_streams_when_memory_is_short_and_measures_the_same(tiny, tiny_problem, tmp_path, monkeypatch):
+    """stream="auto" (the default) streams only when whole-model assembly would take more than
+    40% of the available memory; the streamed problem's proxy and held-out NLLs are the same."""
+    from windquant_gym.harness.episodes import plan_window_nlls
+
+    whole = _estimate(tiny_problem)
+    assert not memory.choose_stream(whole, available=4 * whole.additional)
+    assert memory.choose_stream(whole, available=whole.additional)
+    assert not memory.choose_stream(whole, torch.device("meta"), available=1)  # an accelerator: the user decides
+    assert not tiny_problem.stream  # plenty of memory here
+    model, tokenizer = tiny
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: int(1.5 * whole.additional))
+    streamed = wq.QuantProblem.build(model, tokenizer, "wiki-sample", tiny_problem.table.config, n_samples=8, seq_len=64,
+                                     cache=tmp_path / "cache", progress=False)
+    assert streamed.stream
+    plan = [2 + (i % 4) for i in range(len(tiny_problem.units))]
+    assert streamed.proxy_nll(plan) == pytest.approx(tiny_problem.proxy_nll(plan), rel=1e-5)
+    heldout = tiny_problem.blocks[:3]
+    assert torch.allclose(plan_window_nlls(streamed, plan, heldout), plan_window_nlls(tiny_problem, plan, heldout), rtol=1e-5)
+    with pytest.raises(wq.ConfigError, match="stream must be True, False or 'auto'"):
+        wq.QuantProblem.build(model, tokenizer, "wiki-sample", tiny_problem.table.config, n_samples=8, seq_len=64,
+                              cache=tmp_path / "cache", progress=False, stream="yes")
 
 
 def test_accelerator_models_are_left_to_their_allocator():

@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import windquant_gym as wq
+from windquant_gym.export import native_gemv
 from windquant_gym.export.codec import decode_module, encode_module
 from windquant_gym.export.layout import PACKED_FILE
 from windquant_gym.export.planes import PLANES
@@ -29,6 +30,18 @@ def test_torch_unpack_reads_the_numpy_packers_stream_exactly(plane, n):
 
 
 # ----- one module, every bit width ------------------------------------------------------------
+@pytest.fixture(params=["native", "tensor-ops"])
+def decode_path(request, monkeypatch):
+    """The decode (table) path through the native kernel, which must build here when a C compiler
+    exists (``on``: a failed build is an error, not a silent fallback), or through tensor ops."""
+    if request.param == "native" and native_gemv.compiler() is None:
+        pytest.skip("no C compiler: the native decode kernel cannot be built here")
+    monkeypatch.setenv(native_gemv.ENV_VAR, "on" if request.param == "native" else "off")
+    native_gemv.reset()
+    yield request.param
+    native_gemv.reset()
+
+
 def _module(tiny_problem, name, actions):
     table = tiny_problem.table
     units = [u for u in table.units if u.module == name]
@@ -43,7 +56,7 @@ def _env_weight(tiny_problem, name, actions):
 
 
 @pytest.mark.parametrize("action", range(N_ACTIONS))
-def test_every_bit_width_round_trips_through_the_module(tiny_problem, action):
+def test_every_bit_width_round_trips_through_the_module(tiny_problem, action, decode_path):
     """File form -> compute form -> file form is exact; the module's weight is the env's bit
     for bit; both forward paths compute x @ W^T from the codes."""
     name = tiny_problem.units[0].module
@@ -58,13 +71,13 @@ def test_every_bit_width_round_trips_through_the_module(tiny_problem, action):
     assert torch.equal(module.dequantized_weight(), weight)
     assert torch.equal(decode_module(name, layout, tensors.__getitem__), weight)
     torch.manual_seed(action)
-    for tokens in (1, 3, 40):  # 1 and 3 rows: the table (decode) path; 40: float tiles
+    for tokens in (1, 3, 12, 40):  # 1, 3 (and 12 natively) rows: the table (decode) path; 40: float tiles
         x = torch.randn(tokens, module.in_features)
         want = x @ weight.T
         assert torch.allclose(module(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), tokens
 
 
-def test_mixed_widths_and_outliers_in_one_module(tiny_problem):
+def test_mixed_widths_and_outliers_in_one_module(tiny_problem, decode_path):
     actions = (np.arange(len(tiny_problem.units)) % N_ACTIONS).tolist()
     for name in sorted({u.module for u in tiny_problem.units})[:6]:
         _, tensors, layout = _module(tiny_problem, name, actions)
@@ -72,9 +85,11 @@ def test_mixed_widths_and_outliers_in_one_module(tiny_problem):
         module = wq.PackedLinear.from_tensors(layout, tensors)
         weight = _env_weight(tiny_problem, name, actions)
         assert torch.equal(module.dequantized_weight(), weight), name
-        x = torch.randn(2, 3, module.in_features)
-        want = x @ weight.T
-        assert torch.allclose(module(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), name
+        for x in (torch.randn(2, 3, module.in_features), torch.randn(1, module.in_features)):
+            want = x @ weight.T
+            assert torch.allclose(module(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), name
+        bf16 = module(x.bfloat16())  # the native kernel works in float32 and hands back the input's dtype
+        assert bf16.dtype == torch.bfloat16 and torch.allclose(bf16.float(), x @ weight.T, rtol=0.05, atol=0.05 * want.abs().max().item())
         assert all(torch.equal(module.file_tensors()[k], v) for k, v in tensors.items())
 
 
@@ -92,7 +107,7 @@ class _RecordShapes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("tokens", [1, 40])
-def test_no_float_weight_of_the_full_matrix_is_built_or_kept(tiny_problem, tokens):
+def test_no_float_weight_of_the_full_matrix_is_built_or_kept(tiny_problem, tokens, decode_path):
     """Every op the forward runs is recorded: no float tensor reaches O x I elements (a unit's
     tile is O x chunk), and after the forward the module holds no float32 tensor at all."""
     name = next(u.module for u in tiny_problem.units if u.in_features >= 3 * tiny_problem.table.config.chunk_size)
@@ -108,6 +123,79 @@ def test_no_float_weight_of_the_full_matrix_is_built_or_kept(tiny_problem, token
     assert max(n for _, n in record.float_numels) < full, [r for r in record.float_numels if r[1] >= full]
     assert module.resident_bytes() == before
     assert all(not t.is_floating_point() or t.dtype == torch.float16 for t in module._buffers.values())
+
+
+def test_the_native_kernel_is_what_decodes_when_it_is_on(tiny_problem, decode_path, monkeypatch):
+    """One kernel call per module at decode sizes, none above ``native_max_tokens`` or when off."""
+    name = tiny_problem.units[0].module
+    _, tensors, layout = _module(tiny_problem, name, (np.arange(len(tiny_problem.units)) % N_ACTIONS).tolist())
+    module = wq.PackedLinear.from_tensors(layout, tensors)
+    library, calls = native_gemv.load(), []
+    if decode_path == "native":
+        assert library is not None
+
+        class Counting:
+            def wq_packed_gemv(self, *args):
+                calls.append(args[0])
+                return library.wq_packed_gemv(*args)
+
+        monkeypatch.setattr(native_gemv, "load", lambda: Counting())
+    else:
+        assert library is None
+    for tokens in (1, module.native_max_tokens, module.native_max_tokens + 1):
+        module(torch.randn(tokens, module.in_features))
+    assert calls == ([1, module.native_max_tokens] if decode_path == "native" else [])
+    x = torch.randn(2, module.in_features, requires_grad=True)  # the kernel has no backward: tensor ops then
+    module(x).sum().backward()
+    weight = module.dequantized_weight()
+    assert calls == ([1, module.native_max_tokens] if decode_path == "native" else [])
+    assert torch.allclose(x.grad, weight.sum(0).expand_as(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_native_kernel_is_cached_per_cpu_and_falls_back_without_a_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path))
+    if native_gemv.compiler() is not None:
+        here = native_gemv.library_path(native_gemv.compiler())
+        monkeypatch.setattr(native_gemv, "_cpu_identity", lambda: "x86_64|another CPU|avx2")
+        assert native_gemv.library_path(native_gemv.compiler()) != here  # never another CPU's -march=native build
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(native_gemv.ENV_VAR, "auto")
+    native_gemv.reset()
+    try:
+        with pytest.warns(wq.NativeKernelWarning, match="no C compiler.*apt install gcc"):
+            assert native_gemv.load() is None
+        monkeypatch.setenv(native_gemv.ENV_VAR, "on")
+        native_gemv.reset()
+        with pytest.raises(wq.MissingDependencyError, match="WINDQUANT_NATIVE_GEMV=on.*C compiler"):
+            native_gemv.load()
+        monkeypatch.setenv(native_gemv.ENV_VAR, "fast")
+        with pytest.raises(wq.ConfigError, match="'fast' is not one of auto, on, off"):
+            native_gemv.load()
+    finally:
+        native_gemv.reset()
+
+
+@pytest.mark.skipif(native_gemv.compiler() is None, reason="no C compiler: the native decode kernel cannot be built here")
+def test_the_cache_lists_and_clears_the_native_kernel(monkeypatch, tmp_path):
+    from windquant_gym.cache.listing import cache_entries, clear_cache
+
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path))
+    monkeypatch.setenv(native_gemv.ENV_VAR, "on")
+    native_gemv.reset()
+    try:
+        assert native_gemv.load() is not None
+        current = native_gemv.library_path(native_gemv.compiler())
+        old = current.with_name("packed_gemv-0000000000000000.so")
+        old.write_bytes(b"another CPU's build")
+        details = {e.path.name: e.detail for e in cache_entries(["kernels"])}
+        assert details == {current.name: "native decode kernel (this source, compiler and CPU)",
+                           old.name: "stale native decode kernel (other source, compiler or CPU)"}
+        assert [e.path for e in clear_cache(["kernels"], stale_only=True)] == [old]
+        assert current.is_file() and not old.exists()
+        clear_cache(["kernels"])
+        assert not current.exists()
+    finally:
+        native_gemv.reset()
 
 
 def test_resident_bytes_stay_near_the_storage_bits(tiny_problem):

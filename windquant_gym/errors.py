@@ -67,3 +67,8 @@ class InsufficientMemoryError(WindQuantError, MemoryError):
 class CacheWarning(UserWarning):
     """A cache file was damaged (truncated, half-written, another format) and is rebuilt; the
     message names the file."""
+
+
+class NativeKernelWarning(UserWarning):
+    """The packed model's native decode kernel could not be built (no C compiler, or it
+    failed); ``PackedLinear`` decodes with tensor ops, same results, slower."""

@@ -195,6 +195,24 @@ def memory_check_enabled() -> bool:
     return value == "on"
 
 
+AUTO_STREAM_SHARE = 0.4
+"""``stream="auto"`` assembles one decoder layer at a time when the whole-model estimate's
+:attr:`~MemoryEstimate.additional` would take more than this share of the available memory:
+LLaMA-3.2-1B's shape on a 24 GiB machine (10.9 GiB of ~22 available; not streamed, its
+measured peak was 20.7 GiB) streams, SmolLM2-135M (~3 GiB) and -360M (~4.2 GiB) do not."""
+
+
+def choose_stream(estimate: MemoryEstimate, device: torch.device | str = "cpu", available: Optional[int] = None) -> bool:
+    """What ``stream="auto"`` means for a problem whose whole-model (``stream=False``) estimate
+    is ``estimate``: True when streaming saves memory and the estimate would take more than
+    :data:`AUTO_STREAM_SHARE` of what is available. On an accelerator, and where the available
+    memory cannot be read, False (pass ``stream=True`` there)."""
+    if torch.device(device).type != "cpu" or estimate.streamed_assembly >= estimate.assembly:
+        return False
+    available = available_memory_bytes() if available is None else available
+    return available is not None and estimate.additional > AUTO_STREAM_SHARE * available
+
+
 def check_memory(estimate: MemoryEstimate, device: torch.device | str = "cpu", available: Optional[int] = None) -> None:
     """Raise :class:`InsufficientMemoryError` when ``estimate.additional`` exceeds the host's
     available memory (CPU models; on an accelerator its own allocator reports). The message

@@ -98,6 +98,8 @@ def cache_entries(kinds: Sequence[str] = CACHE_KINDS, root: Optional[Path] = Non
                 detail = ("temporary (being written by a running process)" if _writer_alive(path)
                           else "temporary (left by an interrupted write)")
                 entries.append(CacheEntry(kind, path, size, stat.st_mtime, "?", detail))
+            elif kind == "kernels" and path.is_dir() and path.name == "native":
+                entries += _native_kernel_entries(path)
             elif path.is_dir():
                 if kind == "models" and path.name not in converted_model_names():
                     continue  # not ours (WINDQUANT_MODEL_CACHE may be a shared folder)
@@ -109,6 +111,22 @@ def cache_entries(kinds: Sequence[str] = CACHE_KINDS, root: Optional[Path] = Non
             elif path.suffix == ".safetensors":
                 model, detail = _describe_safetensors(kind, path)
                 entries.append(CacheEntry(kind, path, stat.st_size, stat.st_mtime, model, detail))
+    return entries
+
+
+def _native_kernel_entries(folder: Path) -> List[CacheEntry]:
+    """The compiled decode kernels (:mod:`windquant_gym.export.native_gemv`): the one this
+    source, compiler and CPU would load, and stale others."""
+    from ..export import native_gemv
+
+    compiler = native_gemv.compiler()
+    current = native_gemv.library_path(compiler).name if compiler else None
+    entries = []
+    for path in sorted(folder.glob("*.so")):
+        stat = path.stat()
+        detail = ("native decode kernel (this source, compiler and CPU)" if path.name == current
+                  else "stale native decode kernel (other source, compiler or CPU)")
+        entries.append(CacheEntry("kernels", path, stat.st_size, stat.st_mtime, "-", detail))
     return entries
 
 

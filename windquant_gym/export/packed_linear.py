@@ -25,7 +25,12 @@ loader reads again. The forward has two paths, chosen per call by the number of 
 * **tile** (prefill): each unit's tile is dequantized to float (exactly the weights
   :func:`~windquant_gym.export.codec.decode_module` rebuilds) and multiplied.
 
-Both are tensor ops only (CPU or CUDA); at most one unit's tile or table is alive at a time.
+On the CPU the table path runs as one call per module of a native kernel (:mod:`.native_gemv`,
+``packed_gemv.c``, compiled at first use; the same arithmetic, the outlier correction folded into
+its row loop, in float32), up to :attr:`PackedLinear.native_max_tokens` tokens; as tensor ops
+where it cannot be built and on CUDA. The tensor-op paths run on any device; at most one unit's
+tile or table is alive at a time (the native kernel holds every unit's tables of one call: a few
+hundred KB per token).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch.nn as nn
 
 from ..errors import ExportFormatError
 from ..quant.bitwidths import SKIP_ACTION
+from . import native_gemv
 from .formats import CODE_FORMATS, CodeFormat
 from .layout import FP16_NAME, ModuleLayout, codes_name, outlier_name, scales_name
 from .packing import field_bits, pack_fields, unpack_fields
@@ -98,6 +104,10 @@ class PackedLinear(nn.Module):
     #: tile path. Measured on SmolLM2-135M (2-core Xeon, all 210 modules): the table path is
     #: 2.4x faster at 1 token, even at 8, slower from 16 (RESULTS.md, issue 23).
     lut_max_tokens: int = 8
+    #: The same for the native kernel (CPU): measured on SmolLM2-135M's 2.0-bit plan (2-core AMD
+    #: EPYC, all 210 modules), 22 ms at 1 token, 285 at 16, 648 at 32 against the tile path's
+    #: 326 / 408 / 393 ms (RESULTS.md, issue 23).
+    native_max_tokens: int = 16
 
     def __init__(self, layout: ModuleLayout, *, bias: bool = False, device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
@@ -331,10 +341,19 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.prepared:
             self.prepare()
-        lead = x.shape[:-1]
+        lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)
+        # the kernel has no backward: where a gradient must flow to x, the tensor-op path runs
+        wants_grad = torch.is_grad_enabled() and x2.requires_grad
+        eligible = x2.shape[0] <= self.native_max_tokens and x2.device.type == "cpu" and not wants_grad
+        library = native_gemv.load() if eligible else None
+        native = self._native_args() if library is not None else None
+        if native is not None:  # the fused kernel works in float32
+            x2 = x2.to(torch.float32).contiguous()
         y = x2.new_zeros(x2.shape[0], self.out_features)
-        if x2.shape[0] <= self.lut_max_tokens:
+        if native is not None:
+            self._native_products(library, native, x2, y)
+        elif x2.shape[0] <= self.lut_max_tokens:
             for group in self._groups:
                 for batch in group.batches:
                     self._lut_batch(group, batch, x2, y)
@@ -347,7 +366,7 @@ class PackedLinear(nn.Module):
             y.addmm_(x2.index_select(1, self.skip_index), self._buffers[FP16_NAME].to(x2.dtype).t())
         if self.bias is not None:
             y += self.bias.to(y.dtype)
-        return y.view(*lead, self.out_features)
+        return y.to(dtype).view(*lead, self.out_features)
 
     def _cached(self, key, make):
         cache = self.__dict__.setdefault("_index_cache", {})
@@ -383,6 +402,59 @@ class PackedLinear(nn.Module):
         alpha = self._buffers[scales_name(group.fmt.label)].index_select(0, slots).to(x.dtype)  # [units, O]
         combined = products * a + xs.sum(-1, keepdim=True) * b  # [M, units, O]
         y.add_((combined * alpha).sum(1))
+
+    def _native_products(self, library, args: dict, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``y += x @ W^T`` over every quantized unit, outliers included, in one call of the
+        native kernel (:mod:`.native_gemv`; float32 ``x`` and ``y``, contiguous, on the CPU)."""
+        if not args["n_units"]:  # every unit kept in fp16
+            return
+        status = library.wq_packed_gemv(x.shape[0], x.data_ptr(), self.in_features, self.out_features, args["n_units"],
+                                        *args["pointers"], y.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"windquant's native decode kernel could not allocate its tables ({x.shape[0]} tokens).")
+
+    def _native_args(self) -> Optional[dict]:
+        """Per unit, what the kernel reads (columns, addresses of its fp16 scales and of its
+        planes, digit layout, affine map, its outliers' counts, columns, codes and scales), as
+        arrays built once per placement and dtype of the buffers (the cache key); None when the
+        scales are not fp16 (e.g. after ``model.to(torch.bfloat16)``): the tensor-op path then."""
+        key = ("native",) + tuple((t.data_ptr(), t.dtype) for t in self._buffers.values() if t is not None)
+        return self._cached(key, self._make_native_args)
+
+    def _make_native_args(self) -> Optional[dict]:
+        buffers = self._buffers
+        if any(buffers[scales_name(g.fmt.label)].dtype != torch.float16 for g in self._groups) or (
+                self._outlier_units and buffers[outlier_name("scales")].dtype != torch.float16):
+            return None
+        if not all(t.is_contiguous() for t in buffers.values() if t is not None):
+            return None  # the kernel reads rows by address arithmetic
+        i64, i32, f32, outlier_scales = [], [], [], []
+        for group in self._groups:
+            a, b = group.fmt.weight_affine
+            scales = buffers[scales_name(group.fmt.label)]
+            for tile in group.tiles:
+                names = group.batches[tile.batch].buffers
+                plane_addresses, plane_info = [0, 0], [0] * 6
+                for j, (plane, name) in enumerate(zip(group.planes, names)):
+                    plane_addresses[j] = buffers[name][tile.position].data_ptr()
+                    plane_info[3 * j : 3 * j + 3] = (plane.radix, plane.per_byte, plane.multiplier)
+                counts = cols = codes = oscale = 0
+                sizes = [1, 1]  # bytes of an outlier count and of an outlier column (uint8 or int16)
+                if tile.unit in self._outlier_units:
+                    k, at, _ = self._outlier_units[tile.unit]
+                    counts = self.outlier_counts[k].data_ptr()
+                    cols = self.outlier_cols[at:].data_ptr()
+                    codes = buffers[outlier_name("codes")][at:].data_ptr()
+                    oscale = buffers[outlier_name("scales")][k].data_ptr()
+                    sizes = [self.outlier_counts.element_size(), self.outlier_cols.element_size()]
+                i64.append([tile.start, tile.end - tile.start, scales[tile.slot].data_ptr(), *plane_addresses, counts, cols, codes])
+                i32.append([len(group.planes), *plane_info, *sizes])
+                f32.append([a, b])
+                outlier_scales.append(oscale)
+        arrays = [torch.tensor(i64, dtype=torch.int64), torch.tensor(i32, dtype=torch.int32),
+                  torch.tensor(f32, dtype=torch.float32), torch.tensor(outlier_scales, dtype=torch.int64)]
+        # the arrays stay referenced beside their addresses, so the addresses stay valid
+        return {"n_units": len(i64), "arrays": arrays, "pointers": [t.data_ptr() for t in arrays]}
 
     def _outlier_correction(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """The table path put symbol 0 (weight alpha * b) at every outlier's position: add

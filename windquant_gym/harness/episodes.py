@@ -26,7 +26,7 @@ import torch
 from ..errors import TableMismatchError
 from ..eval.perplexity import block_nlls
 from ..plan import QuantPlan
-from ..quant.apply import quantized_weights
+from ..quant.apply import quantized_weights, streamed_quantized_weights
 from ..allocators.base import PlannedAllocator
 
 
@@ -163,6 +163,9 @@ def plan_window_nlls(problem, plan, blocks: torch.Tensor) -> torch.Tensor:
     """:func:`heldout_window_nlls` on a :class:`QuantProblem` instead of an env."""
     if plan is None:
         return block_nlls(problem.model, blocks, batch_size=problem.batch_size)
+    if problem.stream:  # one decoder layer's weights assembled at a time, as in the proxy pass (per batch here)
+        with streamed_quantized_weights(problem.model, problem.table, plan, problem.assembler(per_layer=True)):
+            return block_nlls(problem.model, blocks, batch_size=problem.batch_size)
     with quantized_weights(problem.model, problem.table, plan):
         return block_nlls(problem.model, blocks, batch_size=problem.batch_size)
 
