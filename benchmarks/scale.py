@@ -177,13 +177,14 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     from windquant_gym.memory import choose_stream, estimate_memory
     from windquant_gym.quant.units import module_names
 
-    def estimate_for(streamed: bool):  # what QuantProblem.build checks
-        return estimate_memory(model, module_names(units), config.chunk_size, batch_size=8, seq_len=length,
-                               salient_rate=config.salient_rate, stream=streamed)
+    def estimate_for(streamed: bool):  # what QuantProblem.build checks (streamed: the proxy as one batch)
+        return estimate_memory(model, module_names(units), config.chunk_size, batch_size=n if streamed else 8,
+                               seq_len=length, salient_rate=config.salient_rate, stream=streamed)
 
     # auto: what QuantProblem.build(stream="auto") decides (on the CPU: when memory is short), and 8B always
     # (on a GPU the table stays in host memory, each layer assembled as it runs)
-    streamed = (size == "8b" or choose_stream(estimate_for(False), device)) if stream == "auto" else stream == "on"
+    streamed = ((size == "8b" or choose_stream(estimate_for(False), estimate_for(True), device)) if stream == "auto"
+                else stream == "on")
     estimate = estimate_for(streamed)
     record["stream"] = streamed
     record["estimated_peak_bytes"] = estimate.peak

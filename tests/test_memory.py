@@ -82,12 +82,8 @@ def test_a_model_that_does_not_fit_is_told_so_before_calibration(tiny, tmp_path,
     monkeypatch.setattr(wq.problem, "_cached_calibration", no_calibration)
     with pytest.raises(wq.InsufficientMemoryError, match=r"needs about .* \(table .* GiB is available") as caught:
         wq.QuantProblem.build(model, tokenizer, "wiki-sample", wq.QuantConfig(chunk_size=48), n_samples=8, seq_len=64,
-                              cache=tmp_path / "cache", progress=False, stream=False)
-    assert "stream=True" in str(caught.value) and "WINDQUANT_MEMORY_CHECK=off" in str(caught.value)
-    with pytest.raises(wq.InsufficientMemoryError) as caught:  # the default streams already: not offered again
-        wq.QuantProblem.build(model, tokenizer, "wiki-sample", wq.QuantConfig(chunk_size=48), n_samples=8, seq_len=64,
                               cache=tmp_path / "cache", progress=False)
-    assert "stream=True" not in str(caught.value) and "WINDQUANT_MEMORY_CHECK=off" in str(caught.value)
+    assert "WINDQUANT_MEMORY_CHECK=off" in str(caught.value)
     assert isinstance(caught.value, MemoryError)  # except MemoryError still catches it
     monkeypatch.setenv(memory.ENV_VAR, "off")  # the way past it, as the message says
     with pytest.raises(AssertionError, match="calibration started"):
@@ -99,27 +95,47 @@ def test_a_model_that_does_not_fit_is_told_so_before_calibration(tiny, tmp_path,
 
 
 def test_auto_streams_when_memory_is_short_and_measures_the_same(tiny, tiny_problem, tmp_path, monkeypatch):
-    """stream="auto" (the default) streams only when whole-model assembly would take more than
-    40% of the available memory; the streamed problem's proxy and held-out NLLs are the same."""
+    """stream="auto" (the default) streams only when that lowers the estimate and the whole-model
+    estimate would take more than 40% of the available memory; the streamed problem's proxy and
+    held-out NLLs are the same."""
     from windquant_gym.harness.episodes import plan_window_nlls
 
-    whole = _estimate(tiny_problem)
-    assert not memory.choose_stream(whole, available=4 * whole.additional)
-    assert memory.choose_stream(whole, available=whole.additional)
-    assert not memory.choose_stream(whole, torch.device("meta"), available=1)  # an accelerator: the user decides
-    assert not tiny_problem.stream  # plenty of memory here
+    def estimate(assembly, activations):
+        return memory.MemoryEstimate(resident=0, table=1 << 30, table_build=1 << 28, hessians=0, assembly=assembly,
+                                     activations=activations, weights=1, streamed_assembly=1 << 26)
+
+    whole, streamed = estimate(4 << 30, 1 << 28), estimate(1 << 26, 1 << 29)  # the streamed batch is larger
+    assert not memory.choose_stream(whole, streamed, available=20 << 30)  # 5.25 GiB of 20: room enough
+    assert memory.choose_stream(whole, streamed, available=10 << 30)
+    assert not memory.choose_stream(whole, streamed, torch.device("meta"), available=1)  # the user decides there
+    assert not memory.choose_stream(whole, estimate(1 << 26, 8 << 30), available=1)  # a larger total: never
+    # tiny-llama: the build's scratch is its peak, streaming lowers nothing, so auto does not stream
+    assert not tiny_problem.stream
     model, tokenizer = tiny
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda: int(1.5 * whole.additional))
-    streamed = wq.QuantProblem.build(model, tokenizer, "wiki-sample", tiny_problem.table.config, n_samples=8, seq_len=64,
-                                     cache=tmp_path / "cache", progress=False)
-    assert streamed.stream
+    monkeypatch.setattr(wq.problem, "choose_stream", lambda *args, **kwargs: True)  # what a short machine decides
+    streamed_problem = wq.QuantProblem.build(model, tokenizer, "wiki-sample", tiny_problem.table.config, n_samples=8,
+                                             seq_len=64, cache=tmp_path / "cache", progress=False)
+    assert streamed_problem.stream
     plan = [2 + (i % 4) for i in range(len(tiny_problem.units))]
-    assert streamed.proxy_nll(plan) == pytest.approx(tiny_problem.proxy_nll(plan), rel=1e-5)
+    assert streamed_problem.proxy_nll(plan) == pytest.approx(tiny_problem.proxy_nll(plan), rel=1e-5)
     heldout = tiny_problem.blocks[:3]
-    assert torch.allclose(plan_window_nlls(streamed, plan, heldout), plan_window_nlls(tiny_problem, plan, heldout), rtol=1e-5)
+    assert torch.allclose(plan_window_nlls(streamed_problem, plan, heldout), plan_window_nlls(tiny_problem, plan, heldout),
+                          rtol=1e-5)
     with pytest.raises(wq.ConfigError, match="stream must be True, False or 'auto'"):
         wq.QuantProblem.build(model, tokenizer, "wiki-sample", tiny_problem.table.config, n_samples=8, seq_len=64,
                               cache=tmp_path / "cache", progress=False, stream="yes")
+
+
+def test_streaming_is_offered_only_where_it_lowers_the_peak():
+    def estimate(table_build, assembly, streamed):
+        return memory.MemoryEstimate(resident=0, table=1 << 30, table_build=table_build, hessians=0, assembly=assembly,
+                                     activations=0, weights=1, streamed_assembly=streamed)
+
+    with pytest.raises(wq.InsufficientMemoryError, match=r"stream=True.*1\.50 GiB less.*WINDQUANT_MEMORY_CHECK=off"):
+        memory.check_memory(estimate(1 << 29, 2 << 30, 1 << 28), available=1 << 20)
+    with pytest.raises(wq.InsufficientMemoryError) as caught:  # the build's scratch is the peak: streaming saves nothing
+        memory.check_memory(estimate(3 << 30, 2 << 30, 1 << 28), available=1 << 20)
+    assert "stream=True" not in str(caught.value)
 
 
 def test_accelerator_models_are_left_to_their_allocator():

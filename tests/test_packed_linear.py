@@ -30,15 +30,36 @@ def test_torch_unpack_reads_the_numpy_packers_stream_exactly(plane, n):
 
 
 # ----- one module, every bit width ------------------------------------------------------------
+class _CountingLibrary:
+    """The native kernel's library, counting its calls (the tokens of each)."""
+
+    def __init__(self, library):
+        self.library, self.calls = library, []
+
+    def wq_packed_gemv(self, *args):
+        self.calls.append(args[0])
+        return self.library.wq_packed_gemv(*args)
+
+
 @pytest.fixture(params=["native", "tensor-ops"])
 def decode_path(request, monkeypatch):
     """The decode (table) path through the native kernel, which must build here when a C compiler
-    exists (``on``: a failed build is an error, not a silent fallback), or through tensor ops."""
+    exists (``on``: a failed build is an error, not a silent fallback), or through tensor ops;
+    ``.calls`` lists the kernel's calls (empty with tensor ops)."""
+    from types import SimpleNamespace
+
     if request.param == "native" and native_gemv.compiler() is None:
         pytest.skip("no C compiler: the native decode kernel cannot be built here")
     monkeypatch.setenv(native_gemv.ENV_VAR, "on" if request.param == "native" else "off")
     native_gemv.reset()
-    yield request.param
+    library = native_gemv.load()
+    assert (library is not None) == (request.param == "native")
+    calls = []
+    if library is not None:
+        counting = _CountingLibrary(library)
+        calls = counting.calls
+        monkeypatch.setattr(native_gemv, "load", lambda: counting)
+    yield SimpleNamespace(name=request.param, calls=calls)
     native_gemv.reset()
 
 
@@ -71,10 +92,12 @@ def test_every_bit_width_round_trips_through_the_module(tiny_problem, action, de
     assert torch.equal(module.dequantized_weight(), weight)
     assert torch.equal(decode_module(name, layout, tensors.__getitem__), weight)
     torch.manual_seed(action)
-    for tokens in (1, 3, 12, 40):  # 1, 3 (and 12 natively) rows: the table (decode) path; 40: float tiles
+    for tokens in (1, 3, 16, 40):  # 1, 3 (and 16 natively) rows: the table (decode) path; 40: float tiles
         x = torch.randn(tokens, module.in_features)
         want = x @ weight.T
         assert torch.allclose(module(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), tokens
+    quantized = action != 0  # action 0 keeps every unit in fp16: nothing for the kernel
+    assert decode_path.calls == ([1, 3, 16] if decode_path.name == "native" and quantized else [])
 
 
 def test_mixed_widths_and_outliers_in_one_module(tiny_problem, decode_path):
@@ -90,7 +113,15 @@ def test_mixed_widths_and_outliers_in_one_module(tiny_problem, decode_path):
             assert torch.allclose(module(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), name
         bf16 = module(x.bfloat16())  # the native kernel works in float32 and hands back the input's dtype
         assert bf16.dtype == torch.bfloat16 and torch.allclose(bf16.float(), x @ weight.T, rtol=0.05, atol=0.05 * want.abs().max().item())
+        strided = torch.randn(module.in_features, 2).t()  # not contiguous
+        assert torch.allclose(module(strided), strided @ weight.T, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         assert all(torch.equal(module.file_tensors()[k], v) for k, v in tensors.items())
+    assert len(decode_path.calls) == (4 * 6 if decode_path.name == "native" else 0)
+    native_calls = len(decode_path.calls)
+    module.to(torch.bfloat16)  # fp16 scales become bf16: not what the kernel reads, so tensor ops
+    x = torch.randn(1, module.in_features)
+    assert torch.allclose(module(x).float(), x @ module.dequantized_weight().T, rtol=0.05, atol=0.05 * want.abs().max().item())
+    assert len(decode_path.calls) == native_calls
 
 
 class _RecordShapes(TorchDispatchMode):
@@ -125,30 +156,25 @@ def test_no_float_weight_of_the_full_matrix_is_built_or_kept(tiny_problem, token
     assert all(not t.is_floating_point() or t.dtype == torch.float16 for t in module._buffers.values())
 
 
-def test_the_native_kernel_is_what_decodes_when_it_is_on(tiny_problem, decode_path, monkeypatch):
-    """One kernel call per module at decode sizes, none above ``native_max_tokens`` or when off."""
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_the_native_kernel_is_what_decodes_when_it_is_on(tiny_problem, decode_path):
+    """One kernel call per module at decode sizes, none above ``native_max_tokens``, under
+    autograd or tracing, or when off."""
     name = tiny_problem.units[0].module
     _, tensors, layout = _module(tiny_problem, name, (np.arange(len(tiny_problem.units)) % N_ACTIONS).tolist())
     module = wq.PackedLinear.from_tensors(layout, tensors)
-    library, calls = native_gemv.load(), []
-    if decode_path == "native":
-        assert library is not None
-
-        class Counting:
-            def wq_packed_gemv(self, *args):
-                calls.append(args[0])
-                return library.wq_packed_gemv(*args)
-
-        monkeypatch.setattr(native_gemv, "load", lambda: Counting())
-    else:
-        assert library is None
+    calls = decode_path.calls
     for tokens in (1, module.native_max_tokens, module.native_max_tokens + 1):
         module(torch.randn(tokens, module.in_features))
-    assert calls == ([1, module.native_max_tokens] if decode_path == "native" else [])
+    expected = [1, module.native_max_tokens] if decode_path.name == "native" else []
+    assert calls == expected
     x = torch.randn(2, module.in_features, requires_grad=True)  # the kernel has no backward: tensor ops then
     module(x).sum().backward()
     weight = module.dequantized_weight()
-    assert calls == ([1, module.native_max_tokens] if decode_path == "native" else [])
+    traced = torch.jit.trace(module, torch.randn(1, module.in_features), check_trace=False)  # invisible to tracing
+    probe = torch.randn(1, module.in_features)
+    assert torch.allclose(traced(probe), probe @ weight.T, rtol=1e-4, atol=1e-5)
+    assert calls == expected
     assert torch.allclose(x.grad, weight.sum(0).expand_as(x), rtol=1e-4, atol=1e-5)
 
 

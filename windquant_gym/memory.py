@@ -202,15 +202,17 @@ LLaMA-3.2-1B's shape on a 24 GiB machine (10.9 GiB of ~22 available; not streame
 measured peak was 20.7 GiB) streams, SmolLM2-135M (~3 GiB) and -360M (~4.2 GiB) do not."""
 
 
-def choose_stream(estimate: MemoryEstimate, device: torch.device | str = "cpu", available: Optional[int] = None) -> bool:
-    """What ``stream="auto"`` means for a problem whose whole-model (``stream=False``) estimate
-    is ``estimate``: True when streaming saves memory and the estimate would take more than
-    :data:`AUTO_STREAM_SHARE` of what is available. On an accelerator, and where the available
-    memory cannot be read, False (pass ``stream=True`` there)."""
-    if torch.device(device).type != "cpu" or estimate.streamed_assembly >= estimate.assembly:
+def choose_stream(whole: MemoryEstimate, streamed: MemoryEstimate, device: torch.device | str = "cpu",
+                  available: Optional[int] = None) -> bool:
+    """What ``stream="auto"`` means for a problem with these two estimates (``stream=False`` and
+    ``stream=True``; the streamed pass runs every proxy block as one batch, so its activations
+    are larger): True when streaming needs less in all and the whole-model estimate would take
+    more than :data:`AUTO_STREAM_SHARE` of what is available. On an accelerator, and where the
+    available memory cannot be read, False (pass ``stream=True`` there)."""
+    if torch.device(device).type != "cpu" or streamed.additional >= whole.additional:
         return False
     available = available_memory_bytes() if available is None else available
-    return available is not None and estimate.additional > AUTO_STREAM_SHARE * available
+    return available is not None and whole.additional > AUTO_STREAM_SHARE * available
 
 
 def check_memory(estimate: MemoryEstimate, device: torch.device | str = "cpu", available: Optional[int] = None) -> None:
@@ -223,7 +225,8 @@ def check_memory(estimate: MemoryEstimate, device: torch.device | str = "cpu", a
     if available is None or estimate.additional <= available:
         return
     fixes = []
-    saved = estimate.assembly - estimate.streamed_assembly
+    # what streaming takes off the peak (the build's scratch may be the larger part anyway)
+    saved = max(estimate.table_build, estimate.assembly) - max(estimate.table_build, estimate.streamed_assembly)
     if saved > 0:
         fixes.append(f"QuantProblem.build(..., stream=True) and gym.make(..., problem=problem) (one decoder layer's "
                      f"weights assembled at a time: {_gib(saved)} less)")

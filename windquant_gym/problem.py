@@ -231,9 +231,10 @@ class QuantProblem:
         For models whose six quantized copies do not fit beside them on the accelerator,
         ``table_device="cpu"`` keeps the table in host memory (fitting still runs on the
         model's device) and ``stream=True`` assembles one decoder layer at a time. The default,
-        ``stream="auto"``, streams on the CPU when whole-model assembly would take more than 40%
-        of the available memory (:func:`~windquant_gym.memory.choose_stream`; from ~1B parameters on
-        a 24 GiB machine); the NLL is the same either way.
+        ``stream="auto"``, streams on the CPU when that lowers the memory estimate and the
+        whole-model one would take more than 40% of the available memory
+        (:func:`~windquant_gym.memory.choose_stream`; from ~1B parameters on a 24 GiB machine);
+        the NLL is the same either way.
 
         The cheap checks come first, so bad input fails in milliseconds with a named error:
         the config, the tokenizer, the model's structure and weights (NaN, Inf or beyond
@@ -255,15 +256,20 @@ class QuantProblem:
         check_weights(model, units)
         # before the first large allocation: a model that does not fit is told so by name
         device = next(model.parameters()).device
-        if stream not in (True, False, "auto"):
+        if not (isinstance(stream, bool) or stream == "auto"):
             raise ConfigError(f"stream must be True, False or 'auto', got {stream!r}; 'auto' streams when memory is short.")
-        needed = estimate_memory(model, module_names(units), config.chunk_size, batch_size=batch_size, seq_len=spec.seq_len,
-                                 salient_rate=config.salient_rate, stream=stream is True)
+
+        def estimate(streamed: bool):  # a streamed pass runs every proxy block as one batch
+            return estimate_memory(model, module_names(units), config.chunk_size,
+                                   batch_size=spec.n_samples if streamed else batch_size, seq_len=spec.seq_len,
+                                   salient_rate=config.salient_rate, stream=streamed)
+
         if stream == "auto":
-            stream = choose_stream(needed, device)
-            if stream:
-                needed = estimate_memory(model, module_names(units), config.chunk_size, batch_size=batch_size,
-                                         seq_len=spec.seq_len, salient_rate=config.salient_rate, stream=True)
+            whole, streamed = estimate(False), estimate(True)
+            stream = choose_stream(whole, streamed, device)
+            needed = streamed if stream else whole
+        else:
+            needed = estimate(stream)
         check_memory(needed, device)
         documents = load_texts(texts, split="calibration") if isinstance(texts, (str, Path)) else texts
         blocks = sample_token_blocks(documents, tokenizer, spec.n_samples, spec.seq_len, spec.seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +120,11 @@ def _native_kernel_entries(folder: Path) -> List[CacheEntry]:
     source, compiler and CPU would load, and stale others."""
     from ..export import native_gemv
 
-    compiler = native_gemv.compiler()
-    current = native_gemv.library_path(compiler).name if compiler else None
+    cc = native_gemv.compiler()
+    try:
+        current = native_gemv.library_path(cc).name if cc else None
+    except (OSError, subprocess.SubprocessError):  # a compiler that does not answer: nothing is current
+        current = None
     entries = []
     for path in sorted(folder.glob("*.so")):
         stat = path.stat()

@@ -9,7 +9,7 @@ reading each code byte once.
 
 It is compiled at first use with the system's C compiler (``$CC``, else ``cc``) with
 ``-O3 -march=native -fopenmp`` into ``<cache>/kernels/native/`` under a name that hashes the
-source, the compiler and the CPU (its model and flags), so a cache shared between machines
+source, the compiler, the flags and the CPU (its model and flags), so a cache shared between machines
 never hands one CPU another's instructions. Without a compiler, or when it fails, the module
 warns once (:class:`~windquant_gym.errors.NativeKernelWarning`) and PackedLinear keeps its tensor-op path: results
 are the same to float32 rounding. ``WINDQUANT_NATIVE_GEMV=off`` skips the kernel,
@@ -23,12 +23,13 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from ..cache.storage import atomic_path
 from ..errors import ConfigError, MissingDependencyError, NativeKernelWarning
@@ -50,10 +51,15 @@ def mode() -> str:
     return value
 
 
-def compiler() -> Optional[str]:
-    """The C compiler the kernel is built with (``$CC``, else ``cc``), or None."""
-    name = os.environ.get("CC", "cc")
-    return shutil.which(name)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+
+
+def compiler() -> Optional[List[str]]:
+    """The C compiler command the kernel is built with (``$CC``, e.g. ``gcc`` or ``ccache gcc``,
+    else ``cc``), its program resolved on PATH; None when there is none."""
+    command = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    program = shutil.which(command[0])
+    return None if program is None else [program, *command[1:]]
 
 
 def _cpu_identity() -> str:
@@ -73,16 +79,17 @@ def _cpu_identity() -> str:
     return f"{platform.machine()}|{model}|{flags}"
 
 
-def library_path(cc: str) -> Path:
-    """Where the compiled kernel for this source, compiler and CPU lives (not created)."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_identity().encode()).hexdigest()[:16]
+def library_path(cc: List[str]) -> Path:
+    """Where the compiled kernel for this source, compiler, flags and CPU lives (not created)."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    identity = "\n".join([version, " ".join(cc), " ".join(FLAGS), _cpu_identity()])
+    key = hashlib.sha256(SOURCE.read_bytes() + identity.encode()).hexdigest()[:16]
     return cache_dir("kernels", "native") / f"packed_gemv-{key}.so"
 
 
-def _build(cc: str, target: Path) -> None:
+def _build(cc: List[str], target: Path) -> None:
     with atomic_path(target) as tmp:
-        command = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-o", str(tmp), str(SOURCE)]
+        command = [*cc, *FLAGS, "-o", str(tmp), str(SOURCE)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"`{' '.join(command)}` failed:\n{done.stderr.strip()[-2000:]}")
@@ -120,8 +127,12 @@ def _load_or_build(wanted: str) -> Optional[ctypes.CDLL]:
         if cc is None:
             raise RuntimeError(f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH")
         path = library_path(cc)
-        if not path.is_file():
-            _build(cc, path)
+        if path.is_file():
+            try:
+                return _bind(path)
+            except OSError:  # damaged (e.g. an interrupted copy of the cache): build it again
+                path.unlink(missing_ok=True)
+        _build(cc, path)
         return _bind(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         if wanted == "on":

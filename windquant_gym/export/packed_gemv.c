@@ -84,6 +84,13 @@ static inline float gather_sum(const float *table, const uint8_t *row, int32_t r
     return (s0 + s1) + (s2 + s3);
 }
 
+static inline float byte_dot(const float *x, const uint8_t *row, int32_t n)
+{
+    float s = 0.0f;
+    for (int32_t c = 0; c < n; c++) s += x[c] * (float)row[c];
+    return s;
+}
+
 static inline int64_t read_index(const void *base, int32_t size, int64_t i)
 {
     return size == 1 ? (int64_t)((const uint8_t *)base)[i] : (int64_t)((const int16_t *)base)[i];
@@ -101,7 +108,8 @@ static inline int64_t read_index(const void *base, int32_t size, int64_t i)
  *   unit_f32 [n, 2]: the affine map (a, b): weight = alpha * (a * symbol + b)
  *   outlier_scales [n] addresses of fp16 row scales of the INT8 outliers ([out_f]; 0: none)
  * y [m, out_f] float32, accumulated into
- * Returns 0, or -1 when the scratch could not be allocated (y is then untouched).
+ * Returns 0; -1 when the scratch could not be allocated, -2 for a plane of more than 8 or fewer
+ * than 1 digit per byte (y is then untouched).
  */
 int wq_packed_gemv(int64_t m, const float *x, int64_t in_f, int64_t out_f, int64_t n_units, const int64_t *unit_i64,
                    const int32_t *unit_i32, const float *unit_f32, const int64_t *outlier_scales, float *y, int32_t threads)
@@ -126,8 +134,14 @@ int wq_packed_gemv(int64_t m, const float *x, int64_t in_f, int64_t out_f, int64
             pl->per_byte = uj[2 + 3 * p];
             pl->multiplier = uj[3 + 3 * p];
             pl->row_bytes = (int32_t)((ui[1] + pl->per_byte - 1) / pl->per_byte);
-            pl->table_at = n_tables;
-            n_tables += m * (int64_t)pl->row_bytes * TABLE;
+            if (pl->per_byte < 1 || pl->per_byte > 8) {
+                free(planes);
+                free(offsets_at);
+                return -2;
+            }
+            /* one digit per byte (8 bit): the byte is the symbol, a product needs no table */
+            pl->table_at = pl->per_byte == 1 ? -1 : n_tables;
+            if (pl->per_byte > 1) n_tables += m * (int64_t)pl->row_bytes * TABLE;
         }
         offsets_at[u] = ui[5] ? n_offsets : -1;
         if (ui[5]) n_offsets += out_f + 1;
@@ -170,7 +184,7 @@ int wq_packed_gemv(int64_t m, const float *x, int64_t in_f, int64_t out_f, int64
                 continue;
             }
             const plane_t *pl = &planes[2 * u + p];
-            if (!pl->bytes) continue;
+            if (!pl->bytes || pl->table_at < 0) continue;
             build_table(scratch + pl->table_at + t * (int64_t)pl->row_bytes * TABLE, xu, ui[1], pl->radix, pl->per_byte,
                         pl->row_bytes);
         }
@@ -192,8 +206,13 @@ int wq_packed_gemv(int64_t m, const float *x, int64_t in_f, int64_t out_f, int64
                     float s = 0.0f;
                     for (int32_t p = 0; p < uj[0]; p++) {
                         const plane_t *pl = &planes[2 * u + p];
-                        const float *table = scratch + pl->table_at + t * (int64_t)pl->row_bytes * TABLE;
-                        s += (float)pl->multiplier * gather_sum(table, pl->bytes + r * (int64_t)pl->row_bytes, pl->row_bytes);
+                        const uint8_t *row = pl->bytes + r * (int64_t)pl->row_bytes;
+                        if (pl->table_at < 0) {
+                            s += (float)pl->multiplier * byte_dot(x + t * in_f + ui[0], row, pl->row_bytes);
+                        } else {
+                            const float *table = scratch + pl->table_at + t * (int64_t)pl->row_bytes * TABLE;
+                            s += (float)pl->multiplier * gather_sum(table, row, pl->row_bytes);
+                        }
                     }
                     float out = alpha * (a * s + b * xsum[u * m + t]);
                     if (starts) { /* the planes held symbol 0 (weight alpha * b) where an outlier is */

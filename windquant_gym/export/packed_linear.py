@@ -28,9 +28,10 @@ loader reads again. The forward has two paths, chosen per call by the number of 
 On the CPU the table path runs as one call per module of a native kernel (:mod:`.native_gemv`,
 ``packed_gemv.c``, compiled at first use; the same arithmetic, the outlier correction folded into
 its row loop, in float32), up to :attr:`PackedLinear.native_max_tokens` tokens; as tensor ops
-where it cannot be built and on CUDA. The tensor-op paths run on any device; at most one unit's
-tile or table is alive at a time (the native kernel holds every unit's tables of one call: a few
-hundred KB per token).
+where it cannot be built, on CUDA, under autograd (an input that needs a gradient), tracing and
+``torch.compile``. The tensor-op paths run on any device; at most one unit's tile or table is
+alive at a time (the native kernel holds every unit's tables of one call: 256 floats per code
+byte of a row, e.g. 64 KB per 2-bit unit of 256 columns and token; 8-bit units need none).
 """
 
 from __future__ import annotations
@@ -343,9 +344,10 @@ class PackedLinear(nn.Module):
             self.prepare()
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)
-        # the kernel has no backward: where a gradient must flow to x, the tensor-op path runs
-        wants_grad = torch.is_grad_enabled() and x2.requires_grad
-        eligible = x2.shape[0] <= self.native_max_tokens and x2.device.type == "cpu" and not wants_grad
+        # the kernel has no backward and is invisible to tracing and compilation: the tensor ops then
+        opaque_ok = not (torch.is_grad_enabled() and x2.requires_grad) and not torch.jit.is_tracing() and not (
+            torch.compiler.is_compiling())
+        eligible = x2.shape[0] <= self.native_max_tokens and x2.device.type == "cpu" and opaque_ok
         library = native_gemv.load() if eligible else None
         native = self._native_args() if library is not None else None
         if native is not None:  # the fused kernel works in float32
@@ -410,8 +412,11 @@ class PackedLinear(nn.Module):
             return
         status = library.wq_packed_gemv(x.shape[0], x.data_ptr(), self.in_features, self.out_features, args["n_units"],
                                         *args["pointers"], y.data_ptr(), torch.get_num_threads())
-        if status != 0:
+        if status == -1:
             raise MemoryError(f"windquant's native decode kernel could not allocate its tables ({x.shape[0]} tokens).")
+        if status != 0:
+            raise ExportFormatError(f"windquant's native decode kernel refused this module's planes (status {status}); "
+                                    f"set {native_gemv.ENV_VAR}=off and report it.")
 
     def _native_args(self) -> Optional[dict]:
         """Per unit, what the kernel reads (columns, addresses of its fp16 scales and of its
@@ -426,8 +431,8 @@ class PackedLinear(nn.Module):
         if any(buffers[scales_name(g.fmt.label)].dtype != torch.float16 for g in self._groups) or (
                 self._outlier_units and buffers[outlier_name("scales")].dtype != torch.float16):
             return None
-        if not all(t.is_contiguous() for t in buffers.values() if t is not None):
-            return None  # the kernel reads rows by address arithmetic
+        if not all(t.is_contiguous() and t.device.type == "cpu" for t in buffers.values() if t is not None):
+            return None  # the kernel reads host memory, rows by address arithmetic
         i64, i32, f32, outlier_scales = [], [], [], []
         for group in self._groups:
             a, b = group.fmt.weight_affine
