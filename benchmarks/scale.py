@@ -174,18 +174,14 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     record.update(units=len(units), proxy_tokens=int(blocks.numel()), proxy_gflop=linear_gflop(model, blocks))
     print(f"{size}: {record['weights'] / 1e6:.0f}M decoder Linear weights, {len(units)} units, "
           f"proxy {tuple(blocks.shape)}, {record['proxy_gflop']:.0f} GFLOP per pass", flush=True)
-    from windquant_gym.memory import choose_stream, estimate_memory
+    from windquant_gym.memory import resolve_stream
     from windquant_gym.quant.units import module_names
-
-    def estimate_for(streamed: bool):  # what QuantProblem.build checks (streamed: the proxy as one batch)
-        return estimate_memory(model, module_names(units), config.chunk_size, batch_size=n if streamed else 8,
-                               seq_len=length, salient_rate=config.salient_rate, stream=streamed)
 
     # auto: what QuantProblem.build(stream="auto") decides (on the CPU: when memory is short), and 8B always
     # (on a GPU the table stays in host memory, each layer assembled as it runs)
-    streamed = ((size == "8b" or choose_stream(estimate_for(False), estimate_for(True), device)) if stream == "auto"
-                else stream == "on")
-    estimate = estimate_for(streamed)
+    wanted = {"on": True, "off": False}.get(stream, True if size == "8b" else "auto")
+    streamed, estimate = resolve_stream(model, module_names(units), config.chunk_size, batch_size=8, n_blocks=n,
+                                        seq_len=length, salient_rate=config.salient_rate, stream=wanted, device=device)
     record["stream"] = streamed
     record["estimated_peak_bytes"] = estimate.peak
     record["estimate_parts_bytes"] = {"resident": estimate.resident, **estimate.parts()}

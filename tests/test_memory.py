@@ -112,7 +112,7 @@ def test_auto_streams_when_memory_is_short_and_measures_the_same(tiny, tiny_prob
     # tiny-llama: the build's scratch is its peak, streaming lowers nothing, so auto does not stream
     assert not tiny_problem.stream
     model, tokenizer = tiny
-    monkeypatch.setattr(wq.problem, "choose_stream", lambda *args, **kwargs: True)  # what a short machine decides
+    monkeypatch.setattr(memory, "choose_stream", lambda *args, **kwargs: True)  # what a short machine decides
     streamed_problem = wq.QuantProblem.build(model, tokenizer, "wiki-sample", tiny_problem.table.config, n_samples=8,
                                              seq_len=64, cache=tmp_path / "cache", progress=False)
     assert streamed_problem.stream

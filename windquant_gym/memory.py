@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -213,6 +213,27 @@ def choose_stream(whole: MemoryEstimate, streamed: MemoryEstimate, device: torch
         return False
     available = available_memory_bytes() if available is None else available
     return available is not None and whole.additional > AUTO_STREAM_SHARE * available
+
+
+def resolve_stream(model: nn.Module, module_names: List[str], chunk_size: int, *, batch_size: int, n_blocks: int,
+                   seq_len: int, salient_rate: float = 0.0, stream: bool | str = "auto",
+                   device: torch.device | str = "cpu") -> Tuple[bool, MemoryEstimate]:
+    """``stream`` (True, False or ``"auto"``: :func:`choose_stream`) resolved for a problem of
+    ``n_blocks`` proxy blocks, with the estimate that goes with it. A streamed pass runs every
+    block as one batch (each forward re-assembles every layer), so its activations are
+    estimated at ``n_blocks``, the whole-model pass's at ``batch_size``."""
+    if not (isinstance(stream, bool) or stream == "auto"):
+        raise ConfigError(f"stream must be True, False or 'auto', got {stream!r}; 'auto' streams when memory is short.")
+
+    def estimate(streamed: bool) -> MemoryEstimate:
+        return estimate_memory(model, module_names, chunk_size, batch_size=n_blocks if streamed else batch_size,
+                               seq_len=seq_len, salient_rate=salient_rate, stream=streamed)
+
+    if stream != "auto":
+        return stream, estimate(stream)
+    whole, streamed = estimate(False), estimate(True)
+    chosen = choose_stream(whole, streamed, device)
+    return chosen, streamed if chosen else whole
 
 
 def check_memory(estimate: MemoryEstimate, device: torch.device | str = "cpu", available: Optional[int] = None) -> None:

@@ -20,7 +20,7 @@ from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks
 from .errors import ConfigError
 from .compute.kernels import check_proxy_dtype, proxy_precision, warn_if_bf16_is_emulated
-from .memory import check_memory, choose_stream, estimate_memory
+from .memory import check_memory, resolve_stream
 from .eval.divergence import DEFAULT_TOPK, TopKReference
 from .eval.perplexity import TokenLosses, mean_nll, token_losses, topk_reference
 from .fingerprint import tensors_fingerprint
@@ -256,20 +256,9 @@ class QuantProblem:
         check_weights(model, units)
         # before the first large allocation: a model that does not fit is told so by name
         device = next(model.parameters()).device
-        if not (isinstance(stream, bool) or stream == "auto"):
-            raise ConfigError(f"stream must be True, False or 'auto', got {stream!r}; 'auto' streams when memory is short.")
-
-        def estimate(streamed: bool):  # a streamed pass runs every proxy block as one batch
-            return estimate_memory(model, module_names(units), config.chunk_size,
-                                   batch_size=spec.n_samples if streamed else batch_size, seq_len=spec.seq_len,
-                                   salient_rate=config.salient_rate, stream=streamed)
-
-        if stream == "auto":
-            whole, streamed = estimate(False), estimate(True)
-            stream = choose_stream(whole, streamed, device)
-            needed = streamed if stream else whole
-        else:
-            needed = estimate(stream)
+        stream, needed = resolve_stream(model, module_names(units), config.chunk_size, batch_size=batch_size,
+                                        n_blocks=spec.n_samples, seq_len=spec.seq_len, salient_rate=config.salient_rate,
+                                        stream=stream, device=device)
         check_memory(needed, device)
         documents = load_texts(texts, split="calibration") if isinstance(texts, (str, Path)) else texts
         blocks = sample_token_blocks(documents, tokenizer, spec.n_samples, spec.seq_len, spec.seed)
