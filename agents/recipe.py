@@ -247,6 +247,14 @@ class Recipe(_Section):
             _choice("", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.observation is not None:
             _choice("", "observation", self.observation, OBSERVATIONS)
+        if self.normalize_observation is False and (self.observation or "paper") != "action-costs":
+            # the switch belongs to ActionCostObservation; with the paper's features it did nothing
+            # (issue 21: two such runs repeated cpu's episodes exactly)
+            raise ConfigError(
+                f"normalize_observation: false only changes observation: action-costs (ActionCostObservation's "
+                f"normalisation), but the observation is {self.observation or 'paper'!r}, whose features have no such "
+                "switch; set observation: action-costs, or drop normalize_observation (hyperparameter YAML)."
+            )
         if self.reward_kind is not None:
             _choice("", "reward_kind", self.reward_kind, REWARD_KINDS)
         for name, example in (("curriculum", "curriculum: [3.0, 2.5, 2.0]"), ("sampled_targets", "sampled_targets: [1.75, 2.0, 3.5]")):

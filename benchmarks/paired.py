@@ -7,7 +7,8 @@ and training fronts (``front.json``) are read alike.
 
 ``FILE=LABEL`` appends `` [LABEL]`` to that file's allocator names; a search's rows are named with
 their budget (``search-nll @213ev``). Every row is compared with the
-reference allocator's row at the same target (median row when several seeds). Files are
+reference allocator's row at the same target (median row when several seeds), or with
+``--reference-label LABEL`` with the same allocator's row from the file labelled LABEL. Files are
 refused unless their unquantized model's window NLLs agree (the same held-out windows).
 A change whose 95% interval contains 0 is written "tie".
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -49,10 +49,20 @@ def read_rows(path: Path, label: Optional[str]) -> tuple:
     return kept, unquantized
 
 
+def _same_allocator(name: str, label: str) -> str:
+    """``name`` with its `` [LABEL]`` replaced by `` [label]``."""
+    base = name.rsplit(" [", 1)[0] if name.endswith("]") else name
+    return f"{base} [{label}]"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", help="FILE or FILE=LABEL")
-    parser.add_argument("--reference", required=True, help="allocator name every row is compared with (after labels)")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--reference", help="allocator name every row is compared with (after labels)")
+    group.add_argument("--reference-label", metavar="LABEL",
+                       help="compare each row with the same allocator's row of the file labelled LABEL (engine A/B: "
+                            "every allocator against itself on the reference engine)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", help="write the comparisons here too")
     args = parser.parse_args(argv)
@@ -72,23 +82,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = []
     for target in sorted({r["target_bits"] for r in rows}):
         here = [r for r in rows if r["target_bits"] == target]
-        refs = sorted((r for r in here if r["allocator"] == args.reference), key=lambda r: r["heldout_ppl"])
-        if not refs:
-            continue
-        ref = refs[len(refs) // 2]  # the median seed's row
         for row in here:
+            reference = args.reference or _same_allocator(row["allocator"], args.reference_label)
+            refs = sorted((r for r in here if r["allocator"] == reference), key=lambda r: r["heldout_ppl"])
+            if not refs:
+                continue
+            ref = refs[len(refs) // 2]  # the median seed's row
             if row["windows"].shape != ref["windows"].shape:
                 raise SystemExit(f"{row['allocator']} at {target:g} bits was measured on {row['windows'].size} held-out "
                                  f"windows, {args.reference} on {ref['windows'].size}: compare files measured on the same "
                                  "windows (same --eval-windows / eval_windows).")
             result = paired_bootstrap(ref["windows"], row["windows"])
-            out.append({**{k: v for k, v in row.items() if k != "windows"}, "reference": args.reference,
+            out.append({**{k: v for k, v in row.items() if k != "windows"}, "reference": reference,
                         "reference_seed": ref["seed"], **result.to_dict()})
     header = ("target", "allocator", "seed", "evaluations", "effective", "storage", "proxy PPL", "held-out PPL",
-              f"vs {args.reference}")
+              f"vs {args.reference or f'the same allocator [{args.reference_label}]'}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] if args.markdown else []
     for r in out:
-        versus = "(reference)" if r["allocator"] == args.reference and r["seed"] == r["reference_seed"] else (
+        versus = "(reference)" if r["allocator"] == r["reference"] and r["seed"] == r["reference_seed"] else (
             describe_change(r["change"], r["low"], r["high"]))
         cells = (f"{r['target_bits']:g}", r["allocator"], "-" if r["seed"] is None else str(r["seed"]),
                  "-" if r["evaluations"] is None else f"{r['evaluations']:g}", f"{r['effective_bits']:.3f}",

@@ -17,7 +17,7 @@ import torch
 
 import windquant_gym as wq
 from windquant_gym.agents import load_hyperparams
-from windquant_gym.data import sample_token_blocks
+from windquant_gym.data import sample_token_blocks, statistics_blocks
 from windquant_gym.envs.windquant import quant_config_from_kwargs
 from windquant_gym.quant.build import build_table
 from windquant_gym.quant.units import find_units
@@ -27,6 +27,7 @@ CONFIGS = {
     "paper (round, activation metric)": dict(compensation="none", error_metric="activation"),
     "round, output metric": dict(compensation="none", error_metric="output"),
     "gptq, output metric (default)": dict(compensation="gptq", error_metric="output"),
+    "gptq, output metric, scale refit": dict(compensation="gptq", error_metric="output", scale_refit="output"),
 }
 
 
@@ -37,6 +38,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--preset", default="cpu", help="hyperparams.yml block whose env_kwargs give chunk and calibration size")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
+                        help="which configs to build (default: all): " + "; ".join(CONFIGS))
+    parser.add_argument("--statistics-blocks", type=int, nargs=2, default=[64, 256], metavar=("N", "LEN"),
+                        help="also time the calibration pass on a statistics set of N x LEN tokens apart from the "
+                             "proxy (QuantConfig.hessian_blocks / hessian_seq_len; issue 26) (default: 64 256)")
     args = parser.parse_args()
     env_kwargs = load_hyperparams(args.preset)["env_kwargs"]
     model, tokenizer = wq.load_model(args.model)
@@ -52,17 +58,25 @@ def main() -> None:
         timings[hessians] = time.perf_counter() - started
     print(f"calibration pass: {timings[False]:.2f} s without Hessians, {timings[True]:.2f} s with "
           f"({timings[True] / timings[False]:.2f}x)")
+    n, length = args.statistics_blocks
+    statistics = statistics_blocks(wq.load_texts("wiki-sample"), tokenizer, n, length, tuple(blocks.shape) + (
+        int(env_kwargs.get("seed", 0)),))
+    started = time.perf_counter()
+    wq.calibrate(model, units, statistics, progress=False)
+    elapsed = time.perf_counter() - started
+    print(f"calibration pass on the statistics set ({n} x {length}, with Hessians): {elapsed:.2f} s (paid once per "
+          f"model and set, cached; {elapsed / timings[True]:.2f}x the proxy's)")
     seconds = {}
     for _ in range(args.repeats):
-        for name, fields in CONFIGS.items():
+        for name, fields in ((n, CONFIGS[n]) for n in args.configs):
             preset = dict(env_kwargs.get("quant_config") or {}, **fields)  # e.g. the preset's damping
             config = quant_config_from_kwargs(env_kwargs["chunk_size"], env_kwargs.get("salient_rate", 0.03), preset)
             started = time.perf_counter()
             build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=False, progress=False)
             seconds[name] = time.perf_counter() - started
-    base = seconds[next(iter(CONFIGS))]
+    base_name = args.configs[0]
     for name, value in seconds.items():
-        print(f"table build, {name:34} {value:6.1f} s  ({value / base:.2f}x the paper's fit)")
+        print(f"table build, {name:34} {value:6.1f} s  ({value / seconds[base_name]:.2f}x {base_name!r})")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,17 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
         assert load_hyperparams(ablation) != cpu
     with pytest.raises(wq.UnknownNameError, match="cpu"):
         load_hyperparams("nope")
+    # an ablation must change what runs: normalisation is ActionCostObservation's switch
+    assert load_hyperparams("cpu-no-normalization") == {**cpu, "observation": "action-costs", "normalize_observation": False}
+
+
+def test_normalization_switch_without_its_observation_is_refused():
+    from windquant_gym.agents.recipe import Recipe
+
+    base = {k: v for k, v in load_hyperparams("cpu").items() if k != "normalize_observation"}
+    with pytest.raises(wq.ConfigError, match="observation: action-costs"):
+        Recipe.from_dict({**base, "normalize_observation": False})
+    assert Recipe.from_dict({**base, "observation": "action-costs", "normalize_observation": False})
 
 
 def test_maskable_ppo_trains_two_episodes(tmp_path, monkeypatch):

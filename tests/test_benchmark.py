@@ -260,3 +260,26 @@ def test_leaderboard_median_range_and_plan_of_the_lowest_proxy():
     assert aggregate(kl_rows)[0]["plan_file"] == "plans/s2.json"  # by the metric the env measured
     text = format_table(rows, markdown=True)
     assert "| search-nll | 2.000 | 300 | 297 |" in text and "250.00-300.00" in text and "| s1.json |" in text
+
+
+def test_bench_on_the_validation_split(tmp_path, monkeypatch):
+    """--eval-split validation measures on the calibration text's validation blocks (where settings
+    are chosen), not on the eval split."""
+    from windquant_gym.data import validation_blocks
+    from windquant_gym.eval.perplexity import block_nlls
+
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
+    outs = {}
+    for split in ("eval", "validation"):
+        outs[split] = tmp_path / f"{split}.json"
+        assert bench_main(["--model", "tiny-llama", "--preset", "smoke", "--target-bits", "2.0", "--eval-windows", "3",
+                           "--eval-seq-len", "64", "--allocators", "knapsack", "--eval-split", split,
+                           "--json", str(outs[split])]) == 0
+    data = {split: json.loads(path.read_text()) for split, path in outs.items()}
+    assert data["validation"]["meta"]["heldout_split"] == "validation"
+    windows = {split: d["episodes"][0]["heldout_window_nll"] for split, d in data.items()}
+    assert len(windows["validation"]) == 3 and windows["validation"] != windows["eval"]
+    # the validation rows are the unquantized model's NLL on exactly those blocks
+    model, tokenizer = wq.load_model("tiny-llama")
+    blocks = validation_blocks(wq.load_texts("wiki-sample", split="calibration"), tokenizer, 3, 64, (8, 64, 0))
+    np.testing.assert_allclose(windows["validation"], block_nlls(model, blocks).double().numpy(), rtol=1e-4)

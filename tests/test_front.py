@@ -255,3 +255,36 @@ def test_search_from_the_calibrated_knapsack_spends_its_start_out_of_the_budget(
     assert 7 < search.result.snapshots[12]["evaluations"] <= 12
     with pytest.raises(wq.ConfigError, match="start plan's 7"):
         SearchAllocator(evaluations=7.5, start="calibrated-knapsack", progress=False).make_plan(env)
+
+
+def test_paired_script_compares_each_allocator_with_itself_on_the_reference_engine(tmp_path, capsys):
+    """benchmarks/paired.py --reference-label: an engine A/B pairs knapsack with knapsack, not with another allocator."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "paired.py"
+    spec = importlib.util.spec_from_file_location("paired_script", script)
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    rng = np.random.default_rng(0)
+    base = rng.normal(4.0, 0.3, 40)
+
+    def bench(path, shifts):
+        rows = [{"allocator": "unquantized", "target_bits": None, "heldout_window_nll": (base - 1).tolist()}]
+        for name, shift in shifts.items():
+            rows.append({"allocator": name, "target_bits": 2.0, "effective_bits": 2.0, "storage_bits": 2.4,
+                         "proxy_ppl": 1.0, "heldout_ppl": float(np.exp((base + shift).mean())),
+                         "heldout_window_nll": (base + shift).tolist()})
+        path.write_text(json.dumps({"episodes": rows}))
+        return path
+
+    old = bench(tmp_path / "old.json", {"knapsack": 0.5, "calibrated-knapsack": 0.2})
+    new = bench(tmp_path / "new.json", {"knapsack": 0.4, "calibrated-knapsack": 0.2})
+    out = tmp_path / "pairs.json"
+    assert paired.main([f"{old}=old", f"{new}=new", "--reference-label", "old", "--json", str(out)]) == 0
+    pairs = {r["allocator"]: r for r in json.loads(out.read_text())}
+    assert pairs["knapsack [new]"]["reference"] == "knapsack [old]"
+    assert pairs["knapsack [new]"]["change"] == pytest.approx(math.exp(-0.1) - 1)
+    assert pairs["calibrated-knapsack [new]"]["reference"] == "calibrated-knapsack [old]"
+    assert pairs["calibrated-knapsack [new]"]["low"] == pairs["calibrated-knapsack [new]"]["high"] == 0.0  # same windows
+    assert "(reference)" in capsys.readouterr().out

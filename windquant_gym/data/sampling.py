@@ -66,14 +66,75 @@ def sample_token_blocks(
             f"text for {n_samples} blocks of {seq_len} tokens, e.g. the corpus 'wiki-sample'."
         )
     stream = token_stream(texts, tokenizer)
-    windows = len(stream) // seq_len
+    starts = _block_starts(len(stream), n_samples, seq_len, seed)
+    return torch.stack([stream[i : i + seq_len] for i in starts])
+
+
+def _block_starts(n_tokens: int, n_samples: int, seq_len: int, seed: int) -> np.ndarray:
+    """Token offsets of :func:`sample_token_blocks`' blocks, ascending."""
+    windows = n_tokens // seq_len
     if windows < n_samples:
         raise DataError(
-            f"The text gives {len(stream)} tokens: {windows} blocks of {seq_len}, fewer than the {n_samples} "
+            f"The text gives {n_tokens} tokens: {windows} blocks of {seq_len}, fewer than the {n_samples} "
             f"requested. Give more text, or lower n_samples / seq_len."
         )
-    picked = np.sort(np.random.default_rng(seed).choice(windows, size=n_samples, replace=False))
-    return torch.stack([stream[i * seq_len : (i + 1) * seq_len] for i in picked])
+    return np.sort(np.random.default_rng(seed).choice(windows, size=n_samples, replace=False)) * seq_len
+
+
+#: The calibration text's last fifth (by tokens) is kept for validation: the statistics set
+#: (:func:`statistics_blocks`) is drawn from the first four fifths, the validation blocks
+#: (:func:`validation_blocks`) from the last, and neither overlaps a proxy block, so choices
+#: made on validation are made on text no fit and no proxy pass has read.
+VALIDATION_SHARE = 0.2
+#: Seeds of the two draws, apart from the proxy's (``seed``): same text, other blocks.
+_STATISTICS_SEED, _VALIDATION_SEED = 1_000_003, 2_000_003
+
+
+def split_starts(n_tokens: int, n_samples: int, seq_len: int, proxy: tuple, validation: bool) -> np.ndarray:
+    """Token offsets (ascending) of :func:`statistics_blocks` (``validation=False``) or
+    :func:`validation_blocks` in a calibration stream of ``n_tokens``: ``n_samples`` windows of
+    ``seq_len`` from the split's region, none overlapping a proxy block ``proxy = (n, L, seed)``."""
+    if n_samples < 1 or seq_len < 2:
+        raise DataError(f"Need n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}; e.g. 64 x 256.")
+    proxy_samples, proxy_len, proxy_seed = proxy
+    avoid = _block_starts(n_tokens, proxy_samples, proxy_len, proxy_seed)
+    cut = int(n_tokens * (1.0 - VALIDATION_SHARE))
+    lo, hi = (cut, n_tokens) if validation else (0, cut)
+    starts = lo + np.arange((hi - lo) // seq_len) * seq_len
+    # a block [s, s + L) meets a proxy block [a, a + P) unless s + L <= a or a + P <= s
+    clear = np.ones(len(starts), dtype=bool)
+    for a in avoid:
+        clear &= (starts + seq_len <= a) | (a + proxy_len <= starts)
+    candidates = starts[clear]
+    if len(candidates) < n_samples:
+        what = "validation split" if validation else "statistics set"
+        raise DataError(
+            f"The {what} needs {n_samples} blocks of {seq_len} tokens that do not overlap the proxy's blocks, but the "
+            f"text has room for only {len(candidates)}; give more calibration text, or fewer / shorter blocks."
+        )
+    seed = (_VALIDATION_SEED if validation else _STATISTICS_SEED) + proxy_seed
+    return np.sort(np.random.default_rng(seed).choice(candidates, size=n_samples, replace=False))
+
+
+def statistics_blocks(texts: Sequence[str], tokenizer, n_samples: int, seq_len: int, proxy: tuple) -> torch.Tensor:
+    """``[n_samples, seq_len]`` blocks for the activation scales and Hessian blocks when they are
+    measured apart from the proxy (:attr:`QuantConfig.hessian_blocks`): from the first
+    ``1 - VALIDATION_SHARE`` of the calibration text, disjoint from the proxy's blocks
+    ``proxy = (n_samples, seq_len, seed)`` and from :func:`validation_blocks`."""
+    return _split_blocks(texts, tokenizer, n_samples, seq_len, proxy, validation=False)
+
+
+def validation_blocks(texts: Sequence[str], tokenizer, n_samples: int, seq_len: int, proxy: tuple) -> torch.Tensor:
+    """``[n_samples, seq_len]`` blocks of the calibration text's last ``VALIDATION_SHARE``, disjoint
+    from the proxy's blocks ``proxy = (n_samples, seq_len, seed)`` and from :func:`statistics_blocks`:
+    where settings are chosen (never on the eval split)."""
+    return _split_blocks(texts, tokenizer, n_samples, seq_len, proxy, validation=True)
+
+
+def _split_blocks(texts, tokenizer, n_samples: int, seq_len: int, proxy: tuple, validation: bool) -> torch.Tensor:
+    stream = token_stream(_documents(texts), tokenizer)
+    starts = split_starts(len(stream), n_samples, seq_len, proxy, validation)
+    return torch.stack([stream[i : i + seq_len] for i in starts])
 
 
 def eval_windows(texts: Sequence[str], tokenizer, seq_len: int = 256, max_windows: int | None = None) -> torch.Tensor:

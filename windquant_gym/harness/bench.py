@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import gymnasium as gym
 
-from ..data import eval_windows, load_texts
+from ..data import eval_windows, load_texts, validation_blocks
 from ..errors import ConfigError, UnknownNameError
 from ..envs import ENV_ID
 from ..eval.divergence import PROXY_METRICS
@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "calibrated knapsack (else the knapsack) at its target by a paired bootstrap over them "
                              "(default: %(default)s)")
     parser.add_argument("--eval-seq-len", type=int, default=256)
+    parser.add_argument("--eval-split", choices=("eval", "validation"), default="eval",
+                        help="where the held-out windows come from: 'eval', the wiki-sample eval split (what results "
+                             "report); 'validation', the calibration text's validation split (its last fifth, no proxy "
+                             "block in it: windquant_gym.data.validation_blocks), where settings are chosen "
+                             "(default: %(default)s)")
     parser.add_argument("--hqq", action="store_true", help="add HQQ uniform rows (pip install hqq)")
     parser.add_argument("--hqq-settings", nargs="+", metavar="BITS:GROUP",
                         help="HQQ settings, e.g. 4:64 3:64 2:64 (default: 4:64 4:128 3:64 3:128 2:32 2:64)")
@@ -183,7 +188,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = gym.make(ENV_ID, model=args.model, seed=seed, **env_kwargs)
     problem = env.unwrapped.problem
     policy_views = {label: _policy_view(env, model, path) for (label, model), path in zip(policies.items(), args.policy)}
-    held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, args.eval_seq_len, args.eval_windows)
+    if args.eval_split == "eval":
+        held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, args.eval_seq_len,
+                                args.eval_windows)
+    else:
+        spec = problem.spec
+        held_out = validation_blocks(load_texts(spec.calibration, split="calibration"), problem.tokenizer,
+                                     args.eval_windows, args.eval_seq_len, (spec.n_samples, spec.seq_len, spec.seed))
     json_path = Path(args.json)
     plans_dir = json_path.parent / f"{json_path.stem}_plans"
     rows: List[Dict[str, Any]] = []
@@ -254,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "search_start": args.search_start,
             "search_configs": {n: _search_config(SEARCH_FITNESS[n], max(args.evaluations)).to_dict()
                                for n in names if n in SEARCH_FITNESS},
-            "heldout_tokens": int(held_out.numel()),
+            "heldout_tokens": int(held_out.numel()), "heldout_split": args.eval_split,
             "plans": str(plans_dir), "seconds": time.perf_counter() - started}
     if args.zero_shot:
         meta["zero_shot"] = {"tasks": args.zero_shot, "limit": args.zero_shot_limit, "task_dirs": args.task_dir,

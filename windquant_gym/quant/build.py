@@ -34,7 +34,7 @@ def describe_model(model: nn.Module) -> str:
 
 def needs_hessians(config: QuantConfig) -> bool:
     """Whether building a table with ``config`` reads the calibration's Hessian blocks."""
-    return config.compensation != "none" or config.error_metric == "output"
+    return config.compensation != "none" or config.error_metric == "output" or config.scale_refit != "none"
 
 
 def table_fingerprint(
@@ -152,9 +152,10 @@ def _check_hessians(model, units: List[Unit], hessians, config: QuantConfig) -> 
     """Every module needs finite ``[n_chunks, chunk_size, chunk_size]`` blocks at the config's chunk size."""
     if not hessians:
         raise ConfigError(
-            f"QuantConfig(compensation={config.compensation!r}, error_metric={config.error_metric!r}) needs the "
-            "calibration's Hessian blocks: pass hessians=calibration.hessians (calibrate() collects them), or use "
-            "QuantConfig(compensation='none', error_metric='activation'), which needs only act_scales."
+            f"QuantConfig(compensation={config.compensation!r}, error_metric={config.error_metric!r}, "
+            f"scale_refit={config.scale_refit!r}) needs the calibration's Hessian blocks: pass "
+            "hessians=calibration.hessians (calibrate() collects them), or use QuantConfig(compensation='none', "
+            "error_metric='activation', scale_refit='none'), which needs only act_scales."
         )
     for name in module_names(units):
         hessian = hessians.get(name)

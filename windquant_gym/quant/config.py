@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Tuple
 
 from ..errors import ConfigError
@@ -23,6 +23,8 @@ _LOSSES = ("activation", "plain")
 COMPENSATIONS = ("none", "gptq")
 #: Which error of a unit the allocators and the env's features read (``QuantTable.rel_error``).
 ERROR_METRICS = ("activation", "output")
+#: What happens to each row's scale once its codes are chosen (see :func:`.fitting.refit_scales`).
+SCALE_REFITS = ("none", "output")
 #: Version 1 configs (before ``compensation``/``damping``/``error_metric``) meant these.
 _VERSION_1 = {"compensation": "none", "damping": 0.01, "error_metric": "activation"}
 CONFIG_VERSION = 2
@@ -65,6 +67,18 @@ class QuantConfig:
     """The unit error allocators and features read: 'output', ``mean_t ||(W - Q) x_t||^2`` on the
     calibration tokens (what compensation minimises); 'activation', ``||(W - Q) diag(s)||^2``
     with ``s = mean |x|`` (AWQ-style; the paper-era metric)."""
+    hessian_blocks: int = 0
+    """Token blocks of a statistics set measured apart from the proxy, for the activation scales and
+    the Hessian blocks (``hessian_seq_len`` tokens each; drawn from the calibration text, disjoint
+    from the proxy's blocks and from the validation split: :func:`windquant_gym.data.statistics_blocks`).
+    0: both come from the proxy's own blocks (the paper; the presets before issue 26)."""
+    hessian_seq_len: int = 256
+    """Tokens per block of the statistics set (only read when ``hessian_blocks > 0``)."""
+    scale_refit: str = "none"
+    """'output': once a row's codes are chosen (by compensation or rounding), its scale is set to
+    the least-squares one for those codes, ``alpha = q^T H r / q^T H q`` (the output error's
+    minimum), and kept only where the stored (fp16) scale lowers that row's output error.
+    'none': the scale fitted before the codes are chosen (the paper)."""
     version: int = CONFIG_VERSION
     """Bumped when what the table holds for the same fields changes (2: compensation,
     damping, error_metric; a version-1 dict reads as compensation 'none', metric 'activation')."""
@@ -92,6 +106,18 @@ class QuantConfig:
             raise ConfigError(f"damping must be a positive finite number, got {self.damping!r}; GPTQ uses 0.01.")
         if self.error_metric not in ERROR_METRICS:
             raise ConfigError(f"error_metric must be one of {ERROR_METRICS}, got {self.error_metric!r}.")
+        if not isinstance(self.hessian_blocks, int) or isinstance(self.hessian_blocks, bool) or self.hessian_blocks < 0:
+            raise ConfigError(
+                f"hessian_blocks must be an integer >= 0, got {self.hessian_blocks!r}; 0 measures the statistics on the "
+                "proxy's blocks, e.g. 64 (with hessian_seq_len 256) on 16k tokens of their own."
+            )
+        hessian_seq_len = positive_int(self.hessian_seq_len, "hessian_seq_len", "e.g. 256")
+        if hessian_seq_len < 2:
+            raise ConfigError(f"hessian_seq_len must be at least 2 tokens, got {self.hessian_seq_len!r}; e.g. 256.")
+        if self.scale_refit not in SCALE_REFITS:
+            raise ConfigError(
+                f"scale_refit must be one of {SCALE_REFITS}, got {self.scale_refit!r}; 'none' is the paper's fit."
+            )
         if self.version != CONFIG_VERSION:
             raise ConfigError(
                 f"QuantConfig version must be {CONFIG_VERSION}, got {self.version!r}; build configs from their "
@@ -114,6 +140,7 @@ class QuantConfig:
         object.__setattr__(self, "fallback_thresholds", thresholds)
         object.__setattr__(self, "salient_rate", salient_rate)
         object.__setattr__(self, "damping", damping)
+        object.__setattr__(self, "hessian_seq_len", hessian_seq_len)
 
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)

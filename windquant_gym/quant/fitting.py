@@ -22,7 +22,7 @@ import torch
 from .bitwidths import BIT_WIDTHS, N_ACTIONS, SKIP_ACTION
 from .compensation import activation_order, compensated_codes, inverse_cholesky, permute_columns, permute_square
 from .config import QuantConfig
-from .quantizers import dequantize_codes, fit_scales, int8_outliers, protect_salient
+from .quantizers import dequantize_codes, fit_scales, int8_outliers, protect_salient, to_fp16_scale
 
 #: The non-skip actions, in action-index order.
 QUANT_ACTIONS = range(1, N_ACTIONS)
@@ -85,9 +85,12 @@ def fit_units(
         if config.compensation == "gptq":
             ordered = compensated_codes(w_ordered, fit.alpha, spec, hinv, protected_ordered, outliers_ordered)
             action_codes = permute_columns(ordered, restore)
-        record(action, torch.where(protected, outliers, dequantize_codes(action_codes, fit.alpha, spec)))
+        alpha = fit.alpha
+        if config.scale_refit == "output":
+            alpha = refit_scales(w, action_codes, alpha, spec, hessian, keep, outliers)
+        record(action, torch.where(protected, outliers, dequantize_codes(action_codes, alpha, spec)))
         codes.append(action_codes)
-        scales.append(fit.alpha)
+        scales.append(alpha)
     energy_output = (np.full(n_units, np.nan) if hessian is None
                      else (torch.bmm(w, hessian) * w).sum(dim=(1, 2)).double().cpu().numpy())
     return FittedUnits(
@@ -103,6 +106,33 @@ def fit_units(
         energy_act=((w * s) ** 2).sum(dim=(1, 2)).double().cpu().numpy(),
         energy_output=energy_output,
     )
+
+
+def refit_scales(w: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, spec, hessian: torch.Tensor,
+                 keep: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
+    """Per row, the scale that minimises the output error of the given ``codes``.
+
+    With the INT8 outliers fixed, a row stores ``outliers + alpha * v`` (``v`` its levels
+    ``(k + shift) / divisor`` on the unprotected weights, 0 on the protected ones), so its output
+    error ``(r - alpha v) H (r - alpha v)^T`` with ``r = w - outliers`` is a parabola in ``alpha``
+    whose minimum is ``alpha* = v H r^T / v H v^T``. The codes were chosen for the fitted scale
+    (compensation moves every later column with it), so ``alpha*`` is a refit, not a new fit:
+    rounded to fp16 it replaces ``alpha`` only where it lowers that row's output error, so no
+    row ever gets worse. Rows with ``v H v^T = 0`` or a non-positive ``alpha*`` keep ``alpha``.
+    Tensors ``[U, O, G]``, ``alpha [U, O, 1]``, ``hessian [U, G, G]``."""
+    levels = (codes.float() + spec.shift) / spec.divisor * keep
+    residual = w - outliers
+    projected = torch.bmm(levels, hessian)
+    numerator = (projected * residual).sum(dim=-1, keepdim=True)
+    denominator = (projected * levels).sum(dim=-1, keepdim=True)
+    usable = (denominator > 0) & (numerator > 0)
+    candidate = to_fp16_scale(torch.where(usable, numerator / torch.where(usable, denominator, 1.0), alpha))
+
+    def row_error(scale: torch.Tensor) -> torch.Tensor:
+        diff = residual - scale * levels
+        return (torch.bmm(diff, hessian) * diff).sum(dim=-1, keepdim=True)
+
+    return torch.where(row_error(candidate) < row_error(alpha), candidate, alpha)
 
 
 def _errors(w: torch.Tensor, approx: torch.Tensor, s: torch.Tensor, hessian: Optional[torch.Tensor]):
