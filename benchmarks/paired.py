@@ -90,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             ref = refs[len(refs) // 2]  # the median seed's row
             if row["windows"].shape != ref["windows"].shape:
                 raise SystemExit(f"{row['allocator']} at {target:g} bits was measured on {row['windows'].size} held-out "
-                                 f"windows, {args.reference} on {ref['windows'].size}: compare files measured on the same "
+                                 f"windows, {reference} on {ref['windows'].size}: compare files measured on the same "
                                  "windows (same --eval-windows / eval_windows).")
             result = paired_bootstrap(ref["windows"], row["windows"])
             out.append({**{k: v for k, v in row.items() if k != "windows"}, "reference": reference,

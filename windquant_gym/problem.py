@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .cache import atomic_path, load_or_build, source_version
 from .calibration import Calibration, calibrate
-from .data import load_texts, sample_token_blocks, statistics_blocks
+from .data import load_texts, sample_token_blocks, statistics_blocks, token_stream
 from .errors import ConfigError
 from .compute.kernels import check_proxy_dtype, proxy_precision, warn_if_bf16_is_emulated
 from .memory import check_memory, resolve_stream
@@ -260,19 +260,19 @@ class QuantProblem:
         # before the first large allocation: a model that does not fit is told so by name
         device = next(model.parameters()).device
         stream, needed = resolve_stream(model, module_names(units), config.chunk_size, batch_size=batch_size,
-                                        n_blocks=spec.n_samples, seq_len=max(spec.seq_len, config.hessian_seq_len if
-                                                                             config.hessian_blocks else 0),
-                                        salient_rate=config.salient_rate,
+                                        n_blocks=spec.n_samples, seq_len=spec.seq_len, salient_rate=config.salient_rate,
                                         stream=stream, device=device)
         check_memory(needed, device)
         documents = load_texts(texts, split="calibration") if isinstance(texts, (str, Path)) else texts
-        blocks = sample_token_blocks(documents, tokenizer, spec.n_samples, spec.seq_len, spec.seed)
+        stream_of_tokens = token_stream(documents, tokenizer) if config.hessian_blocks else None  # tokenized once
+        blocks = sample_token_blocks(documents, tokenizer, spec.n_samples, spec.seq_len, spec.seed, stream=stream_of_tokens)
         calibration = _cached_calibration(model, units, blocks, batch_size, cache, progress)
         if config.hessian_blocks:
-            # scales and Hessians from their own, larger text; the proxy's NLL stays the proxy's
+            # scales and Hessians from their own, larger text; the proxy's NLL stays the proxy's. (The
+            # statistics pass runs before the table exists, so it adds nothing to the estimated peak.)
             statistics = _cached_calibration(model, units, statistics_blocks(
-                documents, tokenizer, config.hessian_blocks, config.hessian_seq_len, (spec.n_samples, spec.seq_len, spec.seed)),
-                batch_size, cache, progress)
+                documents, tokenizer, config.hessian_blocks, config.hessian_seq_len, (spec.n_samples, spec.seq_len, spec.seed),
+                stream=stream_of_tokens), batch_size, cache, progress)
             calibration = replace(statistics, nll=calibration.nll, n_tokens=calibration.n_tokens)
         table = build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=cache, progress=progress,
                             storage_device=table_device, units=units)

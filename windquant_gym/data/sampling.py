@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,10 +51,13 @@ def token_stream(texts: Sequence[str], tokenizer) -> torch.Tensor:
 
 
 def sample_token_blocks(
-    texts: Sequence[str], tokenizer, n_samples: int = 64, seq_len: int = 256, seed: int = 0
+    texts: Sequence[str], tokenizer, n_samples: int = 64, seq_len: int = 256, seed: int = 0,
+    stream: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``[n_samples, seq_len]`` token blocks: distinct non-overlapping windows of the token
-    stream, chosen by a seeded generator (same seed, same blocks) and kept in text order."""
+    stream, chosen by a seeded generator (same seed, same blocks) and kept in text order.
+    ``stream``: ``token_stream(texts, tokenizer)`` when the caller has it already (it is then
+    not tokenized again)."""
     if n_samples < 1 or seq_len < 2:
         raise DataError(
             f"Need n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}; the paper uses 64 x 256."
@@ -65,7 +68,7 @@ def sample_token_blocks(
             f"The calibration text is empty ({len(texts)} documents, none with any non-blank text); give "
             f"text for {n_samples} blocks of {seq_len} tokens, e.g. the corpus 'wiki-sample'."
         )
-    stream = token_stream(texts, tokenizer)
+    stream = token_stream(texts, tokenizer) if stream is None else stream
     starts = _block_starts(len(stream), n_samples, seq_len, seed)
     return torch.stack([stream[i : i + seq_len] for i in starts])
 
@@ -116,23 +119,27 @@ def split_starts(n_tokens: int, n_samples: int, seq_len: int, proxy: tuple, vali
     return np.sort(np.random.default_rng(seed).choice(candidates, size=n_samples, replace=False))
 
 
-def statistics_blocks(texts: Sequence[str], tokenizer, n_samples: int, seq_len: int, proxy: tuple) -> torch.Tensor:
+def statistics_blocks(texts: Sequence[str], tokenizer, n_samples: int, seq_len: int, proxy: tuple,
+                      stream: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[n_samples, seq_len]`` blocks for the activation scales and Hessian blocks when they are
     measured apart from the proxy (:attr:`QuantConfig.hessian_blocks`): from the first
     ``1 - VALIDATION_SHARE`` of the calibration text, disjoint from the proxy's blocks
-    ``proxy = (n_samples, seq_len, seed)`` and from :func:`validation_blocks`."""
-    return _split_blocks(texts, tokenizer, n_samples, seq_len, proxy, validation=False)
+    ``proxy = (n_samples, seq_len, seed)`` and from :func:`validation_blocks`. ``stream`` as for
+    :func:`sample_token_blocks`."""
+    return _split_blocks(texts, tokenizer, n_samples, seq_len, proxy, False, stream)
 
 
 def validation_blocks(texts: Sequence[str], tokenizer, n_samples: int, seq_len: int, proxy: tuple) -> torch.Tensor:
     """``[n_samples, seq_len]`` blocks of the calibration text's last ``VALIDATION_SHARE``, disjoint
     from the proxy's blocks ``proxy = (n_samples, seq_len, seed)`` and from :func:`statistics_blocks`:
     where settings are chosen (never on the eval split)."""
-    return _split_blocks(texts, tokenizer, n_samples, seq_len, proxy, validation=True)
+    return _split_blocks(texts, tokenizer, n_samples, seq_len, proxy, True)
 
 
-def _split_blocks(texts, tokenizer, n_samples: int, seq_len: int, proxy: tuple, validation: bool) -> torch.Tensor:
-    stream = token_stream(_documents(texts), tokenizer)
+def _split_blocks(texts, tokenizer, n_samples: int, seq_len: int, proxy: tuple, validation: bool,
+                  stream: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if stream is None:
+        stream = token_stream(_documents(texts), tokenizer)
     starts = split_starts(len(stream), n_samples, seq_len, proxy, validation)
     return torch.stack([stream[i : i + seq_len] for i in starts])
 
