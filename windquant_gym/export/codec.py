@@ -22,6 +22,17 @@ from .layout import FP16_NAME, ModuleLayout, codes_name, outlier_name, scales_na
 from .packing import field_bits, pack_fields, unpack_fields
 
 
+def check_exportable(table: QuantTable) -> None:
+    """Refuse a table whose operators the packed format does not store: the asymmetric grid's
+    zero points have no packed form yet (its codes would be read as the symmetric ones)."""
+    if table.config.grid != "symmetric":
+        raise ExportFormatError(
+            f"The packed export stores the symmetric grid only; this table has grid={table.config.grid!r} (its 2-4 bit "
+            "units carry a zero point per row). Evaluate it in place (windquant bench, windquant_gym.quantized_weights), or build the "
+            "table with QuantConfig(grid='symmetric') to export."
+        )
+
+
 def _used_actions(stored: Sequence[int]) -> List[int]:
     return sorted({a for a in stored if a != SKIP_ACTION})
 
@@ -33,6 +44,7 @@ def encode_module(
     """Packed tensors (by local name, see :mod:`.layout`) and layout of one module (``units``
     in column order, ``actions`` requested per unit, ``original`` the module's weight, read
     for skipped units)."""
+    check_exportable(table)
     module = units[0].module
     out_f, in_f = original.shape
     chunk_size = table.config.chunk_size

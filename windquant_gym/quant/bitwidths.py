@@ -16,13 +16,20 @@ in :data:`BIT_WIDTHS`. Formulas follow ParetoQ (``models/utils_quant.py``):
 
 ``bits`` is what the paper's effective-bit formula charges; ``stored_bits`` is what a
 packed file spends per code (ternary packs 5 trits per byte: 8/5 = 1.6 bits).
+
+The asymmetric grid (:data:`ASYMMETRIC_BIT_WIDTHS`, ``QuantConfig.grid="asymmetric"``, issue 26)
+replaces the 2-, 3- and 4-bit operators by the affine one GPTQ, AWQ and HQQ use at those widths:
+``k = clamp(round(W / alpha + z), 0, 2^b - 1)``, ``Q = alpha * (k - z)``, with a zero point ``z``
+(fp16, in code units) stored per row of a unit beside its scale: the same one form with a per-row
+``shift`` of ``-z``. Its storage pays 16 more bits per row of a unit; its effective bits (eq. 6) do
+not change.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError
 
@@ -74,12 +81,15 @@ class BitWidth:
     clip: Optional[float]
     """SEQ clamps ``W/alpha`` to +-clip before scaling; None for the others."""
     init: str
-    """'mean_abs' or 'max_abs'; LSQ divides max_abs by ``code_max``."""
+    """'mean_abs', 'max_abs' (LSQ divides it by ``code_max``) or 'min_max' (affine)."""
+    zero_point: bool = False
+    """A zero point ``z`` per row of a unit is stored beside the scale (fp16, code units):
+    ``Q = alpha * (k + shift - z) / divisor``; without one ``z`` is 0."""
 
     @property
     def levels(self) -> Tuple[float, ...]:
         """The values ``Q / alpha`` can take, ascending."""
-        codes = range(self.code_min, self.code_max + 1)
+        codes = range(self.code_min, self.code_max + 1)  # with a zero point: before subtracting z
         if self.operator == "binary":
             codes = (-1, 1)
         return tuple((k + self.shift) / self.divisor for k in codes)
@@ -90,16 +100,46 @@ def _lsq(bits: int) -> BitWidth:
     return BitWidth(bits, bits, "lsq", 1.0, 0.0, -top - 1, top, None, "max_abs")
 
 
-#: Indexed like ACTION_BITS; entry 0 (skip) is None.
+def _affine(bits: int) -> BitWidth:
+    return BitWidth(bits, bits, "affine", 1.0, 0.0, 0, 2**bits - 1, None, "min_max", zero_point=True)
+
+
+_TERNARY = BitWidth(1.58, 1.6, "seq", 1.5, 0.0, -1, 1, 0.99, "max_abs")
+_BINARY = BitWidth(1, 1, "binary", 1.0, 0.0, -1, 1, None, "mean_abs")
+
+#: Indexed like ACTION_BITS; entry 0 (skip) is None. The paper's (symmetric) operators.
 BIT_WIDTHS: Tuple[Optional[BitWidth], ...] = (
     None,
     _lsq(8),
     _lsq(4),
     _lsq(3),
     BitWidth(2, 2, "seq", 2.0, 0.5, -2, 1, 0.99, "max_abs"),
-    BitWidth(1.58, 1.6, "seq", 1.5, 0.0, -1, 1, 0.99, "max_abs"),
-    BitWidth(1, 1, "binary", 1.0, 0.0, -1, 1, None, "mean_abs"),
+    _TERNARY,
+    _BINARY,
 )
+
+#: The asymmetric grid: affine 4-, 3- and 2-bit operators with a zero point per row; 8 bit,
+#: ternary and binary as in :data:`BIT_WIDTHS`.
+ASYMMETRIC_BIT_WIDTHS: Tuple[Optional[BitWidth], ...] = (
+    None,
+    _lsq(8),
+    _affine(4),
+    _affine(3),
+    _affine(2),
+    _TERNARY,
+    _BINARY,
+)
+
+#: ``QuantConfig.grid`` -> the operator of each action.
+GRIDS: Dict[str, Tuple[Optional[BitWidth], ...]] = {"symmetric": BIT_WIDTHS, "asymmetric": ASYMMETRIC_BIT_WIDTHS}
+
+
+def bit_widths(grid: str = "symmetric") -> Tuple[Optional[BitWidth], ...]:
+    """The operators (indexed by action) of the grid ``grid`` (a :data:`GRIDS` key)."""
+    try:
+        return GRIDS[grid]
+    except (KeyError, TypeError):
+        raise ConfigError(f"grid must be one of {sorted(GRIDS)}, got {grid!r}; 'symmetric' is the paper's.") from None
 
 #: Bits of one stored scale (per row of a unit, and per unit for its INT8 outliers).
 SCALE_BITS = 16

@@ -19,7 +19,7 @@ from ..fingerprint import tensors_fingerprint
 from ..paths import cache_dir
 from . import code_version
 from .accounting import unit_bit_tables
-from .bitwidths import N_ACTIONS
+from .bitwidths import N_ACTIONS, bit_widths
 from .config import QuantConfig
 from .fitting import fit_units, stored_actions
 from .table import TABLE_FORMAT, QuantTable
@@ -186,13 +186,16 @@ def _fit_all(model, units, act_scales, hessians, config, device, progress, batch
     n_weights, n_salient, _, _ = unit_bit_tables([u.out_features for u in units], [u.width for u in units], config.salient_rate)
     errors = {kind: np.full((n_units, N_ACTIONS), np.nan) for kind in ("plain", "act", "output")}
     energy = {kind: np.full(n_units, np.nan) for kind in ("plain", "act", "output")}
-    codes, scales, protected_masks, outlier_codes, outlier_scales = {}, {}, {}, {}, {}
+    codes, scales, zeros, protected_masks, outlier_codes, outlier_scales = {}, {}, {}, {}, {}, {}
+    with_zeros = any(spec is not None and spec.zero_point for spec in bit_widths(config.grid))
     for name in module_names(units):
         weight = model.get_submodule(name).weight
         out_f, in_f = weight.shape
         n_chunks = -(-in_f // config.chunk_size)
         codes[name] = torch.empty((N_ACTIONS - 1, out_f, in_f), dtype=torch.int8, device=storage)
         scales[name] = torch.empty((N_ACTIONS - 1, out_f, n_chunks), dtype=torch.float16, device=storage)
+        if with_zeros:
+            zeros[name] = torch.zeros((N_ACTIONS - 1, out_f, n_chunks), dtype=torch.float16, device=storage)
         protected_masks[name] = torch.zeros((out_f, in_f), dtype=torch.bool, device=storage)
         outlier_codes[name] = torch.zeros((out_f, in_f), dtype=torch.int8, device=storage)
         outlier_scales[name] = torch.zeros((out_f, n_chunks), dtype=torch.float16, device=storage)
@@ -215,11 +218,11 @@ def _fit_all(model, units, act_scales, hessians, config, device, progress, batch
                 energy[kind][index] = getattr(fitted, f"energy_{kind}")
             for j, unit in enumerate(batch):
                 cols, chunk = slice(unit.col_start, unit.col_end), unit.col_start // config.chunk_size
-                for action_codes, action_scales, stored_codes, stored_scales in zip(
-                    fitted.codes, fitted.scales, codes[unit.module], scales[unit.module]
-                ):
-                    stored_codes[:, cols] = action_codes[j]
-                    stored_scales[:, chunk] = action_scales[j, :, 0].half()
+                for a, (action_codes, action_scales, action_zeros) in enumerate(zip(fitted.codes, fitted.scales, fitted.zeros)):
+                    codes[unit.module][a, :, cols] = action_codes[j]
+                    scales[unit.module][a, :, chunk] = action_scales[j, :, 0].half()
+                    if action_zeros is not None:
+                        zeros[unit.module][a, :, chunk] = action_zeros[j, :, 0].half()
                 protected_masks[unit.module][:, cols] = fitted.protected[j]
                 outlier_codes[unit.module][:, cols] = fitted.outlier_codes[j]
                 outlier_scales[unit.module][:, chunk] = fitted.outlier_scale[j, :, 0].half()
@@ -239,6 +242,7 @@ def _fit_all(model, units, act_scales, hessians, config, device, progress, batch
         fingerprint=fingerprint,
         codes=codes,
         scales=scales,
+        zeros=zeros,
         outlier_index=outlier_index,
         outlier_codes=outlier_values,
         outlier_scales=outlier_scales,

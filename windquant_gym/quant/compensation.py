@@ -73,18 +73,21 @@ def compensated_codes(
     protected: torch.Tensor,
     protected_values: torch.Tensor,
     block: int = BLOCK_COLUMNS,
+    zero: "torch.Tensor | None" = None,
 ) -> torch.Tensor:
     """Integer codes ``[U, O, G]`` of ``w`` at the fixed scales ``alpha [U, O, 1]``, each
     column's error compensated on the unit's later columns.
 
     ``hinv`` is :func:`inverse_cholesky` of the units' Hessian blocks, ``[U, G, G]``;
     ``protected`` marks the weights stored as ``protected_values`` (INT8 outliers), whose
-    stored values never change. With ``hinv`` the identity this is rounding alone."""
+    stored values never change; ``zero [U, O, 1]``: the per-row zero points of an operator with
+    one (fixed, like the scales). With ``hinv`` the identity this is rounding alone."""
     n_units, n_rows, n_columns = w.shape
     # Column-major copies ([U, G, O]): one column of every unit is one contiguous slab, so the
     # per-column steps read and write whole cache lines.
     work = w.transpose(1, 2).contiguous()
     alpha_rows = alpha.transpose(1, 2)  # [U, 1, O]
+    zero_rows = None if zero is None else zero.transpose(1, 2)
     fixed = protected.transpose(1, 2).contiguous()
     fixed_values = protected_values.transpose(1, 2).contiguous()
     codes = torch.empty((n_units, n_columns, n_rows), dtype=torch.int8, device=w.device)
@@ -94,8 +97,8 @@ def compensated_codes(
         errors = torch.empty((n_units, end - start, n_rows), dtype=w.dtype, device=w.device)
         for i in range(start, end):
             column = work[:, i : i + 1, :]  # [U, 1, O]
-            k = quantize_codes(column, alpha_rows, spec)
-            q = torch.where(fixed[:, i : i + 1, :], fixed_values[:, i : i + 1, :], dequantize_codes(k, alpha_rows, spec))
+            k = quantize_codes(column, alpha_rows, spec, zero_rows)
+            q = torch.where(fixed[:, i : i + 1, :], fixed_values[:, i : i + 1, :], dequantize_codes(k, alpha_rows, spec, zero_rows))
             codes[:, i : i + 1, :] = k
             error = (column - q) / hinv[:, i, i].view(n_units, 1, 1)
             errors[:, i - start : i - start + 1, :] = error

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Tuple
 
 from ..errors import ConfigError
-from .bitwidths import ACTION_BITS, N_ACTIONS
+from .bitwidths import ACTION_BITS, GRIDS, N_ACTIONS
 from .units import positive_int
 
 #: Relative (activation-weighted) reconstruction error above which an action falls back to
@@ -79,6 +79,12 @@ class QuantConfig:
     the least-squares one for those codes, ``alpha = q^T H r / q^T H q`` (the output error's
     minimum), and kept only where the stored (fp16) scale lowers that row's output error.
     'none': the scale fitted before the codes are chosen (the paper)."""
+    grid: str = "symmetric"
+    """The operators of the 2-, 3- and 4-bit actions: 'symmetric', the paper's (no zero point:
+    SEQ at 2 bit, signed LSQ at 3 and 4); 'asymmetric', affine grids ``Q = alpha * (k - z)``,
+    ``k in [0, 2^b - 1]``, with a zero point ``z`` per row of a unit (fp16, 16 more storage bits
+    per row; GPTQ's, AWQ's and HQQ's form at these widths). 8 bit, ternary and binary stay.
+    See :data:`windquant_gym.quant.bitwidths.GRIDS`."""
     version: int = CONFIG_VERSION
     """Bumped when what the table holds for the same fields changes (2: compensation,
     damping, error_metric; a version-1 dict reads as compensation 'none', metric 'activation')."""
@@ -118,6 +124,8 @@ class QuantConfig:
             raise ConfigError(
                 f"scale_refit must be one of {SCALE_REFITS}, got {self.scale_refit!r}; 'none' is the paper's fit."
             )
+        if not isinstance(self.grid, str) or self.grid not in GRIDS:
+            raise ConfigError(f"grid must be one of {sorted(GRIDS)}, got {self.grid!r}; 'symmetric' is the paper's operators.")
         if self.version != CONFIG_VERSION:
             raise ConfigError(
                 f"QuantConfig version must be {CONFIG_VERSION}, got {self.version!r}; build configs from their "

@@ -19,10 +19,10 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .bitwidths import BIT_WIDTHS, N_ACTIONS, SKIP_ACTION
+from .bitwidths import N_ACTIONS, SKIP_ACTION, bit_widths
 from .compensation import activation_order, compensated_codes, inverse_cholesky, permute_columns, permute_square
 from .config import QuantConfig
-from .quantizers import dequantize_codes, fit_scales, int8_outliers, protect_salient, to_fp16_scale
+from .quantizers import dequantize_codes, fit_scales, int8_outliers, protect_salient, to_fp16_scale, to_fp16_zero
 
 #: The non-skip actions, in action-index order.
 QUANT_ACTIONS = range(1, N_ACTIONS)
@@ -36,6 +36,9 @@ class FittedUnits:
     """Per non-skip action (index ``action - 1``): int8 ``[U, O, G]``."""
     scales: List[torch.Tensor]
     """Per non-skip action: float32 ``[U, O, 1]`` (fp16 values)."""
+    zeros: List[Optional[torch.Tensor]]
+    """Per non-skip action: float32 ``[U, O, 1]`` zero points (fp16 values) of an operator with one
+    (the asymmetric grid's 2-4 bit), else None."""
     protected: torch.Tensor
     """bool ``[U, O, G]``: the INT8-protected weights."""
     outlier_scale: torch.Tensor
@@ -77,25 +80,28 @@ def fit_units(
         w_ordered, protected_ordered = permute_columns(w, order), permute_columns(protected, order)
         outliers_ordered = permute_columns(outliers, order)
         restore = torch.argsort(order, dim=-1)
-    codes, scales = [], []
+    codes, scales, zeros = [], [], []
+    operators = bit_widths(config.grid)
     for action in QUANT_ACTIONS:
-        spec = BIT_WIDTHS[action]
+        spec = operators[action]
         fit = fit_scales(w, keep, loss_weight, spec, config.fit_steps, config.fit_lr)
         action_codes = fit.codes
         if config.compensation == "gptq":
-            ordered = compensated_codes(w_ordered, fit.alpha, spec, hinv, protected_ordered, outliers_ordered)
+            ordered = compensated_codes(w_ordered, fit.alpha, spec, hinv, protected_ordered, outliers_ordered, zero=fit.zero)
             action_codes = permute_columns(ordered, restore)
-        alpha = fit.alpha
+        alpha, zero = fit.alpha, fit.zero
         if config.scale_refit == "output":
-            alpha = refit_scales(w, action_codes, alpha, spec, hessian, keep, outliers)
-        record(action, torch.where(protected, outliers, dequantize_codes(action_codes, alpha, spec)))
+            alpha, zero = REFITS[spec.zero_point](w, action_codes, alpha, zero, spec, hessian, keep, outliers)
+        record(action, torch.where(protected, outliers, dequantize_codes(action_codes, alpha, spec, zero)))
         codes.append(action_codes)
         scales.append(alpha)
+        zeros.append(zero)
     energy_output = (np.full(n_units, np.nan) if hessian is None
                      else (torch.bmm(w, hessian) * w).sum(dim=(1, 2)).double().cpu().numpy())
     return FittedUnits(
         codes=codes,
         scales=scales,
+        zeros=zeros,
         protected=protected,
         outlier_scale=outlier_scale,
         outlier_codes=outlier_codes,
@@ -106,6 +112,11 @@ def fit_units(
         energy_act=((w * s) ** 2).sum(dim=(1, 2)).double().cpu().numpy(),
         energy_output=energy_output,
     )
+
+
+def _row_output_error(residual: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    diff = residual - approx
+    return (torch.bmm(diff, hessian) * diff).sum(dim=-1, keepdim=True)
 
 
 def refit_scales(w: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, spec, hessian: torch.Tensor,
@@ -128,11 +139,49 @@ def refit_scales(w: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, spec
     usable = (denominator > 0) & (numerator > 0)
     candidate = to_fp16_scale(torch.where(usable, numerator / torch.where(usable, denominator, 1.0), alpha))
 
-    def row_error(scale: torch.Tensor) -> torch.Tensor:
-        diff = residual - scale * levels
-        return (torch.bmm(diff, hessian) * diff).sum(dim=-1, keepdim=True)
+    better = _row_output_error(residual, candidate * levels, hessian) < _row_output_error(residual, alpha * levels, hessian)
+    return torch.where(better, candidate, alpha)
 
-    return torch.where(row_error(candidate) < row_error(alpha), candidate, alpha)
+
+def refit_affine(w: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, zero: torch.Tensor, spec,
+                 hessian: torch.Tensor, keep: torch.Tensor, outliers: torch.Tensor):
+    """:func:`refit_scales` for an operator with a zero point: per row, the ``(alpha, z)`` that
+    minimise the output error of the given ``codes``, ``(alpha, zero)`` returned.
+
+    A row stores ``outliers + alpha * v - alpha z u`` (``v`` the levels ``(k + shift) / divisor``
+    and ``u`` the indicator of the unprotected weights, both 0 on the protected ones), linear in
+    ``(alpha, c = -alpha z / divisor)``: the 2 x 2 normal equations of ``(r - alpha v - c u) H (...)^T``
+    give the minimum. Rounded to fp16 it replaces ``(alpha, zero)`` only where it lowers that row's
+    output error and ``alpha > 0``; no row ever gets worse."""
+    mask = keep.float()
+    levels = (codes.float() + spec.shift) / spec.divisor * mask
+    residual = w - outliers
+    hv, hu = torch.bmm(levels, hessian), torch.bmm(mask, hessian)
+    vv, vu, uu = (hv * levels).sum(-1, keepdim=True), (hv * mask).sum(-1, keepdim=True), (hu * mask).sum(-1, keepdim=True)
+    vr, ur = (hv * residual).sum(-1, keepdim=True), (hu * residual).sum(-1, keepdim=True)
+    det = vv * uu - vu * vu
+    solvable = det > 1e-12 * vv * uu
+    safe_det = torch.where(solvable, det, 1.0)
+    slope = (uu * vr - vu * ur) / safe_det
+    intercept = (vv * ur - vu * vr) / safe_det
+    usable = solvable & (slope > 0)
+    new_alpha = to_fp16_scale(torch.where(usable, slope, alpha))
+    new_zero = to_fp16_zero(torch.where(usable, -intercept * spec.divisor / torch.where(usable, slope, 1.0), zero))
+
+    def stored(scale, z):
+        return dequantize_codes(codes, scale, spec, z) * mask
+
+    better = usable & (_row_output_error(residual, stored(new_alpha, new_zero), hessian)
+                       < _row_output_error(residual, stored(alpha, zero), hessian))
+    return torch.where(better, new_alpha, alpha), torch.where(better, new_zero, zero)
+
+
+def _refit_symmetric(w, codes, alpha, zero, spec, hessian, keep, outliers):
+    return refit_scales(w, codes, alpha, spec, hessian, keep, outliers), zero
+
+
+#: ``spec.zero_point`` -> the output-error refit of its row parameters (``scale_refit="output"``).
+REFITS = {False: _refit_symmetric, True: refit_affine}
 
 
 def _errors(w: torch.Tensor, approx: torch.Tensor, s: torch.Tensor, hessian: Optional[torch.Tensor]):

@@ -15,6 +15,7 @@ against autograd.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -51,25 +52,38 @@ def to_fp16_scale(alpha: torch.Tensor) -> torch.Tensor:
     return torch.where(alpha > 0, clamped, torch.zeros_like(alpha)).half().float()
 
 
-def quantize_codes(w: torch.Tensor, alpha: torch.Tensor, spec: BitWidth) -> torch.Tensor:
-    """Integer codes ``k`` of ``w`` at scale ``alpha`` (zero scale gives code for 0.0)."""
+def quantize_codes(w: torch.Tensor, alpha: torch.Tensor, spec: BitWidth, zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Integer codes ``k`` of ``w`` at scale ``alpha`` (zero scale gives code for 0.0), and
+    for an operator with a zero point at the per-row ``zero`` (same shape as ``alpha``)."""
     safe = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
     x = w / safe
     if spec.operator == "binary":
         return torch.where(x >= 0, 1, -1).to(torch.int8)
     if spec.clip is not None:
         x = x.clamp(-spec.clip, spec.clip)
-    return torch.round(x * spec.divisor - spec.shift).clamp_(spec.code_min, spec.code_max).to(torch.int8)
+    x = x * spec.divisor - spec.shift
+    if zero is not None:
+        x = x + zero
+    return torch.round(x).clamp_(spec.code_min, spec.code_max).to(torch.int8)
 
 
-def dequantize_codes(codes: torch.Tensor, alpha: torch.Tensor, spec: BitWidth) -> torch.Tensor:
-    """``alpha * (k + shift) / divisor`` as float32."""
-    return (codes.float() + spec.shift) * (alpha / spec.divisor)
+def dequantize_codes(codes: torch.Tensor, alpha: torch.Tensor, spec: BitWidth, zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``alpha * (k + shift - zero) / divisor`` as float32 (``zero``: the per-row zero point of an
+    operator that has one, else 0)."""
+    levels = codes.float() + spec.shift
+    if zero is not None:
+        levels = levels - zero
+    return levels * (alpha / spec.divisor)
 
 
-def fake_quantize(w: torch.Tensor, alpha: torch.Tensor, spec: BitWidth) -> torch.Tensor:
-    """Quantize-dequantize ``w`` at scale ``alpha`` (the operator's forward)."""
-    return dequantize_codes(quantize_codes(w, alpha, spec), alpha, spec)
+def fake_quantize(w: torch.Tensor, alpha: torch.Tensor, spec: BitWidth, zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Quantize-dequantize ``w`` at scale ``alpha`` (and zero point ``zero``): the operator's forward."""
+    return dequantize_codes(quantize_codes(w, alpha, spec, zero), alpha, spec, zero)
+
+
+def to_fp16_zero(zero: torch.Tensor) -> torch.Tensor:
+    """Zero points as a packed file stores them (fp16, clamped into its finite range), in float32."""
+    return zero.clamp(-FP16_MAX, FP16_MAX).half().float()
 
 
 def scale_gradient(w: torch.Tensor, alpha: torch.Tensor, spec: BitWidth, loss_weight: torch.Tensor):
@@ -117,6 +131,8 @@ class FitResult:
     """``[U, O, 1]`` loss at the fp16-rounded ``alpha0``."""
     loss: torch.Tensor
     """``[U, O, 1]`` loss at the returned ``alpha``; never above ``initial_loss``."""
+    zero: Optional[torch.Tensor] = None
+    """``[U, O, 1]`` zero points (fp16 values) of an operator with one (:func:`fit_affine`), else None."""
 
 
 def fit_scales(
@@ -131,8 +147,11 @@ def fit_scales(
 
     ``keep`` marks the weights the low-bit quantizer represents (not protected);
     ``loss_weight`` broadcasts against ``w`` (``s_j^2`` for the activation-weighted loss,
-    1 for the plain one) and is multiplied by ``keep`` here.
+    1 for the plain one) and is multiplied by ``keep`` here. An operator with a zero point is
+    fitted by :func:`fit_affine` (``steps`` rounds of it; ``lr`` unused).
     """
+    if spec.zero_point:
+        return fit_affine(w, keep, loss_weight, spec, steps)
     weight = loss_weight * keep
     alpha0 = initial_scale(w, keep, spec)
     # A row with nothing to quantize (all zero or all protected) keeps alpha 0: its codes
@@ -166,6 +185,63 @@ def fit_scales(
     alpha = torch.where(fitted_loss <= start_loss, fitted, start)
     codes = quantize_codes(w, alpha, spec)
     return FitResult(alpha=alpha, codes=codes, initial_loss=start_loss, loss=torch.minimum(fitted_loss, start_loss))
+
+
+def affine_loss(w: torch.Tensor, alpha: torch.Tensor, zero: torch.Tensor, spec: BitWidth, weight: torch.Tensor):
+    """``(loss [..., 1], codes)``: ``sum(weight * (Q - w)^2)`` per row at ``(alpha, zero)``."""
+    codes = quantize_codes(w, alpha, spec, zero)
+    residual = dequantize_codes(codes, alpha, spec, zero) - w
+    return (weight * residual * residual).sum(dim=-1, keepdim=True), codes
+
+
+def fit_affine(w: torch.Tensor, keep: torch.Tensor, loss_weight: torch.Tensor, spec: BitWidth, steps: int = 10) -> FitResult:
+    """Scale and zero point per row of ``w [U, O, G]`` for an affine operator (``spec.zero_point``).
+
+    Starts at min-max over the unprotected weights (``alpha = (max - min) / code_max``,
+    ``z = -min / alpha``: the grid spans the row), then ``steps`` rounds of Lloyd-style
+    alternation: codes at the current ``(alpha, z)``, then the weighted least-squares ``(alpha, c)``
+    of ``Q = alpha * k + c`` for those codes (a 2 x 2 solve per row), ``z = -c / alpha``. Both are
+    rounded to fp16 every round and each row keeps its best round, so the stored fit is never
+    worse than the min-max start (``loss <= initial_loss``). A constant row is represented
+    exactly at its start (``alpha = |value|``, one level on it)."""
+    weight = loss_weight * keep
+    big = torch.finfo(w.dtype).max
+    low = torch.where(keep, w, big).amin(dim=-1, keepdim=True)
+    high = torch.where(keep, w, -big).amax(dim=-1, keepdim=True)
+    has_weights = keep.any(dim=-1, keepdim=True)
+    low, high = torch.where(has_weights, low, 0.0), torch.where(has_weights, high, 0.0)
+    span = (high - low) / (spec.code_max - spec.code_min)
+    alpha0 = torch.where(span > 0, span, low.abs())
+    zero0 = torch.where(alpha0 > 0, spec.code_min - low / torch.where(alpha0 > 0, alpha0, 1.0), 0.0)
+    alpha, zero = to_fp16_scale(alpha0), to_fp16_zero(zero0)
+    # an all-zero or all-protected row: alpha 0 stores 0 (its codes are irrelevant)
+    best_loss, _ = affine_loss(w, alpha, zero, spec, weight)
+    initial_loss = best_loss
+    best_alpha, best_zero = alpha, zero
+    s0 = weight.sum(dim=-1, keepdim=True)
+    t0 = (weight * w).sum(dim=-1, keepdim=True)
+    for _ in range(steps):
+        codes = quantize_codes(w, best_alpha, spec, best_zero).float()
+        s1 = (weight * codes).sum(dim=-1, keepdim=True)
+        s2 = (weight * codes * codes).sum(dim=-1, keepdim=True)
+        t1 = (weight * codes * w).sum(dim=-1, keepdim=True)
+        det = s0 * s2 - s1 * s1
+        solvable = det > 1e-12 * s0 * s2
+        safe_det = torch.where(solvable, det, 1.0)
+        slope = (s0 * t1 - s1 * t0) / safe_det
+        intercept = (s2 * t0 - s1 * t1) / safe_det
+        usable = solvable & (slope > 0)
+        alpha = to_fp16_scale(torch.where(usable, slope, best_alpha))
+        zero = to_fp16_zero(torch.where(usable, -intercept / torch.where(usable, slope, 1.0), best_zero))
+        loss, _ = affine_loss(w, alpha, zero, spec, weight)
+        better = usable & (loss < best_loss)
+        if not bool(better.any()):
+            break
+        best_loss = torch.where(better, loss, best_loss)
+        best_alpha = torch.where(better, alpha, best_alpha)
+        best_zero = torch.where(better, zero, best_zero)
+    codes = quantize_codes(w, best_alpha, spec, best_zero)
+    return FitResult(alpha=best_alpha, codes=codes, initial_loss=initial_loss, loss=best_loss, zero=best_zero)
 
 
 def protect_salient(w: torch.Tensor, act_scale: torch.Tensor, n_protected: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..cache import atomic_path
 from . import code_version
 from ..errors import TableMismatchError
 from .accounting import unit_bit_tables
-from .bitwidths import ACTION_BITS, BIT_WIDTHS, N_ACTIONS, SKIP_ACTION
+from .bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION, bit_widths
 from .config import QuantConfig
 from .quantizers import dequantize_codes
 from .units import Unit
@@ -73,6 +73,10 @@ class QuantTable:
     build_seconds: float = 0.0
     model_name: Optional[str] = None
     """The model the table was fitted on, as recorded in the cache (``windquant cache list``)."""
+    zeros: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """fp16 ``[6, out, chunks]`` per-row zero points per module, like ``scales``; only for a grid
+    whose operators have one (``config.grid == 'asymmetric'``; entries of the actions without a zero
+    point hold 0), empty otherwise."""
     n_weights: np.ndarray = field(init=False, repr=False)
     """``[N]`` weights of each unit (derived from the units)."""
     n_protected: np.ndarray = field(init=False, repr=False)
@@ -81,8 +85,15 @@ class QuantTable:
     _bits_storage: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.operators = bit_widths(self.config.grid)
+        needs_zeros = any(spec is not None and spec.zero_point for spec in self.operators)
+        if needs_zeros and set(self.zeros) != set(self.codes):
+            raise TableMismatchError(
+                f"A table of grid {self.config.grid!r} needs the zero points of every module; it has them for "
+                f"{len(self.zeros)} of {len(self.codes)}: the file is incomplete, delete it to rebuild."
+            )
         self.n_weights, self.n_protected, effective, storage = unit_bit_tables(
-            [u.out_features for u in self.units], [u.width for u in self.units], self.config.salient_rate
+            [u.out_features for u in self.units], [u.width for u in self.units], self.config.salient_rate, self.config.grid
         )
         rows = np.arange(len(self.units))[:, None]
         self._bits_effective = effective[rows, self.stored_action]
@@ -236,9 +247,10 @@ class QuantTable:
         if stored == SKIP_ACTION:
             return original[:, cols].to(torch.float16).float()
         chunk = unit.col_start // self.config.chunk_size
-        spec = BIT_WIDTHS[stored]
+        spec = self.operators[stored]
         codes = self.codes[unit.module][stored - 1, :, cols]
-        result = dequantize_codes(codes, self.scales[unit.module][stored - 1, :, chunk : chunk + 1].float(), spec)
+        result = dequantize_codes(codes, self.scales[unit.module][stored - 1, :, chunk : chunk + 1].float(), spec,
+                                  self._zero(unit.module, stored, chunk, codes.device))
         index = self.outlier_index[unit.module]
         if index.numel():
             mine = self._outlier_unit[unit.module] == unit_index
@@ -266,7 +278,7 @@ class QuantTable:
             # table (large models) only the chosen action's codes travel
             scale = self.scales[module][action - 1, :, chunk : chunk + 1].to(out.device, non_blocking=True).float()
             codes = self.codes[module][action - 1, :, cols].to(out.device, non_blocking=True)
-            out[:, cols] = dequantize_codes(codes, scale, BIT_WIDTHS[action])
+            out[:, cols] = dequantize_codes(codes, scale, self.operators[action], self._zero(module, action, chunk, out.device))
         index = self.outlier_index[module]
         if index.numel():
             unit_of = self._outlier_unit[module]
@@ -274,6 +286,13 @@ class QuantTable:
             values = self._outlier_values[module][kept].to(out.device, out.dtype)
             out.view(-1)[index[kept].to(out.device)] = values
         return out
+
+    def _zero(self, module: str, action: int, chunk: int, device) -> Optional[torch.Tensor]:
+        """``[out, 1]`` zero points of ``module``'s unit at ``chunk`` for ``action``, or None
+        when the action's operator has none."""
+        if not self.operators[action].zero_point:
+            return None
+        return self.zeros[module][action - 1, :, chunk : chunk + 1].to(device, non_blocking=True).float()
 
     # ----- persistence ----------------------------------------------------------------------
     def save(self, path: Path) -> None:
@@ -286,6 +305,8 @@ class QuantTable:
             tensors[f"outlier_index:{name}"] = self.outlier_index[name].cpu().contiguous()
             tensors[f"outlier_codes:{name}"] = self.outlier_codes[name].cpu().contiguous()
             tensors[f"outlier_scales:{name}"] = self.outlier_scales[name].cpu().contiguous()
+            if name in self.zeros:
+                tensors[f"zeros:{name}"] = self.zeros[name].cpu().contiguous()
         for key in _ARRAYS:
             tensors[key] = torch.from_numpy(np.ascontiguousarray(getattr(self, key)))
         meta = {
@@ -328,6 +349,7 @@ class QuantTable:
             outlier_index=per_module["outlier_index"],
             outlier_codes=per_module["outlier_codes"],
             outlier_scales=per_module["outlier_scales"],
+            zeros=per_module["zeros"],
             build_seconds=float(meta.get("build_seconds", 0.0)),
             model_name=meta.get("model"),
             **{key: tensors[key].cpu().numpy() for key in _ARRAYS},
