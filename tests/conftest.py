@@ -50,3 +50,21 @@ def tiny_problem(tiny, tmp_path_factory):
     return wq.QuantProblem.build(
         model, tokenizer, "wiki-sample", wq.QuantConfig(chunk_size=48), n_samples=8, seq_len=64, cache=cache, progress=False
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_asymmetric_problem(tiny, tmp_path_factory):
+    """The tiny problem on the asymmetric grid (zero points at 2-4 bit; issue 26), with the refit."""
+    import windquant_gym as wq
+
+    model, tokenizer = tiny
+    return wq.QuantProblem.build(
+        model, tokenizer, "wiki-sample", wq.QuantConfig(chunk_size=48, grid="asymmetric", scale_refit="output"),
+        n_samples=8, seq_len=64, cache=tmp_path_factory.mktemp("asym-cache"), progress=False,
+    )
+
+
+@pytest.fixture(params=["symmetric", "asymmetric"])
+def grid_problem(request):
+    """The tiny problem on each grid."""
+    return request.getfixturevalue("tiny_problem" if request.param == "symmetric" else "tiny_asymmetric_problem")

@@ -77,9 +77,11 @@ def _env_weight(tiny_problem, name, actions):
 
 
 @pytest.mark.parametrize("action", range(N_ACTIONS))
-def test_every_bit_width_round_trips_through_the_module(tiny_problem, action, decode_path):
+def test_every_bit_width_round_trips_through_the_module(grid_problem, action, decode_path):
     """File form -> compute form -> file form is exact; the module's weight is the env's bit
-    for bit; both forward paths compute x @ W^T from the codes."""
+    for bit; both forward paths compute x @ W^T from the codes (on both grids: the asymmetric
+    one's zero points too)."""
+    tiny_problem = grid_problem
     name = tiny_problem.units[0].module
     actions = [action] * len(tiny_problem.units)
     _, tensors, layout = _module(tiny_problem, name, actions)
@@ -100,7 +102,8 @@ def test_every_bit_width_round_trips_through_the_module(tiny_problem, action, de
     assert decode_path.calls == ([1, 3, 16] if decode_path.name == "native" and quantized else [])
 
 
-def test_mixed_widths_and_outliers_in_one_module(tiny_problem, decode_path):
+def test_mixed_widths_and_outliers_in_one_module(grid_problem, decode_path):
+    tiny_problem = grid_problem
     actions = (np.arange(len(tiny_problem.units)) % N_ACTIONS).tolist()
     for name in sorted({u.module for u in tiny_problem.units})[:6]:
         _, tensors, layout = _module(tiny_problem, name, actions)

@@ -17,20 +17,9 @@ from ..quant.bitwidths import SKIP_ACTION
 from ..quant.quantizers import dequantize_codes
 from ..quant.table import QuantTable
 from ..quant.units import Unit
-from .formats import CODE_FORMATS
-from .layout import FP16_NAME, ModuleLayout, codes_name, outlier_name, scales_name
+from .formats import code_formats
+from .layout import FP16_NAME, ModuleLayout, codes_name, outlier_name, scales_name, zeros_name
 from .packing import field_bits, pack_fields, unpack_fields
-
-
-def check_exportable(table: QuantTable) -> None:
-    """Refuse a table whose operators the packed format does not store: the asymmetric grid's
-    zero points have no packed form yet (its codes would be read as the symmetric ones)."""
-    if table.config.grid != "symmetric":
-        raise ExportFormatError(
-            f"The packed export stores the symmetric grid only; this table has grid={table.config.grid!r} (its 2-4 bit "
-            "units carry a zero point per row). Evaluate it in place (windquant bench, windquant_gym.quantized_weights), or build the "
-            "table with QuantConfig(grid='symmetric') to export."
-        )
 
 
 def _used_actions(stored: Sequence[int]) -> List[int]:
@@ -44,7 +33,6 @@ def encode_module(
     """Packed tensors (by local name, see :mod:`.layout`) and layout of one module (``units``
     in column order, ``actions`` requested per unit, ``original`` the module's weight, read
     for skipped units)."""
-    check_exportable(table)
     module = units[0].module
     out_f, in_f = original.shape
     chunk_size = table.config.chunk_size
@@ -59,14 +47,18 @@ def encode_module(
     keep[index] = False
     keep = keep.reshape(out_f, in_f)
     outlier_scales = table.outlier_scales[module].cpu()
+    formats = code_formats(table.config.grid)
 
     tensors: Dict[str, torch.Tensor] = {}
     for action in _used_actions(stored):
-        fmt = CODE_FORMATS[action]
+        fmt = formats[action]
         members = [u for u, s in zip(units, stored) if s == action]
         symbols = [fmt.encode(codes[action - 1, :, u.col_start : u.col_end][keep[:, u.col_start : u.col_end]]) for u in members]
         tensors[codes_name(fmt.label)] = torch.from_numpy(fmt.packer.pack(np.concatenate(symbols)))
         tensors[scales_name(fmt.label)] = torch.stack([scales[action - 1, :, u.col_start // chunk_size] for u in members])
+        if fmt.zero_point:
+            zeros = table.zeros[module].cpu()
+            tensors[zeros_name(fmt.label)] = torch.stack([zeros[action - 1, :, u.col_start // chunk_size] for u in members])
 
     skipped = [u for u, s in zip(units, stored) if s == SKIP_ACTION]
     if skipped:
@@ -92,7 +84,7 @@ def encode_module(
         tensors[outlier_name("columns")] = torch.from_numpy(pack_fields(columns))
         tensors[outlier_name("row_counts")] = torch.from_numpy(pack_fields(counts))
         tensors[outlier_name("scales")] = torch.stack(row_scales)
-    layout = ModuleLayout((out_f, in_f), chunk_size, tuple(stored), tuple(n_outliers))
+    layout = ModuleLayout((out_f, in_f), chunk_size, tuple(stored), tuple(n_outliers), table.config.grid)
     return {k: v.contiguous() for k, v in tensors.items()}, layout
 
 
@@ -133,11 +125,13 @@ def decode_module(module: str, layout: ModuleLayout, get: Callable[[str], torch.
             outliers[i] = (rows, cols, values)
 
     for action in _used_actions(stored):
-        fmt = CODE_FORMATS[action]
+        fmt = layout.formats[action]
         members = [i for i, s in enumerate(stored) if s == action]
         sizes = [out_f * (columns[i][1] - columns[i][0]) - layout.n_outliers[i] for i in members]
         symbols = np.split(fmt.packer.unpack(get(codes_name(fmt.label)).numpy(), sum(sizes)), np.cumsum(sizes)[:-1])
         scales = _expect(get(scales_name(fmt.label)), (len(members), out_f), f"{module} {fmt.label} scales")
+        zeros = (_expect(get(zeros_name(fmt.label)), (len(members), out_f), f"{module} {fmt.label} zero points")
+                 if fmt.zero_point else None)
         for j, i in enumerate(members):
             start, end = columns[i]
             unit_symbols = np.zeros((out_f, end - start), dtype=np.int64)  # symbol 0 at outliers: overwritten below
@@ -150,7 +144,8 @@ def decode_module(module: str, layout: ModuleLayout, get: Callable[[str], torch.
                 unit_symbols[keep] = symbols[j]
             else:
                 unit_symbols.reshape(-1)[:] = symbols[j]
-            block = dequantize_codes(fmt.decode(unit_symbols), scales[j].float()[:, None], fmt.spec)
+            block = dequantize_codes(fmt.decode(unit_symbols), scales[j].float()[:, None], fmt.spec,
+                                     None if zeros is None else zeros[j].float()[:, None])
             if i in outliers:
                 block[torch.from_numpy(rows), torch.from_numpy(cols)] = values
             weight[:, start:end] = block

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportFormatError
-from ..quant.bitwidths import ACTION_BITS, BIT_WIDTHS, BitWidth
+from ..quant.bitwidths import ACTION_BITS, BIT_WIDTHS, GRIDS, BitWidth
 from .packing import BitPacker, RadixPacker
 
 Packer = Union[BitPacker, RadixPacker]
@@ -42,8 +42,9 @@ class CodeFormat:
     action: int
     spec: BitWidth
     label: str
-    """Tensor-name tag, an attribute name (e.g. ``w4``, ``w1_58``): the packed module's buffers
-    are ``<label>_codes`` and ``<label>_scales``."""
+    """Tensor-name tag, an attribute name (e.g. ``w4``, ``w1_58``; ``w4a`` for the asymmetric
+    grid's affine 4 bit): the packed module's buffers are ``<label>_codes`` and ``<label>_scales``
+    (and ``<label>_zeros`` for an operator with a zero point)."""
     codes: Tuple[int, ...]
     """The int8 codes the quantizer emits, ascending; symbol ``i`` stands for ``codes[i]``."""
     packer: Packer
@@ -63,9 +64,20 @@ class CodeFormat:
     @property
     def weight_affine(self) -> Tuple[float, float]:
         """``(a, b)`` with weight ``= alpha * (a * symbol + b)``: ``alpha * (code + shift) / divisor``
-        written in the symbol, which is what a packed module unpacks."""
+        written in the symbol, which is what a packed module unpacks. With a zero point ``z`` the
+        row's ``b`` is ``b - z * zero_coefficient``."""
         spec = self.spec
         return self.code_step / spec.divisor, (self.codes[0] + spec.shift) / spec.divisor
+
+    @property
+    def zero_point(self) -> bool:
+        """Whether each row of a unit also stores a zero point (``<label>_zeros``)."""
+        return self.spec.zero_point
+
+    @property
+    def zero_coefficient(self) -> float:
+        """``1 / divisor``: what a zero point ``z`` takes off a row's ``b``."""
+        return 1.0 / self.spec.divisor
 
     def encode(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
         """int8 codes -> symbols (int64); refuses a code the quantizer cannot emit."""
@@ -105,8 +117,25 @@ def _format(action: int, spec: Optional[BitWidth]) -> Optional[CodeFormat]:
         return None
     # levels are (k + shift) / divisor, so the codes are level * divisor - shift
     codes = tuple(int(round(level * spec.divisor - spec.shift)) for level in spec.levels)
-    return CodeFormat(action, spec, f"w{ACTION_BITS[action]:g}".replace(".", "_"), codes, PACKERS[spec.stored_bits])
+    label = f"w{ACTION_BITS[action]:g}".replace(".", "_") + ("a" if spec.zero_point else "")
+    return CodeFormat(action, spec, label, codes, PACKERS[spec.stored_bits])
 
 
 #: Indexed by action like ``BIT_WIDTHS``; entry 0 (skip, stored as fp16) is None.
 CODE_FORMATS: Tuple[Optional[CodeFormat], ...] = tuple(_format(a, spec) for a, spec in enumerate(BIT_WIDTHS))
+
+#: ``QuantConfig.grid`` -> the stored form of each action (the same format object where the
+#: operators agree, so a symmetric and an asymmetric export share their 8-bit, ternary, binary forms).
+GRID_FORMATS: Dict[str, Tuple[Optional[CodeFormat], ...]] = {
+    grid: tuple(CODE_FORMATS[a] if spec == BIT_WIDTHS[a] else _format(a, spec) for a, spec in enumerate(operators))
+    for grid, operators in GRIDS.items()
+}
+
+
+def code_formats(grid: str = "symmetric") -> Tuple[Optional[CodeFormat], ...]:
+    """The stored form of each action on ``grid``; an unknown grid is refused by name."""
+    try:
+        return GRID_FORMATS[grid]
+    except (KeyError, TypeError):
+        raise ExportFormatError(f"The export knows the grids {sorted(GRID_FORMATS)}, not {grid!r}: a file of a newer "
+                                "windquant_gym; upgrade it, or export again with this one.") from None

@@ -8,7 +8,9 @@ data, the buffers of :class:`~windquant_gym.export.packed_linear.PackedLinear`:
 * ``M.<label>_codes`` uint8: the codes of every unit stored at that bit width (``label`` is
   ``w8 w4 w3 w2 w1_58 w1``), unit after unit, each unit's non-outlier weights in row-major
   order, packed densely (see :mod:`.formats`);
-* ``M.<label>_scales`` fp16 ``[units, O]``: their per-row scales;
+* ``M.<label>_scales`` fp16 ``[units, O]``: their per-row scales (and on the asymmetric grid,
+  whose 2-4 bit labels are ``w4a w3a w2a``, ``M.<label>_zeros`` fp16 ``[units, O]``: their
+  per-row zero points);
 * ``M.fp16`` fp16 ``[O, skipped columns]``: the skipped units side by side;
 * ``M.outlier_codes`` int8, ``M.outlier_columns`` (``ceil(log2 G)`` bits each: column inside
   the unit), ``M.outlier_row_counts`` (``ceil(log2(G+1))`` bits per row: CSR row lengths),
@@ -26,13 +28,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..errors import ExportFormatError
-from ..quant.bitwidths import SKIP_ACTION
-from .formats import CODE_FORMATS
+from ..quant.bitwidths import N_ACTIONS, SKIP_ACTION
+from .formats import CodeFormat, code_formats
 from .packing import field_bits, fields_n_bytes
 
 FORMAT = "windquant-packed-2"
@@ -56,6 +58,10 @@ def scales_name(label: str) -> str:
     return f"{label}_scales"
 
 
+def zeros_name(label: str) -> str:
+    return f"{label}_zeros"
+
+
 FP16_NAME = "fp16"
 
 
@@ -73,6 +79,13 @@ class ModuleLayout:
     """Action stored per unit (after the table's fallback), in column order."""
     n_outliers: Tuple[int, ...]
     """INT8 outliers per unit (0 for skipped units: they keep all their weights in fp16)."""
+    grid: str = "symmetric"
+    """The table's ``QuantConfig.grid``: which operator (and stored form) each action means."""
+
+    @property
+    def formats(self) -> Tuple[Optional[CodeFormat], ...]:
+        """The stored form of each action in this module (:func:`.formats.code_formats`)."""
+        return code_formats(self.grid)
 
     @property
     def columns(self) -> List[Tuple[int, int]]:
@@ -103,10 +116,12 @@ class ModuleLayout:
         columns = self.columns
         specs: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
         for action in self.used_actions():
-            fmt = CODE_FORMATS[action]
+            fmt = self.formats[action]
             members = self.members(action)
             specs[codes_name(fmt.label)] = ((fmt.n_bytes(sum(self.n_codes(i) for i in members)),), torch.uint8)
             specs[scales_name(fmt.label)] = ((len(members), out_f), torch.float16)
+            if fmt.zero_point:
+                specs[zeros_name(fmt.label)] = ((len(members), out_f), torch.float16)
         skipped = self.members(SKIP_ACTION)
         if skipped:
             specs[FP16_NAME] = ((out_f, sum(columns[i][1] - columns[i][0] for i in skipped)), torch.float16)
@@ -121,19 +136,24 @@ class ModuleLayout:
         return specs
 
     def to_dict(self) -> Dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.grid == "symmetric":  # the files of the symmetric grid read as before
+            del data["grid"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Dict) -> "ModuleLayout":
         try:
             layout = cls(tuple(int(v) for v in data["shape"]), int(data["chunk_size"]),
-                         tuple(int(a) for a in data["stored_actions"]), tuple(int(n) for n in data["n_outliers"]))
-        except (KeyError, TypeError, ValueError) as exc:
+                         tuple(int(a) for a in data["stored_actions"]), tuple(int(n) for n in data["n_outliers"]),
+                         str(data.get("grid", "symmetric")))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ExportFormatError(f"A module layout {str(data)[:200]} is malformed ({exc!r}). Export the plan again.") from None
+        code_formats(layout.grid)  # refuses an unknown grid by name
         if not (len(layout.columns) == len(layout.stored_actions) == len(layout.n_outliers)):
             raise ExportFormatError(f"Layout {data} is inconsistent: one stored action and outlier count per unit expected.")
-        if any(not 0 <= a < len(CODE_FORMATS) for a in layout.stored_actions):
-            raise ExportFormatError(f"Layout {data} stores an action outside 0..{len(CODE_FORMATS) - 1}. Export again.")
+        if any(not 0 <= a < N_ACTIONS for a in layout.stored_actions):
+            raise ExportFormatError(f"Layout {data} stores an action outside 0..{N_ACTIONS - 1}. Export again.")
         return layout
 
 
@@ -173,7 +193,7 @@ def packed_names(layouts: Dict[str, ModuleLayout]) -> Dict[str, str]:
 
 
 def tensor_kind(key: str) -> str:
-    """'codes', 'scales', 'outliers' or 'fp16' for a packed tensor's name (for size reports)."""
+    """'codes', 'scales', 'zeros', 'outliers' or 'fp16' for a packed tensor's name (for size reports)."""
     local = key.rsplit(".", 1)[-1]
     if local.startswith("outlier_"):
         return "outliers"

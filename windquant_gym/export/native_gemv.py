@@ -98,7 +98,7 @@ def _build(cc: List[str], target: Path) -> None:
 def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-    lib.wq_packed_gemv.argtypes = [i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.wq_packed_gemv.argtypes = [i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.wq_packed_gemv.restype = ctypes.c_int
     return lib
 

@@ -105,14 +105,17 @@ static inline int64_t read_index(const void *base, int32_t size, int64_t i)
  *     columns address (inside the unit, uint8 or int16), outlier codes address (int8)
  *   unit_i32 [n, 9]: number of planes, plane 0's radix, per_byte, multiplier, plane 1's the same,
  *     the size in bytes (1 or 2) of an outlier count and of an outlier column
- *   unit_f32 [n, 2]: the affine map (a, b): weight = alpha * (a * symbol + b)
+ *   unit_f32 [n, 3]: the affine map (a, b) and the zero point's coefficient c: weight =
+ *     alpha * (a * symbol + b - c * z) with z the row's zero point (0 where the unit has none)
  *   outlier_scales [n] addresses of fp16 row scales of the INT8 outliers ([out_f]; 0: none)
+ *   zero_points [n] addresses of fp16 row zero points ([out_f]; 0: none, the symmetric grid)
  * y [m, out_f] float32, accumulated into
  * Returns 0; -1 when the scratch could not be allocated, -2 for a plane of more than 8 or fewer
  * than 1 digit per byte (y is then untouched).
  */
 int wq_packed_gemv(int64_t m, const float *x, int64_t in_f, int64_t out_f, int64_t n_units, const int64_t *unit_i64,
-                   const int32_t *unit_i32, const float *unit_f32, const int64_t *outlier_scales, float *y, int32_t threads)
+                   const int32_t *unit_i32, const float *unit_f32, const int64_t *outlier_scales,
+                   const int64_t *zero_points, float *y, int32_t threads)
 {
     int64_t n_tables = 0, n_offsets = 0;
     plane_t *planes = (plane_t *)malloc(sizeof(plane_t) * (size_t)(2 * n_units + 1));
@@ -193,7 +196,8 @@ int wq_packed_gemv(int64_t m, const float *x, int64_t in_f, int64_t out_f, int64
         for (int64_t u = 0; u < n_units; u++) {
             const int64_t *ui = unit_i64 + I64_FIELDS * u;
             const int32_t *uj = unit_i32 + I32_FIELDS * u;
-            float a = unit_f32[2 * u], b = unit_f32[2 * u + 1];
+            float a = unit_f32[3 * u], b_unit = unit_f32[3 * u + 1], zero_coef = unit_f32[3 * u + 2];
+            const uint16_t *zero16 = (const uint16_t *)(uintptr_t)zero_points[u];
             const uint16_t *alpha16 = (const uint16_t *)(uintptr_t)ui[2];
             const int64_t *starts = offsets_at[u] >= 0 ? row_start + offsets_at[u] : NULL;
             const void *cols = (const void *)(uintptr_t)ui[6];
@@ -202,6 +206,7 @@ int wq_packed_gemv(int64_t m, const float *x, int64_t in_f, int64_t out_f, int64
 #pragma omp for schedule(static) nowait
             for (int64_t r = 0; r < out_f; r++) {
                 float alpha = half_to_float(alpha16[r]);
+                float b = zero16 ? b_unit - zero_coef * half_to_float(zero16[r]) : b_unit;
                 for (int64_t t = 0; t < m; t++) {
                     float s = 0.0f;
                     for (int32_t p = 0; p < uj[0]; p++) {

@@ -46,8 +46,8 @@ import torch.nn as nn
 from ..errors import ExportFormatError
 from ..quant.bitwidths import SKIP_ACTION
 from . import native_gemv
-from .formats import CODE_FORMATS, CodeFormat
-from .layout import FP16_NAME, ModuleLayout, codes_name, outlier_name, scales_name
+from .formats import CodeFormat
+from .layout import FP16_NAME, ModuleLayout, codes_name, outlier_name, scales_name, zeros_name
 from .packing import field_bits, pack_fields, unpack_fields
 from .planes import PLANES, Plane, digit_table, join_planes, split_planes, unpack_digits
 
@@ -177,7 +177,7 @@ class PackedLinear(nn.Module):
         positions = self._outlier_positions()
         groups = []
         for action in layout.used_actions():
-            fmt = CODE_FORMATS[action]
+            fmt = layout.formats[action]
             members = layout.members(action)
             sizes = [layout.n_codes(i) for i in members]
             stream = fmt.packer.unpack(self._buffers[codes_name(fmt.label)].cpu().numpy(), sum(sizes))
@@ -256,6 +256,8 @@ class PackedLinear(nn.Module):
                 symbols.append(unit.reshape(-1))
             out[codes_name(fmt.label)] = torch.from_numpy(fmt.packer.pack(np.concatenate(symbols)))
             out[scales_name(fmt.label)] = self._buffers[scales_name(fmt.label)]
+            if fmt.zero_point:
+                out[zeros_name(fmt.label)] = self._buffers[zeros_name(fmt.label)]
         if FP16_NAME in self._buffers:
             out[FP16_NAME] = self._buffers[FP16_NAME]
         units = layout.with_outliers()
@@ -321,7 +323,10 @@ class PackedLinear(nn.Module):
             codes = codes * fmt.code_step
         codes = codes + fmt.codes[0]
         alpha = self._buffers[scales_name(fmt.label)][tile.slot].float()[:, None]
-        weight = (codes + spec.shift) * (alpha / spec.divisor)
+        levels = codes + spec.shift
+        if fmt.zero_point:  # as dequantize_codes does it, so the weights equal the env's bit for bit
+            levels = levels - self._buffers[zeros_name(fmt.label)][tile.slot].float()[:, None]
+        weight = levels * (alpha / spec.divisor)
         rows, cols = self._unit_outliers(tile.unit)
         if rows is not None:
             weight[rows, cols] = self._outlier_values(tile.unit, rows)
@@ -402,6 +407,8 @@ class PackedLinear(nn.Module):
         slots = self._cached(("slots", group.fmt.label, batch.width, x.device), lambda: torch.tensor(
             [t.slot for t in batch.tiles], device=x.device))
         alpha = self._buffers[scales_name(group.fmt.label)].index_select(0, slots).to(x.dtype)  # [units, O]
+        if group.fmt.zero_point:  # each row's b: b - z / divisor
+            b = b - group.fmt.zero_coefficient * self._buffers[zeros_name(group.fmt.label)].index_select(0, slots).to(x.dtype)
         combined = products * a + xs.sum(-1, keepdim=True) * b  # [M, units, O]
         y.add_((combined * alpha).sum(1))
 
@@ -433,10 +440,13 @@ class PackedLinear(nn.Module):
             return None
         if not all(t.is_contiguous() and t.device.type == "cpu" for t in buffers.values() if t is not None):
             return None  # the kernel reads host memory, rows by address arithmetic
-        i64, i32, f32, outlier_scales = [], [], [], []
+        i64, i32, f32, outlier_scales, zero_points = [], [], [], [], []
         for group in self._groups:
             a, b = group.fmt.weight_affine
             scales = buffers[scales_name(group.fmt.label)]
+            zeros = buffers[zeros_name(group.fmt.label)] if group.fmt.zero_point else None
+            if zeros is not None and zeros.dtype != torch.float16:
+                return None
             for tile in group.tiles:
                 names = group.batches[tile.batch].buffers
                 plane_addresses, plane_info = [0, 0], [0] * 6
@@ -454,10 +464,12 @@ class PackedLinear(nn.Module):
                     sizes = [self.outlier_counts.element_size(), self.outlier_cols.element_size()]
                 i64.append([tile.start, tile.end - tile.start, scales[tile.slot].data_ptr(), *plane_addresses, counts, cols, codes])
                 i32.append([len(group.planes), *plane_info, *sizes])
-                f32.append([a, b])
+                f32.append([a, b, group.fmt.zero_coefficient])
                 outlier_scales.append(oscale)
+                zero_points.append(0 if zeros is None else zeros[tile.slot].data_ptr())
         arrays = [torch.tensor(i64, dtype=torch.int64), torch.tensor(i32, dtype=torch.int32),
-                  torch.tensor(f32, dtype=torch.float32), torch.tensor(outlier_scales, dtype=torch.int64)]
+                  torch.tensor(f32, dtype=torch.float32), torch.tensor(outlier_scales, dtype=torch.int64),
+                  torch.tensor(zero_points, dtype=torch.int64)]
         # the arrays stay referenced beside their addresses, so the addresses stay valid
         return {"n_units": len(i64), "arrays": arrays, "pointers": [t.data_ptr() for t in arrays]}
 
@@ -471,34 +483,47 @@ class PackedLinear(nn.Module):
         counts = self.outlier_counts.view(-1).long()
         n = sum(self.layout.n_outliers)
         flat = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts, output_size=n)  # k * O + row
-        starts, base_rows, b_of, per_unit = self._cached(("outlier_units", x.device), lambda: self._outlier_unit_info(x.device))
+        starts, base_rows, per_unit = self._cached(("outlier_units", x.device), lambda: self._outlier_unit_info(x.device))
         which = torch.repeat_interleave(torch.arange(len(units), device=x.device), per_unit, output_size=n)
         rows = flat - which * out_f  # no integer division: it costs more than the rest
         cols = self.outlier_cols.long() + starts.index_select(0, which)
-        # alpha of each outlier's unit and row, from that unit's bit width's scales
-        alpha = self._all_scales(x.dtype).index_select(0, base_rows.index_select(0, which) * out_f + rows)
+        # alpha and b of each outlier's unit and row, from that unit's bit width's scales (and zero points)
+        at = base_rows.index_select(0, which) * out_f + rows
+        alpha = self._all_scales(x.dtype).index_select(0, at)
         values = self._buffers[outlier_name("codes")].to(x.dtype) * self._buffers[outlier_name("scales")].to(x.dtype).view(-1).index_select(0, flat)
-        correction = values - alpha * b_of.to(x.dtype).index_select(0, which)
+        correction = values - alpha * self._all_offsets(x.dtype).index_select(0, at)
         y.index_add_(1, rows, x.index_select(1, cols) * correction)
 
     def _outlier_unit_info(self, device):
-        """Per unit with outliers: its first column, its row in :meth:`_all_scales`, its ``b``,
-        its outlier count (a few numbers per unit)."""
+        """Per unit with outliers: its first column, its row in :meth:`_all_scales`, its outlier
+        count (a few numbers per unit)."""
         row_of, at = {}, 0
         for group in self._groups:
             for tile in group.tiles:
-                row_of[tile.unit] = (at + tile.slot, group.fmt.weight_affine[1])
+                row_of[tile.unit] = at + tile.slot
             at += len(group.tiles)
         units = self.layout.with_outliers()
         starts = torch.tensor([self.layout.columns[i][0] for i in units], device=device)
-        base = torch.tensor([row_of[i][0] for i in units], device=device)
-        b_of = torch.tensor([row_of[i][1] for i in units], device=device, dtype=torch.float32)
+        base = torch.tensor([row_of[i] for i in units], device=device)
         per_unit = torch.tensor([self.layout.n_outliers[i] for i in units], device=device)
-        return starts, base, b_of, per_unit
+        return starts, base, per_unit
 
     def _all_scales(self, dtype) -> torch.Tensor:
         """Every quantized unit's row scales, group after group, flat (a transient of a few KB)."""
         return torch.cat([self._buffers[scales_name(g.fmt.label)].to(dtype).view(-1) for g in self._groups])
+
+    def _all_offsets(self, dtype) -> torch.Tensor:
+        """Every quantized unit's row ``b`` (weight of symbol 0 over alpha), flat like :meth:`_all_scales`:
+        the format's ``b``, less ``z / divisor`` where it stores zero points."""
+        parts = []
+        for g in self._groups:
+            b = g.fmt.weight_affine[1]
+            scales = self._buffers[scales_name(g.fmt.label)]
+            if g.fmt.zero_point:
+                parts.append((b - g.fmt.zero_coefficient * self._buffers[zeros_name(g.fmt.label)].to(dtype)).view(-1))
+            else:
+                parts.append(torch.full((scales.numel(),), b, dtype=dtype, device=scales.device))
+        return torch.cat(parts)
 
     def resident_bytes(self) -> int:
         """Bytes of every tensor the module holds (buffers and bias)."""
@@ -507,7 +532,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, units={len(self.layout.columns)}, "
-                f"stored={[CODE_FORMATS[a].label if a != SKIP_ACTION else 'fp16' for a in self.layout.stored_actions]}")
+                f"stored={[self.layout.formats[a].label if a != SKIP_ACTION else 'fp16' for a in self.layout.stored_actions]}")
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -10,6 +10,7 @@ from typing import Dict, Tuple
 
 from ..plan import QuantPlan
 from ..quant.accounting import n_protected, storage_bits
+from ..quant.bitwidths import bit_widths
 from .layout import PACKED_FILE, PLAN_FILE, packed_names, read_layout_metadata
 from .reader import check_export_dir
 
@@ -39,7 +40,7 @@ class PackedSize:
     header_bytes: int
     rest_bytes: int
     by_kind: Dict[str, int] = field(default_factory=dict)
-    """``codes``, ``scales``, ``outliers``, ``fp16`` parts of ``packed_bytes``."""
+    """``codes``, ``scales``, ``zeros`` (asymmetric grid), ``outliers``, ``fp16`` parts of ``packed_bytes``."""
 
     @property
     def ratio(self) -> float:
@@ -80,10 +81,10 @@ def packed_size(path: str | Path) -> PackedSize:
         by_kind[kind] = by_kind.get(kind, 0) + sizes.get(key, 0)
     accounted, n_weights = 0.0, 0
     for layout in layouts.values():
-        out_f = layout.shape[0]
+        out_f, operators = layout.shape[0], bit_widths(layout.grid)
         for (start, end), action in zip(layout.columns, layout.stored_actions):
             width = end - start
-            accounted += storage_bits(out_f, width, n_protected(out_f * width, salient_rate), action) / 8
+            accounted += storage_bits(out_f, width, n_protected(out_f * width, salient_rate), action, operators) / 8
             n_weights += out_f * width
     return PackedSize(
         packed_bytes=sum(sizes.get(key, 0) for key in kinds),

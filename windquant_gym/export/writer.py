@@ -20,7 +20,7 @@ from ..plan import QuantPlan
 from ..problem import QuantProblem
 from ..quant.table import QuantTable
 from ..quant.units import module_names
-from .codec import check_exportable, encode_module
+from .codec import encode_module
 from .hf_quantizer import export_quantization_config
 from .layout import OLD_REST_FILE, PACKED_FILE, PLAN_FILE, ModuleLayout, layout_metadata
 
@@ -52,7 +52,6 @@ def export_plan(
     ``from_pretrained``; sizes with :func:`packed_size`.
     """
     table, model, tokenizer = _resolve_source(source, model, tokenizer)
-    check_exportable(table)
     plan = _resolve_plan(plan, table, getattr(model.config, "name_or_path", "") or type(model).__name__)
     plan.check(table)
     check_model_matches_table(model, table)
