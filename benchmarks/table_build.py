@@ -28,9 +28,20 @@ CONFIGS = {
     "round, output metric": dict(compensation="none", error_metric="output"),
     "gptq, output metric (default)": dict(compensation="gptq", error_metric="output"),
     "gptq, output metric, scale refit": dict(compensation="gptq", error_metric="output", scale_refit="output"),
+    "gptq, output metric, scale refit, asymmetric": dict(compensation="gptq", error_metric="output",
+                                                        scale_refit="output", grid="asymmetric"),
 }
 
 
+def time_statistics_pass(model, tokenizer, units, blocks, env_kwargs, n: int, length: int, proxy_seconds: float) -> None:
+    """Time the calibration pass on a statistics set of ``n x length`` tokens apart from the proxy."""
+    statistics = statistics_blocks(wq.load_texts("wiki-sample"), tokenizer, n, length, tuple(blocks.shape) + (
+        int(env_kwargs.get("seed", 0)),))
+    started = time.perf_counter()
+    wq.calibrate(model, units, statistics, progress=False)
+    elapsed = time.perf_counter() - started
+    print(f"calibration pass on the statistics set ({n} x {length}, with Hessians): {elapsed:.2f} s (paid once per "
+          f"model and set, cached; {elapsed / proxy_seconds:.2f}x the proxy's)")
 
 
 def main() -> None:
@@ -42,7 +53,7 @@ def main() -> None:
                         help="which configs to build (default: all): " + "; ".join(CONFIGS))
     parser.add_argument("--statistics-blocks", type=int, nargs=2, default=[64, 256], metavar=("N", "LEN"),
                         help="also time the calibration pass on a statistics set of N x LEN tokens apart from the "
-                             "proxy (QuantConfig.hessian_blocks / hessian_seq_len; issue 26) (default: 64 256)")
+                             "proxy (QuantConfig.hessian_blocks / hessian_seq_len; issue 26) (default: 64 256; 0 0: not timed)")
     args = parser.parse_args()
     env_kwargs = load_hyperparams(args.preset)["env_kwargs"]
     model, tokenizer = wq.load_model(args.model)
@@ -59,13 +70,8 @@ def main() -> None:
     print(f"calibration pass: {timings[False]:.2f} s without Hessians, {timings[True]:.2f} s with "
           f"({timings[True] / timings[False]:.2f}x)")
     n, length = args.statistics_blocks
-    statistics = statistics_blocks(wq.load_texts("wiki-sample"), tokenizer, n, length, tuple(blocks.shape) + (
-        int(env_kwargs.get("seed", 0)),))
-    started = time.perf_counter()
-    wq.calibrate(model, units, statistics, progress=False)
-    elapsed = time.perf_counter() - started
-    print(f"calibration pass on the statistics set ({n} x {length}, with Hessians): {elapsed:.2f} s (paid once per "
-          f"model and set, cached; {elapsed / timings[True]:.2f}x the proxy's)")
+    if n > 0:
+        time_statistics_pass(model, tokenizer, units, blocks, env_kwargs, n, length, timings[True])
     seconds = {}
     for _ in range(args.repeats):
         for name, fields in ((n, CONFIGS[n]) for n in args.configs):
@@ -76,7 +82,7 @@ def main() -> None:
             seconds[name] = time.perf_counter() - started
     base_name = args.configs[0]
     for name, value in seconds.items():
-        print(f"table build, {name:34} {value:6.1f} s  ({value / seconds[base_name]:.2f}x {base_name!r})")
+        print(f"table build, {name:46} {value:6.1f} s  ({value / seconds[base_name]:.2f}x {base_name!r})")
 
 
 if __name__ == "__main__":
