@@ -22,7 +22,7 @@ import torch
 from .bitwidths import N_ACTIONS, SKIP_ACTION, bit_widths
 from .compensation import activation_order, compensated_codes, inverse_cholesky, permute_columns, permute_square
 from .config import QuantConfig
-from .quantizers import dequantize_codes, fit_scales, int8_outliers, protect_salient, to_fp16_scale, to_fp16_zero
+from .quantizers import affine_least_squares, dequantize_codes, fit_scales, int8_outliers, protect_salient, to_fp16_scale, to_fp16_zero
 
 #: The non-skip actions, in action-index order.
 QUANT_ACTIONS = range(1, N_ACTIONS)
@@ -159,12 +159,7 @@ def refit_affine(w: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, zero
     hv, hu = torch.bmm(levels, hessian), torch.bmm(mask, hessian)
     vv, vu, uu = (hv * levels).sum(-1, keepdim=True), (hv * mask).sum(-1, keepdim=True), (hu * mask).sum(-1, keepdim=True)
     vr, ur = (hv * residual).sum(-1, keepdim=True), (hu * residual).sum(-1, keepdim=True)
-    det = vv * uu - vu * vu
-    solvable = det > 1e-12 * vv * uu
-    safe_det = torch.where(solvable, det, 1.0)
-    slope = (uu * vr - vu * ur) / safe_det
-    intercept = (vv * ur - vu * vr) / safe_det
-    usable = solvable & (slope > 0)
+    slope, intercept, usable = affine_least_squares(vv, vu, uu, vr, ur)
     new_alpha = to_fp16_scale(torch.where(usable, slope, alpha))
     new_zero = to_fp16_zero(torch.where(usable, -intercept * spec.divisor / torch.where(usable, slope, 1.0), zero))
 

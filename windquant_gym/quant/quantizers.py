@@ -194,6 +194,19 @@ def affine_loss(w: torch.Tensor, alpha: torch.Tensor, zero: torch.Tensor, spec: 
     return (weight * residual * residual).sum(dim=-1, keepdim=True), codes
 
 
+def affine_least_squares(vv: torch.Tensor, vu: torch.Tensor, uu: torch.Tensor, vr: torch.Tensor, ur: torch.Tensor):
+    """``(slope, intercept, usable)``: per row, the least-squares ``r ~ slope * v + intercept * u``
+    from its Gram entries (``vv = <v, v>``, ``vu = <v, u>``, ``uu = <u, u>``, ``vr = <v, r>``,
+    ``ur = <u, r>`` in any inner product: weighted sums, or through a Hessian); ``usable`` where
+    the 2 x 2 system is not singular and the slope (a scale) is positive."""
+    det = vv * uu - vu * vu
+    solvable = det > 1e-12 * uu * vv
+    safe_det = torch.where(solvable, det, 1.0)
+    slope = (uu * vr - vu * ur) / safe_det
+    intercept = (vv * ur - vu * vr) / safe_det
+    return slope, intercept, solvable & (slope > 0)
+
+
 def fit_affine(w: torch.Tensor, keep: torch.Tensor, loss_weight: torch.Tensor, spec: BitWidth, steps: int = 10) -> FitResult:
     """Scale and zero point per row of ``w [U, O, G]`` for an affine operator (``spec.zero_point``).
 
@@ -225,12 +238,7 @@ def fit_affine(w: torch.Tensor, keep: torch.Tensor, loss_weight: torch.Tensor, s
         s1 = (weight * codes).sum(dim=-1, keepdim=True)
         s2 = (weight * codes * codes).sum(dim=-1, keepdim=True)
         t1 = (weight * codes * w).sum(dim=-1, keepdim=True)
-        det = s0 * s2 - s1 * s1
-        solvable = det > 1e-12 * s0 * s2
-        safe_det = torch.where(solvable, det, 1.0)
-        slope = (s0 * t1 - s1 * t0) / safe_det
-        intercept = (s2 * t0 - s1 * t1) / safe_det
-        usable = solvable & (slope > 0)
+        slope, intercept, usable = affine_least_squares(s2, s1, s0, t1, t0)
         alpha = to_fp16_scale(torch.where(usable, slope, best_alpha))
         zero = to_fp16_zero(torch.where(usable, -intercept / torch.where(usable, slope, 1.0), best_zero))
         loss, _ = affine_loss(w, alpha, zero, spec, weight)
