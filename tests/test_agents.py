@@ -29,7 +29,12 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     paper_cpu = load_hyperparams("cpu-paper")  # the paper's recipe on the small proxy
     assert paper_cpu["learning_rate"] == 5e-4 and paper_cpu["env_kwargs"]["salient_rate"] == 0.03
     assert "warm_start" not in paper_cpu and paper_cpu.get("observation", "paper") == "paper"
-    cpu = load_hyperparams("cpu")  # the README's: the recipe that wins (issues 12, 21)
+    readme = load_hyperparams("cpu")  # the README's: the recipe that wins (issues 12, 21) on the issue-26 engine
+    cpu = load_hyperparams("cpu-issue13")  # the same recipe on the issue-13 engine, which the ablations inherit
+    assert readme == load_hyperparams("cpu-engine-both")  # the preset that measured it
+    assert {**readme, "env_kwargs": {**readme["env_kwargs"], "quant_config": {"damping": 0.3}}} == cpu
+    assert readme["env_kwargs"]["quant_config"]["hessian_blocks"] == 64
+    assert load_hyperparams("cpu-no-ppo") == {**cpu, "ppo_updates": False}  # measured on the issue-13 engine
     assert cpu["env_kwargs"]["n_calibration_samples"] == 16 and cpu["env_kwargs"]["seed"] == 0
     assert (cpu["observation"], cpu["reward_kind"], cpu["warm_start"]["demonstrations"]) == ("paper", "proxy-loss", "calibrated-knapsack")
     assert cpu["normalize_observation"] is True
@@ -50,7 +55,7 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
 def test_normalization_switch_without_its_observation_is_refused():
     from windquant_gym.agents.recipe import Recipe
 
-    base = {k: v for k, v in load_hyperparams("cpu").items() if k != "normalize_observation"}
+    base = {k: v for k, v in load_hyperparams("cpu-issue13").items() if k != "normalize_observation"}
     with pytest.raises(wq.ConfigError, match="observation: action-costs"):
         Recipe.from_dict({**base, "normalize_observation": False})
     assert Recipe.from_dict({**base, "observation": "action-costs", "normalize_observation": False})
