@@ -134,6 +134,11 @@ ASYMMETRIC_BIT_WIDTHS: Tuple[Optional[BitWidth], ...] = (
 GRIDS: Dict[str, Tuple[Optional[BitWidth], ...]] = {"symmetric": BIT_WIDTHS, "asymmetric": ASYMMETRIC_BIT_WIDTHS}
 
 
+def has_zero_points(grid: str) -> bool:
+    """Whether some operator of ``grid`` stores a zero point per row (a table then keeps ``zeros``)."""
+    return any(spec is not None and spec.zero_point for spec in bit_widths(grid))
+
+
 def bit_widths(grid: str = "symmetric") -> Tuple[Optional[BitWidth], ...]:
     """The operators (indexed by action) of the grid ``grid`` (a :data:`GRIDS` key)."""
     try:

@@ -19,7 +19,7 @@ from ..fingerprint import tensors_fingerprint
 from ..paths import cache_dir
 from . import code_version
 from .accounting import unit_bit_tables
-from .bitwidths import N_ACTIONS, bit_widths
+from .bitwidths import N_ACTIONS, has_zero_points
 from .config import QuantConfig
 from .fitting import fit_units, stored_actions
 from .table import TABLE_FORMAT, QuantTable
@@ -187,7 +187,7 @@ def _fit_all(model, units, act_scales, hessians, config, device, progress, batch
     errors = {kind: np.full((n_units, N_ACTIONS), np.nan) for kind in ("plain", "act", "output")}
     energy = {kind: np.full(n_units, np.nan) for kind in ("plain", "act", "output")}
     codes, scales, zeros, protected_masks, outlier_codes, outlier_scales = {}, {}, {}, {}, {}, {}
-    with_zeros = any(spec is not None and spec.zero_point for spec in bit_widths(config.grid))
+    with_zeros = has_zero_points(config.grid)
     for name in module_names(units):
         weight = model.get_submodule(name).weight
         out_f, in_f = weight.shape

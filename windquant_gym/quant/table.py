@@ -29,7 +29,7 @@ from ..cache import atomic_path
 from . import code_version
 from ..errors import TableMismatchError
 from .accounting import unit_bit_tables
-from .bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION, bit_widths
+from .bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION, bit_widths, has_zero_points
 from .config import QuantConfig
 from .quantizers import dequantize_codes
 from .units import Unit
@@ -86,8 +86,7 @@ class QuantTable:
 
     def __post_init__(self) -> None:
         self.operators = bit_widths(self.config.grid)
-        needs_zeros = any(spec is not None and spec.zero_point for spec in self.operators)
-        if needs_zeros and set(self.zeros) != set(self.codes):
+        if has_zero_points(self.config.grid) and set(self.zeros) != set(self.codes):
             raise TableMismatchError(
                 f"A table of grid {self.config.grid!r} needs the zero points of every module; it has them for "
                 f"{len(self.zeros)} of {len(self.codes)}: the file is incomplete, delete it to rebuild."
