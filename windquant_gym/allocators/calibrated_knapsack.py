@@ -20,8 +20,17 @@ from ..envs.budget_price import BudgetPrice
 from ..errors import ConfigError
 from .base import PlannedAllocator
 
-LAYER_GROUPS = ("first", "last")
-"""Groups whose errors are rescaled: the first decoder layer, the last."""
+LAYER_GROUPS = ("first", "last", "keys-values")
+"""Groups whose errors can be rescaled: the first decoder layer, the last, and the attention's key
+and value projections of every layer (``k_proj`` / ``v_proj``; with grouped-query attention each
+of their heads serves several query heads, which a unit's own output error does not see: the
+search's winning mutations at 2.0 bits add bits there, benchmarks/RESULTS.md, issue 21)."""
+
+DEFAULT_GROUPS = ("first", "last")
+"""The groups of :class:`CalibratedKnapsack` by default (7 passes; the teacher of every preset)."""
+
+KEY_VALUE_SUFFIXES = ("k_proj", "v_proj")
+"""Module-name endings of the keys-values group (LLaMA, Mistral, Qwen and SmolLM naming)."""
 
 
 def lagrange_rule_plan(cost: np.ndarray, error: np.ndarray, allowed: np.ndarray, budget: float,
@@ -46,9 +55,11 @@ def lagrange_rule_plan(cost: np.ndarray, error: np.ndarray, allowed: np.ndarray,
     return plan
 
 
-def group_masks(layers: np.ndarray) -> Dict[str, np.ndarray]:
-    """Units of each of :data:`LAYER_GROUPS`, from the units' decoder-layer indices."""
-    return {"first": layers == layers.min(), "last": layers == layers.max()}
+def group_masks(units: Sequence) -> Dict[str, np.ndarray]:
+    """Units of each of :data:`LAYER_GROUPS`, from the units' decoder-layer indices and module names."""
+    layers = np.array([u.layer for u in units])
+    keys_values = np.array([u.module.rsplit(".", 1)[-1] in KEY_VALUE_SUFFIXES for u in units])
+    return {"first": layers == layers.min(), "last": layers == layers.max(), "keys-values": keys_values}
 
 
 class CalibratedKnapsack(PlannedAllocator):
@@ -62,8 +73,8 @@ class CalibratedKnapsack(PlannedAllocator):
 
     exact = True
 
-    def __init__(self, factors: Sequence[float] = (1.0, 2.0, 4.0, 8.0), groups: Sequence[str] = LAYER_GROUPS,
-                 calibrate_at: Optional[float] = None):
+    def __init__(self, factors: Sequence[float] = (1.0, 2.0, 4.0, 8.0), groups: Sequence[str] = DEFAULT_GROUPS,
+                 calibrate_at: Optional[float] = None, name: str = "calibrated-knapsack"):
         super().__init__()
         factors = tuple(float(f) for f in factors)
         if not factors or any(not np.isfinite(f) or f <= 0 for f in factors) or 1.0 not in factors:
@@ -72,7 +83,7 @@ class CalibratedKnapsack(PlannedAllocator):
         if unknown:
             raise ConfigError(f"Unknown layer groups {unknown}; choose from {list(LAYER_GROUPS)}.")
         self.factors, self.groups, self.calibrate_at = factors, tuple(groups), calibrate_at
-        self.name = "calibrated-knapsack"
+        self.name = name
         self.scales: Optional[Dict[str, float]] = None
         self.evaluations = 0.0
         self.history: list = []
@@ -80,7 +91,7 @@ class CalibratedKnapsack(PlannedAllocator):
 
     def _scaled_error(self, env, scales: Dict[str, float]) -> np.ndarray:
         error = env.table.module_normalized_error().copy()
-        masks = group_masks(np.array([u.layer for u in env.units]))
+        masks = group_masks(env.units)
         for group, factor in scales.items():
             error[masks[group]] *= factor
         return error
@@ -98,6 +109,11 @@ class CalibratedKnapsack(PlannedAllocator):
         target = env.target_bits if self.calibrate_at is None else float(self.calibrate_at)
         problem = env.problem
         scales = {g: 1.0 for g in self.groups}
+        masks = group_masks(env.units)
+        empty = [g for g in self.groups if not masks[g].any()]
+        if empty:
+            raise ConfigError(f"CalibratedKnapsack groups {empty} match no unit of this model (the keys-values group "
+                              f"looks for modules named *{KEY_VALUE_SUFFIXES[0]} / *{KEY_VALUE_SUFFIXES[1]}); drop them from groups=.")
 
         def measure(candidate: Dict[str, float]) -> float:
             nll = problem.proxy_nll(self.plan_at(env, target, candidate))
@@ -126,4 +142,4 @@ class CalibratedKnapsack(PlannedAllocator):
         return self.plan_at(env, env.target_bits)
 
 
-__all__ = ["CalibratedKnapsack", "LAYER_GROUPS", "group_masks", "lagrange_rule_plan"]
+__all__ = ["CalibratedKnapsack", "DEFAULT_GROUPS", "KEY_VALUE_SUFFIXES", "LAYER_GROUPS", "group_masks", "lagrange_rule_plan"]
