@@ -292,8 +292,57 @@ def test_calibrated_knapsack_spends_what_it_says_and_keeps_its_best(tiny_problem
     assert result.effective_bits <= 2.0 + 1e-9
     with pytest.raises(wq.ConfigError, match="including 1.0"):
         CalibratedKnapsack(factors=(2, 4))
+    with pytest.raises(wq.ConfigError, match="including 1.0"):
+        CalibratedKnapsack(factors={"last": (0.5, 2)})
+    with pytest.raises(wq.ConfigError, match=r"not in groups"):
+        CalibratedKnapsack(factors={"keys-values": (0.5, 1)})  # the group is not calibrated by default
     with pytest.raises(wq.ConfigError, match="Unknown layer groups"):
         CalibratedKnapsack(groups=("middle",))
+
+
+def test_keys_values_group_rescales_only_key_and_value_projections(tiny_problem):
+    from windquant_gym.allocators import CalibratedKnapsack
+    from windquant_gym.allocators.calibrated_knapsack import group_masks
+    from windquant_gym.allocators.registry import baseline_allocators
+    from windquant_gym.harness import run_allocator
+
+    env = gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, target_bits=2.0)
+    units = env.unwrapped.units
+    masks = group_masks(units)
+    names = {u.module.rsplit(".", 1)[-1] for u, m in zip(units, masks["keys-values"]) if m}
+    assert names == {"k_proj", "v_proj"}
+    assert masks["first"].any() and masks["last"].any()
+    # a factor on the group moves exactly its units' errors
+    allocator = CalibratedKnapsack(factors=(1, 4), groups=("first", "last", "keys-values"))
+    plain = allocator._scaled_error(env.unwrapped, {"keys-values": 1.0})
+    scaled = allocator._scaled_error(env.unwrapped, {"keys-values": 4.0})
+    np.testing.assert_allclose(scaled[masks["keys-values"]], 4.0 * plain[masks["keys-values"]])
+    np.testing.assert_array_equal(scaled[~masks["keys-values"]], plain[~masks["keys-values"]])
+    (result,) = run_allocator(env, allocator)
+    assert allocator.evaluations == result.evaluations == 4  # 1 + one more factor per group
+    assert set(allocator.scales) == {"first", "last", "keys-values"}
+    registered = baseline_allocators()["calibrated-knapsack-kv"]
+    assert registered.name == "calibrated-knapsack-kv" and "keys-values" in registered.groups
+    assert registered.factors["keys-values"] == (0.25, 0.5, 1.0, 2.0) and registered.factors["first"] == (1.0, 2.0, 4.0, 8.0)
+    mixed = CalibratedKnapsack(factors={"keys-values": (0.5, 1)}, groups=("first", "keys-values"))
+    (result,) = run_allocator(env, mixed)
+    assert result.evaluations == 1 + 3 + 1  # the default factors for "first", the given ones for keys-values
+    assert baseline_allocators()["calibrated-knapsack"].groups == ("first", "last")  # the default teacher unchanged
+
+
+def test_a_group_that_matches_no_unit_is_refused_by_name(tiny_problem):
+    from windquant_gym.allocators import CalibratedKnapsack
+
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    # a model whose attention names its projections otherwise (the fixture's units stay as they are)
+    renamed = [replace(u, module=u.module.replace("k_proj", "wk").replace("v_proj", "wv")) for u in tiny_problem.units]
+    env = SimpleNamespace(units=renamed, target_bits=2.0, problem=tiny_problem)
+    passes = tiny_problem.proxy_passes
+    with pytest.raises(wq.ConfigError, match=r"\['keys-values'\] match no unit"):
+        CalibratedKnapsack(groups=("keys-values",)).calibrate(env)
+    assert tiny_problem.proxy_passes == passes  # refused before any pass
 
 
 def test_self_imitation_clones_the_best_plan_seen_between_updates(tiny_problem):

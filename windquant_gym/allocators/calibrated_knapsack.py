@@ -12,25 +12,32 @@ exact budget (:func:`lagrange_rule_plan`).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..envs.budget_price import BudgetPrice
 from ..errors import ConfigError
+from ..quant.module_kinds import MODULE_KINDS, module_kind
 from .base import PlannedAllocator
 
 LAYER_GROUPS = ("first", "last", "keys-values")
 """Groups whose errors can be rescaled: the first decoder layer, the last, and the attention's key
-and value projections of every layer (``k_proj`` / ``v_proj``; with grouped-query attention each
-of their heads serves several query heads, which a unit's own output error does not see: the
-search's winning mutations at 2.0 bits add bits there, benchmarks/RESULTS.md, issue 21)."""
+and value projections of every layer."""
 
 DEFAULT_GROUPS = ("first", "last")
 """The groups of :class:`CalibratedKnapsack` by default (7 passes; the teacher of every preset)."""
 
-KEY_VALUE_SUFFIXES = ("k_proj", "v_proj")
-"""Module-name endings of the keys-values group (LLaMA, Mistral, Qwen and SmolLM naming)."""
+GROUP_FACTORS = {"first": (1.0, 2.0, 4.0, 8.0), "last": (1.0, 2.0, 4.0, 8.0), "keys-values": (0.25, 0.5, 1.0, 2.0)}
+"""The factors tried per group. The first and last layers' errors propagate or reach the logits
+unseen by the table, so they only grow; the key and value projections' table errors overstate
+what they cost the model at 2-3 bits (on SmolLM2-135M's proxy at 2.0 bits a factor 0.5 on both
+gave 89.3 against 101.2 proxy PPL, 0.125-0.35 and 0.75 less, k or v alone about a third of it;
+benchmarks/RESULTS.md, issue 21), so theirs may shrink."""
+
+KEY_VALUE_KINDS = (MODULE_KINDS["k_proj"], MODULE_KINDS["v_proj"])
+"""The keys-values group: modules whose :func:`~windquant_gym.quant.module_kinds.module_kind` is a
+key or value projection (``k_proj`` / ``v_proj``, ``key`` / ``value``)."""
 
 
 def lagrange_rule_plan(cost: np.ndarray, error: np.ndarray, allowed: np.ndarray, budget: float,
@@ -58,31 +65,51 @@ def lagrange_rule_plan(cost: np.ndarray, error: np.ndarray, allowed: np.ndarray,
 def group_masks(units: Sequence) -> Dict[str, np.ndarray]:
     """Units of each of :data:`LAYER_GROUPS`, from the units' decoder-layer indices and module names."""
     layers = np.array([u.layer for u in units])
-    keys_values = np.array([u.module.rsplit(".", 1)[-1] in KEY_VALUE_SUFFIXES for u in units])
+    keys_values = np.array([module_kind(u.module) in KEY_VALUE_KINDS for u in units])
     return {"first": layers == layers.min(), "last": layers == layers.max(), "keys-values": keys_values}
 
 
+def _checked_factors(group: str, factors: Sequence[float]) -> Tuple[float, ...]:
+    factors = tuple(float(f) for f in factors)
+    if not factors or any(not np.isfinite(f) or f <= 0 for f in factors) or 1.0 not in factors:
+        raise ConfigError(f"factors of group {group!r} must be positive numbers including 1.0, got {factors!r}; "
+                          f"e.g. {GROUP_FACTORS[group]}.")
+    return factors
+
+
 class CalibratedKnapsack(PlannedAllocator):
-    """The knapsack's rule on table errors rescaled per layer group, the scales chosen on the
+    """The knapsack's rule on table errors rescaled per group of units, the scales chosen on the
     proxy by coordinate search: start at 1 everywhere (one evaluation), then for each group in
-    turn try every factor of ``factors`` and keep the best (``len(groups) * (len(factors) - 1)``
-    more). Spends ``evaluations`` proxy passes (7 by default); ``scales`` holds the choice.
+    turn try every factor of its ``factors`` and keep the best (``len(factors[g]) - 1`` more per
+    group). Spends ``evaluations`` proxy passes (7 with the default groups, 10 with
+    ``keys-values`` too: the ``calibrated-knapsack-kv`` allocator); ``scales`` holds the choice.
+    ``factors``: one sequence for every group, or a mapping group -> sequence (default
+    :data:`GROUP_FACTORS`).
 
     ``calibrate_at``: target bits to calibrate at, once, the scales then serving every target
     (:meth:`plan_at`); default None: at each episode's own target."""
 
     exact = True
 
-    def __init__(self, factors: Sequence[float] = (1.0, 2.0, 4.0, 8.0), groups: Sequence[str] = DEFAULT_GROUPS,
-                 calibrate_at: Optional[float] = None, name: str = "calibrated-knapsack"):
+    def __init__(self, factors: Optional[Sequence[float] | Mapping[str, Sequence[float]]] = None,
+                 groups: Sequence[str] = DEFAULT_GROUPS, calibrate_at: Optional[float] = None,
+                 name: str = "calibrated-knapsack"):
         super().__init__()
-        factors = tuple(float(f) for f in factors)
-        if not factors or any(not np.isfinite(f) or f <= 0 for f in factors) or 1.0 not in factors:
-            raise ConfigError(f"factors must be positive numbers including 1.0, got {factors!r}; e.g. (1, 2, 4, 8).")
         unknown = sorted(set(groups) - set(LAYER_GROUPS))
         if unknown:
             raise ConfigError(f"Unknown layer groups {unknown}; choose from {list(LAYER_GROUPS)}.")
-        self.factors, self.groups, self.calibrate_at = factors, tuple(groups), calibrate_at
+        if isinstance(factors, Mapping):
+            unknown = sorted(set(factors) - set(groups))
+            if unknown:
+                raise ConfigError(f"factors name groups {unknown} that are not in groups={list(groups)}; add them there or drop them.")
+        def tried(group: str) -> Sequence[float]:
+            if factors is None:
+                return GROUP_FACTORS[group]
+            return factors.get(group, GROUP_FACTORS[group]) if isinstance(factors, Mapping) else factors
+
+        self.factors: Dict[str, Tuple[float, ...]] = {g: _checked_factors(g, tried(g)) for g in groups}
+        """The factors tried per group (:data:`GROUP_FACTORS` unless given)."""
+        self.groups, self.calibrate_at = tuple(groups), calibrate_at
         self.name = name
         self.scales: Optional[Dict[str, float]] = None
         self.evaluations = 0.0
@@ -113,7 +140,7 @@ class CalibratedKnapsack(PlannedAllocator):
         empty = [g for g in self.groups if not masks[g].any()]
         if empty:
             raise ConfigError(f"CalibratedKnapsack groups {empty} match no unit of this model (the keys-values group "
-                              f"looks for modules named *{KEY_VALUE_SUFFIXES[0]} / *{KEY_VALUE_SUFFIXES[1]}); drop them from groups=.")
+                              "looks for modules named k_proj / v_proj or key / value); drop them from groups=.")
 
         def measure(candidate: Dict[str, float]) -> float:
             nll = problem.proxy_nll(self.plan_at(env, target, candidate))
@@ -123,7 +150,7 @@ class CalibratedKnapsack(PlannedAllocator):
 
         best = measure(scales)
         for group in self.groups:
-            for factor in self.factors:
+            for factor in self.factors[group]:
                 if factor == scales[group]:
                     continue
                 candidate = {**scales, group: factor}
@@ -142,4 +169,4 @@ class CalibratedKnapsack(PlannedAllocator):
         return self.plan_at(env, env.target_bits)
 
 
-__all__ = ["CalibratedKnapsack", "DEFAULT_GROUPS", "KEY_VALUE_SUFFIXES", "LAYER_GROUPS", "group_masks", "lagrange_rule_plan"]
+__all__ = ["CalibratedKnapsack", "DEFAULT_GROUPS", "GROUP_FACTORS", "KEY_VALUE_KINDS", "LAYER_GROUPS", "group_masks", "lagrange_rule_plan"]

@@ -15,6 +15,6 @@ def baseline_allocators(seed: int = 0) -> dict:
         "heuristic": HeuristicAllocator(),
         "knapsack": KnapsackAllocator(),
         "calibrated-knapsack": CalibratedKnapsack(),
-        # the same rule with the key / value projections' errors calibrated too (10 passes)
+        # the same rule with the key and value projections' errors calibrated too (10 passes)
         "calibrated-knapsack-kv": CalibratedKnapsack(groups=("first", "last", "keys-values"), name="calibrated-knapsack-kv"),
     }
