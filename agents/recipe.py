@@ -22,13 +22,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..errors import ConfigError
+from ..allocators.calibrated_knapsack import CALIBRATED_KNAPSACKS
 from ..quant.bitwidths import check_bits
 
 RECIPE_VERSION = 1
 
 OBSERVATIONS = ("paper", "action-costs")
 REWARD_KINDS = ("eq5", "proxy-loss")
-DEMONSTRATIONS = ("knapsack", "calibrated-knapsack")
+DEMONSTRATIONS = ("knapsack", *CALIBRATED_KNAPSACKS)
 LR_SCHEDULES = ("constant", "linear")
 
 
@@ -127,7 +128,8 @@ class WarmStartRecipe(CloneRecipe):
 
     _section = "warm_start."
     demonstrations: str = "knapsack"
-    """The teacher: ``knapsack`` (no proxy pass) or ``calibrated-knapsack`` (7 passes)."""
+    """The teacher: ``knapsack`` (no proxy pass), ``calibrated-knapsack`` (7 passes) or
+    ``calibrated-knapsack-kv`` (10: the key and value projections' errors calibrated too)."""
     fit_critic: bool = True
     """Fit the critic to measured walks through the teacher's plans (one pass per target)."""
     calibrate_at: Optional[float] = None

@@ -48,7 +48,7 @@ from .callbacks import EpisodeRecorder
 from .front import HeldoutCache, front_row, write_front
 from .checkpoints import LATEST, ResumableCheckpoint, clear_run, has_run, latest_checkpoint, read_state
 from ..allocators.baselines import KnapsackAllocator
-from ..allocators.calibrated_knapsack import CalibratedKnapsack
+from ..allocators.calibrated_knapsack import CALIBRATED_KNAPSACKS, calibrated_knapsack
 from .hyperparams import load_hyperparams, merge_hyperparams
 from .recipe import Recipe, as_recipe
 from .imitation import behaviour_clone, collect_demonstrations
@@ -282,8 +282,8 @@ def _warm_start(model: MaskablePPO, view: gym.Env, recipe: Recipe, targets: List
     base = view.unwrapped
     passes_before = base.problem.proxy_passes
     stats: Dict[str, Any] = {"demonstrations": source}
-    if source == "calibrated-knapsack":
-        teacher = CalibratedKnapsack(calibrate_at=calibrate_at)
+    if source in CALIBRATED_KNAPSACKS:
+        teacher = calibrated_knapsack(source, calibrate_at=calibrate_at)
         scales, _ = teacher.calibrate(base)
         plans = {t: teacher.plan_at(base, t) for t in targets}
         stats.update(scales=scales, calibration_evaluations=teacher.evaluations, calibrate_at=calibrate_at)
@@ -452,12 +452,12 @@ TEACHER_ROW = "calibrated knapsack (teacher)"
 def _teacher(warm_start: Dict[str, Any], start_plans: Optional[Dict[float, np.ndarray]]) -> Optional[Dict[str, Any]]:
     """The calibrated-knapsack teacher's plans, measured proxy PPL and cost, when the warm
     start had one (its plans are kept in the run folder, so a resumed run has them)."""
-    if warm_start.get("demonstrations") != "calibrated-knapsack" or not start_plans:
+    if warm_start.get("demonstrations") not in CALIBRATED_KNAPSACKS or not start_plans:
         return None
     proxies = {float(t): float(p) for t, p in warm_start.get("teacher_proxy_ppl", {}).items()}
     plans = {float(t): np.asarray(p, dtype=np.int64) for t, p in start_plans.items() if float(t) in proxies}
     return {"plans": plans, "proxy_ppl": proxies, "calibration_evaluations": float(warm_start.get("calibration_evaluations", 0)),
-            "calibrate_at": warm_start.get("calibrate_at")}
+            "calibrate_at": warm_start.get("calibrate_at"), "name": warm_start["demonstrations"]}
 
 
 def _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, policy_evaluations, held_out, heldout,
@@ -476,7 +476,7 @@ def _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, po
                               policy_evaluations, plans_dir))
         if teacher is not None and target in teacher["plans"]:
             own = 0.0 if teacher["calibrate_at"] is not None and math.isclose(float(teacher["calibrate_at"]), target) else 1.0
-            rows.append(front_row(problem, heldout, "calibrated-knapsack", target, teacher["plans"][target],
+            rows.append(front_row(problem, heldout, teacher["name"], target, teacher["plans"][target],
                                   teacher["proxy_ppl"][target], teacher["calibration_evaluations"] + own, plans_dir))
         rows.append(front_row(problem, heldout, "knapsack", target, knapsack[target], knapsack_proxy[target], 1.0, plans_dir))
     meta = {"model": args.model, "preset": args.preset, "agent_seed": args.seed, "calibration_seed": calibration_seed(args, recipe),

@@ -300,6 +300,20 @@ def test_calibrated_knapsack_spends_what_it_says_and_keeps_its_best(tiny_problem
         CalibratedKnapsack(groups=("middle",))
 
 
+def test_training_warm_starts_on_the_key_value_calibrated_teacher(tmp_path, monkeypatch):
+    from windquant_gym.agents.hyperparams import load_hyperparams
+
+    monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
+    warm_start = {**load_hyperparams("smoke")["warm_start"], "demonstrations": "calibrated-knapsack-kv"}
+    summary = train(TrainArgs(model="tiny-llama", preset="smoke", out=str(tmp_path / "run"), episodes=2, target_bits=2.5,
+                              progress=False, overrides={"warm_start": warm_start}))
+    assert summary["warm_start"]["demonstrations"] == "calibrated-knapsack-kv"
+    assert set(summary["warm_start"]["scales"]) == {"first", "last", "keys-values"}
+    # the teacher's 10 calibration passes and one measured walk at the one target
+    assert summary["warm_start"]["calibration_evaluations"] == 10 and summary["warm_start"]["evaluations"] == 11
+    assert "calibrated knapsack (teacher)" in summary["results"]
+
+
 def test_keys_values_group_rescales_only_key_and_value_projections(tiny_problem):
     from windquant_gym.allocators import CalibratedKnapsack
     from windquant_gym.allocators.calibrated_knapsack import group_masks

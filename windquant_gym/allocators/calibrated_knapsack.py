@@ -69,6 +69,18 @@ def group_masks(units: Sequence) -> Dict[str, np.ndarray]:
     return {"first": layers == layers.min(), "last": layers == layers.max(), "keys-values": keys_values}
 
 
+CALIBRATED_KNAPSACKS = {"calibrated-knapsack": DEFAULT_GROUPS, "calibrated-knapsack-kv": ("first", "last", "keys-values")}
+"""The named variants (``windquant bench --allocators``, a preset's ``warm_start.demonstrations``)
+and the groups each calibrates: 7 and 10 proxy passes."""
+
+
+def calibrated_knapsack(name: str = "calibrated-knapsack", calibrate_at: Optional[float] = None) -> "CalibratedKnapsack":
+    """The variant ``name`` of :data:`CALIBRATED_KNAPSACKS`, with the default factors."""
+    if name not in CALIBRATED_KNAPSACKS:
+        raise ConfigError(f"Unknown calibrated knapsack {name!r}; choose from {sorted(CALIBRATED_KNAPSACKS)}.")
+    return CalibratedKnapsack(groups=CALIBRATED_KNAPSACKS[name], calibrate_at=calibrate_at, name=name)
+
+
 def _checked_factors(group: str, factors: Sequence[float]) -> Tuple[float, ...]:
     factors = tuple(float(f) for f in factors)
     if not factors or any(not np.isfinite(f) or f <= 0 for f in factors) or 1.0 not in factors:
@@ -142,18 +154,21 @@ class CalibratedKnapsack(PlannedAllocator):
             raise ConfigError(f"CalibratedKnapsack groups {empty} match no unit of this model (the keys-values group "
                               "looks for modules named k_proj / v_proj or key / value); drop them from groups=.")
 
+        measured: list = []
+
         def measure(candidate: Dict[str, float]) -> float:
             nll = problem.proxy_nll(self.plan_at(env, target, candidate))
             self.evaluations += 1
             self.history.append((dict(candidate), nll))
+            measured.append(dict(candidate))
             return nll
 
         best = measure(scales)
         for group in self.groups:
             for factor in self.factors[group]:
-                if factor == scales[group]:
-                    continue
                 candidate = {**scales, group: factor}
+                if candidate in measured:
+                    continue  # e.g. factor 1 after a smaller factor won: measured already, not better then
                 nll = measure(candidate)
                 if nll < best:
                     best, scales = nll, candidate
@@ -169,4 +184,4 @@ class CalibratedKnapsack(PlannedAllocator):
         return self.plan_at(env, env.target_bits)
 
 
-__all__ = ["CalibratedKnapsack", "DEFAULT_GROUPS", "GROUP_FACTORS", "KEY_VALUE_KINDS", "LAYER_GROUPS", "group_masks", "lagrange_rule_plan"]
+__all__ = ["CALIBRATED_KNAPSACKS", "CalibratedKnapsack", "calibrated_knapsack", "DEFAULT_GROUPS", "GROUP_FACTORS", "KEY_VALUE_KINDS", "LAYER_GROUPS", "group_masks", "lagrange_rule_plan"]

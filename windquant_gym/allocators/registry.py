@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .baselines import HeuristicAllocator, KnapsackAllocator, RandomAllocator, UniformAllocator
-from .calibrated_knapsack import CalibratedKnapsack
+from .calibrated_knapsack import CALIBRATED_KNAPSACKS, calibrated_knapsack
 
 
 def baseline_allocators(seed: int = 0) -> dict:
@@ -14,7 +14,6 @@ def baseline_allocators(seed: int = 0) -> dict:
         "random": RandomAllocator(seed),
         "heuristic": HeuristicAllocator(),
         "knapsack": KnapsackAllocator(),
-        "calibrated-knapsack": CalibratedKnapsack(),
-        # the same rule with the key and value projections' errors calibrated too (10 passes)
-        "calibrated-knapsack-kv": CalibratedKnapsack(groups=("first", "last", "keys-values"), name="calibrated-knapsack-kv"),
+        # the calibrated rule (7 passes), and with the key and value projections' errors calibrated too (10)
+        **{name: calibrated_knapsack(name) for name in CALIBRATED_KNAPSACKS},
     }
