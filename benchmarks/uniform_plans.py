@@ -8,7 +8,6 @@ vs storage bits, fallbacks. The engine's sanity sheet (issue 2's closing note).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import windquant_gym as wq

@@ -255,6 +255,10 @@ def test_search_from_the_calibrated_knapsack_spends_its_start_out_of_the_budget(
     assert 7 < search.result.snapshots[12]["evaluations"] <= 12
     with pytest.raises(wq.ConfigError, match="start plan's 7"):
         SearchAllocator(evaluations=7.5, start="calibrated-knapsack", progress=False).make_plan(env)
+    kv = SearchAllocator(evaluations=12, seed=0, start="calibrated-knapsack-kv", progress=False, offspring=4,
+                         stages=((0.25, 2), (1.0, 1)))
+    kv.make_plan(env)
+    assert kv.start_evaluations == 10  # its key / value group's 3 passes on top of the 7
 
 
 def test_paired_script_compares_each_allocator_with_itself_on_the_reference_engine(tmp_path, capsys):

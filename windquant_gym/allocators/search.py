@@ -32,6 +32,7 @@ seed held after spending B (``SearchResult.snapshots`` records those for given b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -45,7 +46,7 @@ from ..errors import ConfigError, TableMismatchError
 from ..envs.windquant import BUDGET_TOLERANCE
 from .base import PlannedAllocator
 from .baselines import HeuristicAllocator, KnapsackAllocator
-from .calibrated_knapsack import CalibratedKnapsack
+from .calibrated_knapsack import CALIBRATED_KNAPSACKS, calibrated_knapsack
 from .fitness import FITNESS_METRICS, ProxyFitness, check_fitness_metric
 
 
@@ -374,13 +375,15 @@ def evolve(
                         time.perf_counter() - started, history, snapshots)
 
 
-_STARTS = {"knapsack": KnapsackAllocator, "heuristic": HeuristicAllocator, "calibrated-knapsack": CalibratedKnapsack}
+_STARTS = {"knapsack": KnapsackAllocator, "heuristic": HeuristicAllocator,
+           **{name: functools.partial(calibrated_knapsack, name) for name in CALIBRATED_KNAPSACKS}}
 
 
 class SearchAllocator(PlannedAllocator):
     """Evolutionary search on the model's loss, from the knapsack's plan (or ``start``: an
-    allocator name in ``{"knapsack", "heuristic"}``, a planned allocator, or one action per
-    unit), within the env's budget and rules. See :mod:`windquant_gym.allocators.search`.
+    allocator name, ``knapsack``, ``heuristic``, ``calibrated-knapsack`` or ``calibrated-knapsack-kv``;
+    a planned allocator; or one action per unit), within the env's budget and rules. See
+    :mod:`windquant_gym.allocators.search`.
 
     ``SearchAllocator(evaluations=300, fitness="kl", seed=1)``: keyword arguments build a
     :class:`SearchConfig` (or pass ``config=``). ``blocks``: measure the fitness on these

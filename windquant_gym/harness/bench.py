@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--evaluations", type=_positive_float, nargs="+", default=[SearchConfig().evaluations], metavar="N",
                         help="the search's budget(s) in full proxy passes, the start plan's included; one row per budget "
                              "(compare a policy trained for E episodes at E + 1) (default: %(default)s)")
-    parser.add_argument("--search-start", default="knapsack", choices=("knapsack", "calibrated-knapsack", "heuristic"),
+    parser.add_argument("--search-start", default="knapsack", choices=("knapsack", "calibrated-knapsack", "calibrated-knapsack-kv", "heuristic"),
                         help="the plan the search starts from; a start that spends proxy passes (the calibrated knapsack's "
                              "7) spends them out of --evaluations, so a budget is passes in all, as for a training run "
                              "(default: %(default)s)")
