@@ -35,6 +35,9 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     assert {**readme, "env_kwargs": {**readme["env_kwargs"], "quant_config": {"damping": 0.3}}} == cpu
     assert readme["env_kwargs"]["quant_config"]["hessian_blocks"] == 64
     assert load_hyperparams("cpu-no-ppo") == {**cpu, "ppo_updates": False}  # measured on the issue-13 engine
+    assert load_hyperparams("cpu-engine-both-no-ppo") == {**readme, "ppo_updates": False}  # and on the issue-26 one
+    kv_teacher = load_hyperparams("cpu-kv-teacher")  # the README preset but for its teacher
+    assert kv_teacher == {**readme, "warm_start": {**readme["warm_start"], "demonstrations": "calibrated-knapsack-kv"}}
     assert cpu["env_kwargs"]["n_calibration_samples"] == 16 and cpu["env_kwargs"]["seed"] == 0
     assert (cpu["observation"], cpu["reward_kind"], cpu["warm_start"]["demonstrations"]) == ("paper", "proxy-loss", "calibrated-knapsack")
     assert cpu["normalize_observation"] is True
