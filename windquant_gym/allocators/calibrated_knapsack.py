@@ -69,7 +69,7 @@ def group_masks(units: Sequence) -> Dict[str, np.ndarray]:
     return {"first": layers == layers.min(), "last": layers == layers.max(), "keys-values": keys_values}
 
 
-CALIBRATED_KNAPSACKS = {"calibrated-knapsack": DEFAULT_GROUPS, "calibrated-knapsack-kv": ("first", "last", "keys-values")}
+CALIBRATED_KNAPSACKS = {"calibrated-knapsack": DEFAULT_GROUPS, "calibrated-knapsack-kv": LAYER_GROUPS}
 """The named variants (``windquant bench --allocators``, a preset's ``warm_start.demonstrations``)
 and the groups each calibrates: 7 and 10 proxy passes."""
 

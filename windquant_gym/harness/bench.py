@@ -33,6 +33,7 @@ from ..envs import ENV_ID
 from ..eval.divergence import PROXY_METRICS
 from ..plan import QuantPlan
 from ..allocators.base import PlannedAllocator
+from ..allocators.calibrated_knapsack import CALIBRATED_KNAPSACKS
 from ..allocators.registry import baseline_allocators
 from ..allocators.search import SearchAllocator, SearchConfig
 from .episodes import EpisodeResult, as_allocator, heldout_window_nlls, run_allocator
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--evaluations", type=_positive_float, nargs="+", default=[SearchConfig().evaluations], metavar="N",
                         help="the search's budget(s) in full proxy passes, the start plan's included; one row per budget "
                              "(compare a policy trained for E episodes at E + 1) (default: %(default)s)")
-    parser.add_argument("--search-start", default="knapsack", choices=("knapsack", "calibrated-knapsack", "calibrated-knapsack-kv", "heuristic"),
+    parser.add_argument("--search-start", default="knapsack", choices=("knapsack", *CALIBRATED_KNAPSACKS, "heuristic"),
                         help="the plan the search starts from; a start that spends proxy passes (the calibrated knapsack's "
                              "7) spends them out of --evaluations, so a budget is passes in all, as for a training run "
                              "(default: %(default)s)")
