@@ -44,8 +44,13 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     # the earlier README preset stays reproducible by name: cpu with ActionCostObservation
     assert load_hyperparams("cpu-action-costs") == {**cpu, "observation": "action-costs"}
     assert load_hyperparams("cpu-action-costs-no-ppo") == {**cpu, "observation": "action-costs", "ppo_updates": False}
-    front = load_hyperparams("cpu-front")
-    assert front["observation"] == "paper" and load_hyperparams("cpu-front-action-costs") == {**front, "observation": "action-costs"}
+    assert load_hyperparams("cpu-kv-teacher-no-ppo") == {**kv_teacher, "ppo_updates": False}  # its control
+    # the front on the README preset's engine; cpu-front-issue13 keeps the engine its first figures were measured on
+    front, front13 = load_hyperparams("cpu-front"), load_hyperparams("cpu-front-issue13")
+    assert front == {**front13, "env_kwargs": readme["env_kwargs"]} and front13["env_kwargs"] == cpu["env_kwargs"]
+    assert load_hyperparams("cpu-front-no-ppo") == {**front, "ppo_updates": False}
+    assert front13["observation"] == "paper"
+    assert load_hyperparams("cpu-front-action-costs") == {**front13, "observation": "action-costs"}
     for ablation in ("cpu-action-costs", "cpu-no-loss-reward", "cpu-no-shaping", "cpu-no-warm-start", "cpu-no-normalization",
                      "cpu-knapsack-teacher", "cpu-no-self-imitation"):
         assert load_hyperparams(ablation) != cpu
