@@ -9,12 +9,15 @@
 LLaMA-architecture models built from the published configs' shapes with random weights
 (nothing is downloaded) on random tokens: a cost measurement, not a quality one. Every size
 runs the README preset's env (``cpu``: 16 x 128 proxy tokens, chunk 256, GPTQ compensation
-with damping 0.3, the paper's observation normalised, the proxy-loss reward) in a process of
+with the preset's damping, scales and Hessian blocks from a 64 x 256-token statistics set,
+the output refit, the paper's observation normalised, the proxy-loss reward) in a process of
 its own, so that its peak memory is its own. Stages, each timed and with its own peak RSS
 (``/proc/self/clear_refs`` resets the high-water mark between stages):
 
 load          the model in float32 (CPU) or bf16 (CUDA)
-calibration   one pass over the proxy with hooks: activation scales and Hessian blocks
+calibration   one pass over the proxy with hooks: its NLL, activation scales and Hessian blocks
+statistics    the same over the statistics set, whose scales and Hessians the table is fitted
+              with (the preset's ``hessian_blocks``; real text at 135m, random tokens elsewhere)
 table         every (unit, action) fitted once (the quantization table)
 forward       one proxy pass alone, median of 3: the floor of an episode
 episode       MaskablePPO's (untrained) policy through the env: decisions, assembly, proxy
@@ -43,6 +46,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -62,7 +66,7 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, head_dim=32),
 }
 SIZES = ("test", "135m", "360m", "1b", "8b")
-STAGES = ("load", "calibration", "table", "forward", "episode", "paper_episode", "heldout", "export")
+STAGES = ("load", "calibration", "statistics", "table", "forward", "episode", "paper_episode", "heldout", "export")
 PROJECT_TO = {"8b": 6.98e9, "70b": 68.5e9}
 """Decoder Linear weights of LLaMA-3.1-8B and LLaMA-3.1-70B (embeddings and head excluded)."""
 H200 = {"bf16_flops": 989e12, "bandwidth": 4.8e12}
@@ -97,8 +101,10 @@ def stage(name: str, record: Dict, device: torch.device) -> Iterator[None]:
     print(f"  {name:14s} {record['stage_seconds'][name]:8.2f} s   peak RSS {peak_rss_bytes() / 2**30:6.2f} GiB", flush=True)
 
 
-def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """A large square product's GFLOP/s: the practical peak the proxy pass is measured against."""
+def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, n: Optional[int] = None, repeats: int = 5) -> float:
+    """A large square product's GFLOP/s: the practical peak the proxy pass is measured against
+    (2048^2 on a CPU; 8192^2 on a GPU, which a smaller product leaves mostly idle)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
@@ -142,7 +148,7 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     from windquant_gym.agents import WindQuantPolicy, load_hyperparams
     from windquant_gym.agents.policy_view import policy_view
     from windquant_gym.calibration import calibrate
-    from windquant_gym.data import eval_windows, sample_token_blocks
+    from windquant_gym.data import eval_windows, sample_token_blocks, statistics_blocks
     from windquant_gym.envs.windquant import quant_config_from_kwargs
     from windquant_gym.eval.perplexity import mean_nll
     from windquant_gym.harness.episodes import plan_window_nlls
@@ -187,6 +193,19 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     record["estimate_parts_bytes"] = {"resident": estimate.resident, **estimate.parts()}
     with stage("calibration", record, device):
         calibration = calibrate(model, units, blocks, batch_size=8, progress=False)
+    if config.hessian_blocks:
+        # as QuantProblem.build does: scales and Hessians from a statistics set apart from the proxy
+        # (real text at 135m; random tokens of the same shape elsewhere), the proxy's NLL kept
+        shape = (config.hessian_blocks, config.hessian_seq_len)
+        if tokenizer is not None:
+            statistics_set = statistics_blocks(wq.load_texts("wiki-sample", split="calibration"), tokenizer, *shape,
+                                               (n, length, 0))
+        else:
+            statistics_set = torch.randint(0, model.config.vocab_size, shape, generator=generator)
+        record["statistics_tokens"] = int(statistics_set.numel())
+        with stage("statistics", record, device):
+            measured = calibrate(model, units, statistics_set, batch_size=8, progress=False)
+        calibration = replace(measured, nll=calibration.nll, n_tokens=calibration.n_tokens)
     with stage("table", record, device):
         table = build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=False,
                             progress=True, units=units, storage_device="cpu" if streamed else None)
@@ -229,10 +248,13 @@ def measure(size: str, device: torch.device, episodes: int, paper_episodes: int,
     env.close()
     record["table_seconds"] = record["stage_seconds"]["table"]
     record["calibration_seconds"] = record["stage_seconds"]["calibration"]
+    record["statistics_seconds"] = record["stage_seconds"].get("statistics")
     record["load_seconds"] = record["stage_seconds"]["load"]
     record["heldout_seconds"] = record["stage_seconds"]["heldout"]
     record["export_seconds"] = record["stage_seconds"]["export"]
     record["peak_rss_bytes"] = max(record["stage_peak_rss_bytes"].values())
+    if "stage_peak_gpu_bytes" in record:
+        record["peak_gpu_bytes"] = max(record["stage_peak_gpu_bytes"].values())
     record["episode_over_forward"] = record["episode_seconds"] / record["forward_seconds"]
     if "paper_episode_seconds" in record:
         record["paper_over_ours"] = record["paper_episode_seconds"] / record["episode_seconds"]
@@ -269,29 +291,35 @@ def fit_exponent(weights: List[float], values: List[float]) -> Optional[tuple]:
     return k, math.exp(my - k * mx)
 
 
-REPORTED = {"table": "table_seconds", "calibration": "calibration_seconds", "forward": "forward_seconds",
+REPORTED = {"table": "table_seconds", "calibration": "calibration_seconds", "statistics": "statistics_seconds", "forward": "forward_seconds",
             "episode": "episode_seconds", "paper_episode": "paper_episode_seconds", "heldout": "heldout_seconds",
-            "export": "export_seconds", "peak_rss": "peak_rss_bytes"}
+            "export": "export_seconds", "peak_rss": "peak_rss_bytes", "peak_gpu": "peak_gpu_bytes"}
 
 
 def report(results: Dict, plot: Optional[str]) -> str:
     sizes = [r for name, r in results["sizes"].items() if name != "test"] or list(results["sizes"].values())
     sizes.sort(key=lambda r: r["weights"])
     m = results["machine"]
+    if not sizes:
+        return "no size was measured (see the worker's error above)"
+
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}; large fp32 "
              f"product {m['gemm_fp32_gflops']:.0f} GFLOP/s" + (f", bf16 {m['gemm_bf16_gflops']:.0f} GFLOP/s"
                                                                if "gemm_bf16_gflops" in m else ""), ""]
     header = ("| size | weights | " + " | ".join(REPORTED) +
-              " | estimated peak (/ measured) | proxy GFLOP/s (of fp32 peak) | episode / forward | paper / ours |")
+              " | estimated peak (/ measured) | proxy GFLOP/s (of the model dtype's peak) | episode / forward | paper / ours |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in sizes:
         cells = []
         for key in REPORTED.values():
             value = r.get(key)
             cells.append("-" if value is None else f"{value / 2**30:.2f} GiB" if key.endswith("bytes") else f"{value:.2f} s")
-        share = r["forward_gflops"] / m["gemm_fp32_gflops"]
+        # the GPU's model is bf16 (the CPU's float32): its pass is held against the bf16 product
+        share = r["forward_gflops"] / m["gemm_bf16_gflops" if m.get("device", "cpu") != "cpu" else "gemm_fp32_gflops"]
         paper = f"{r['paper_over_ours']:.1f}" if "paper_over_ours" in r else "-"
-        estimate = (f"{r['estimated_peak_bytes'] / 2**30:.2f} GiB ({r['estimated_peak_bytes'] / r['peak_rss_bytes']:.2f})"
+        # on a GPU the estimate is of the device's memory (the model, table and passes live there)
+        measured = r.get("peak_gpu_bytes") or r["peak_rss_bytes"]
+        estimate = (f"{r['estimated_peak_bytes'] / 2**30:.2f} GiB ({r['estimated_peak_bytes'] / measured:.2f})"
                     if "estimated_peak_bytes" in r else "-")
         lines.append(f"| {r['size']} | {r['weights'] / 1e6:.0f}M | " + " | ".join(cells) +
                      f" | {estimate} | {r['forward_gflops']:.0f} ({share:.0%}) | {r['episode_over_forward']:.2f} | {paper} |")
@@ -307,7 +335,8 @@ def report(results: Dict, plot: Optional[str]) -> str:
         projected = [c * w**k for w in PROJECT_TO.values()]
         shown = [f"{p / 2**30:.0f} GiB" if key.endswith("bytes") else f"{p:.0f} s" for p in projected]
         lines.append(f"| {name} | {k:.2f} | {shown[0]} | {shown[1]} |")
-    lines += ["", "The CPU projections extrapolate the fitted power law of each stage on this machine from the sizes "
+    where = "this CPU" if m.get("device", "cpu") == "cpu" else m["device"]
+    lines += ["", f"The projections extrapolate the fitted power law of each stage on {where} from the {len(sizes)} sizes "
               "above (they assume the shape mix of the measured models and enough memory)."]
     # one H200: an episode's floor is its proxy pass (FLOPs at the published bf16 peak) plus
     # moving the plan's weights once (bytes at the published bandwidth); a utilisation is not assumed
@@ -331,8 +360,12 @@ def report(results: Dict, plot: Optional[str]) -> str:
             left.loglog(weights, values, "o-", label=f"{name} (k={fits[name][0]:.2f})")
         left.set_xlabel("decoder Linear weights"); left.set_ylabel("seconds"); left.legend(fontsize=7)
         right.loglog(weights, [r["peak_rss_bytes"] / 2**30 for r in sizes], "o-", label="peak RSS")
+        if all(r.get("peak_gpu_bytes") for r in sizes):
+            right.loglog(weights, [r["peak_gpu_bytes"] / 2**30 for r in sizes], "s-", label="peak GPU memory")
         right.set_xlabel("decoder Linear weights"); right.set_ylabel("GiB"); right.legend()
-        fig.suptitle(f"windquant pipeline cost, {m['cpu']}, {m['cores']} cores")
+        host = f"{m['cpu']}, {m['cores']} cores"
+        fig.suptitle(f"windquant pipeline cost, {host}" if where == "this CPU" else
+                     f"windquant pipeline cost, {where} (host: {host})")
         fig.tight_layout()
         fig.savefig(plot, dpi=120)
     return "\n".join(lines)

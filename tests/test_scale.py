@@ -58,8 +58,10 @@ def test_the_test_shape_runs_the_whole_pipeline_in_its_own_process(tmp_path):
     for key in ("weights", "table_seconds", "calibration_seconds", "forward_seconds", "episode_seconds",
                 "paper_episode_seconds", "peak_rss_bytes", "heldout_seconds", "export_seconds", "export_bytes"):
         assert record[key] > 0, key
+    # the cpu preset's statistics set (64 x 256 tokens) is its own stage: the table is fitted with its Hessians
     assert set(record["stage_seconds"]) == set(record["stage_peak_rss_bytes"]) == set(
-        ("load", "calibration", "table", "forward", "episode", "paper_episode", "heldout", "export"))
+        ("load", "calibration", "statistics", "table", "forward", "episode", "paper_episode", "heldout", "export"))
+    assert record["statistics_tokens"] == 64 * 256 and record["statistics_seconds"] > 0
     assert record["weights"] == 2 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256)  # q, o + k, v + gate, up, down
     assert record["proxy_gflop"] == pytest.approx(2 * 2048 * (record["weights"] + 128 * 512) / 1e9)
     assert math.isfinite(record["heldout_ppl"])

@@ -112,3 +112,20 @@ def test_plan_checks(tiny_problem):
         table.plan_bits([1, 2])
     with pytest.raises(wq.TableMismatchError, match="actions must lie"):
         table.plan_bits([7] * len(table.units))
+
+
+def test_the_fit_batch_bounds_memory_not_results(tiny_problem):
+    """One unit at a time (batch_elements=1) fits what the device default's batches fit, bit for bit:
+    the GPU's larger default (FIT_BATCH_ELEMENTS) changes the speed, not the table."""
+    from windquant_gym.quant.build import FIT_BATCH_ELEMENTS, build_table
+
+    assert FIT_BATCH_ELEMENTS["cuda"] > FIT_BATCH_ELEMENTS["cpu"]
+    problem = tiny_problem
+    kwargs = dict(hessians=problem.calibration.hessians, cache=False, progress=False, units=problem.units)
+    batched = build_table(problem.model, problem.calibration.act_scales, problem.table.config, **kwargs)
+    single = build_table(problem.model, problem.calibration.act_scales, problem.table.config, batch_elements=1, **kwargs)
+    for name in batched.codes:
+        assert torch.equal(batched.codes[name], single.codes[name]), name
+        assert torch.equal(batched.scales[name], single.scales[name]), name
+    assert np.array_equal(batched.stored_action, single.stored_action)
+    assert np.array_equal(batched.fit_error_output, single.fit_error_output)

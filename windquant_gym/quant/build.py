@@ -58,6 +58,12 @@ def table_fingerprint(
     return key
 
 
+FIT_BATCH_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}
+"""Weights fitted at once by default, per fitting device. The fit's column loop launches the
+same few kernels whatever the batch holds, so on a GPU a batch of 2 of LLaMA-8B's 14336 x 256
+units leaves it idle; 1 << 26 (about 32 float32 copies of it, 8 GiB of scratch) fills it."""
+
+
 def build_table(
     model: nn.Module,
     act_scales: Dict[str, torch.Tensor],
@@ -67,7 +73,7 @@ def build_table(
     device: Optional[torch.device | str] = None,
     cache: bool | str | Path = True,
     progress: bool = True,
-    batch_elements: int = 1 << 23,
+    batch_elements: Optional[int] = None,
     storage_device: Optional[torch.device | str] = None,
     units: Optional[List[Unit]] = None,
 ) -> QuantTable:
@@ -80,7 +86,8 @@ def build_table(
     reused when the weights, the calibration, the config and the fitting code match; a
     damaged cached table is rebuilt with a :class:`~windquant_gym.errors.CacheWarning`, and
     processes needing the same table at once build it once (a file lock). ``batch_elements``
-    bounds the weights fitted at once (memory, not results). ``device`` is where the
+    bounds the weights fitted at once (memory, not results; default
+    :data:`FIT_BATCH_ELEMENTS` for the fitting device). ``device`` is where the
     fitting runs (default: the model's); ``storage_device`` where the table is kept
     (default: the same; ``"cpu"`` for models too large to hold six quantized copies beside
     them on the GPU). ``units``: the model's units at ``config.chunk_size``, already found and
@@ -99,6 +106,8 @@ def build_table(
         hessians = None
     fingerprint = table_fingerprint(model, units, act_scales, config, hessians)
     fit_device = torch.device(device) if device is not None else _model_device(model)
+    if batch_elements is None:
+        batch_elements = FIT_BATCH_ELEMENTS.get(fit_device.type, FIT_BATCH_ELEMENTS["cpu"])
     storage = torch.device(storage_device) if storage_device is not None else fit_device
 
     def fit() -> QuantTable:
