@@ -9,6 +9,16 @@ device: matrix products in bf16, reductions in float32). The reference side is a
 float32, whatever the preset says.
 Prints the time of each pass, the relative PPL differences, Spearman's rank correlation
 and the pairs of plans the two proxies order differently.
+
+Plans from different allocators sit percents apart; the choices a search or keep-the-best
+makes are between neighbours. ``--neighbours N`` scores N neighbours of the calibrated
+knapsack's plan at the lowest target (1-3 swaps of the actions of two units of the same
+shape: the same bits) in both precisions and prints how often the two proxies agree on
+whether a neighbour is better than its start, by the size of the float32 difference.
+
+Speed, side by side in one process: the float32 pass, the bf16 pass as it was (autocast
+over float32 weight buffers: every weight cast to bf16 on every call) and as it is (the
+plan's weights assembled in bf16 once: the same values), each with its assembly.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ def main() -> None:
     parser.add_argument("--target-bits", type=float, nargs="+", default=[3.0, 2.5, 2.0])
     parser.add_argument("--random-seeds", type=int, default=3)
     parser.add_argument("--policy", action="append", default=[], help="a trained MaskablePPO zip (repeatable)")
+    parser.add_argument("--neighbours", type=int, default=0, help="neighbours of the calibrated knapsack's plan to rank")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per path (median)")
     args = parser.parse_args()
 
     env_kwargs = dict(load_hyperparams(args.preset)["env_kwargs"], proxy_dtype="float32")  # the reference side
@@ -90,7 +102,86 @@ def main() -> None:
     for x, y in flips:
         print(f"  {x} vs {y}: fp32 {fp32[x]:.2f} / {fp32[y]:.2f} ({fp32[x] / fp32[y] - 1:+.3%}), "
               f"bf16 {bf16[x]:.2f} / {bf16[y]:.2f}")
+    timing = time_paths(problem, bf16_problem, plans[next(iter(plans))], args.repeats)
+    print("\nproxy pass with a plan applied (assembly + forward), median of "
+          f"{args.repeats}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timing.items()))
+    print(f"bf16 as it is over float32: {timing['float32'] / timing['bf16 (bf16 buffers)']:.2f}x; over bf16 as it was: "
+          f"{timing['bf16 (autocast over float32 buffers)'] / timing['bf16 (bf16 buffers)']:.2f}x")
+    if args.neighbours:
+        start_name = f"calibrated-knapsack@{min(args.target_bits):g}"
+        rank_neighbours(problem, bf16_problem, np.asarray(plans[start_name]), args.neighbours)
     env.close()
+
+
+def time_paths(problem: wq.QuantProblem, bf16_problem: wq.QuantProblem, plan, repeats: int) -> dict:
+    """Median seconds of one proxy pass with ``plan`` (assembly included) on each path, interleaved."""
+    import time
+
+    import torch
+
+    from windquant_gym.compute.kernels import proxy_precision
+    from windquant_gym.eval.perplexity import token_losses
+    from windquant_gym.quant.apply import WeightAssembler, quantized_weights
+
+    float32_buffers = WeightAssembler(problem.model, problem.table)  # the bf16 pass before bf16 buffers
+
+    def autocast_over_float32():
+        with quantized_weights(problem.model, problem.table, plan, float32_buffers), \
+                proxy_precision(next(problem.model.parameters()).device, "bfloat16"):
+            return token_losses(problem.model, problem.blocks, problem.batch_size).nll
+
+    paths = {"float32": lambda: problem.proxy_nll(plan), "bf16 (autocast over float32 buffers)": autocast_over_float32,
+             "bf16 (bf16 buffers)": lambda: bf16_problem.proxy_nll(plan)}
+    seconds = {name: [] for name in paths}
+    for name, run in paths.items():
+        run()  # warm-up: buffers, lazy inits
+    assert paths["bf16 (bf16 buffers)"]() == autocast_over_float32()  # the same bf16 weights, the same NLL
+    for _ in range(repeats):
+        for name, run in paths.items():
+            t = time.perf_counter()
+            with torch.no_grad():
+                run()
+            seconds[name].append(time.perf_counter() - t)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def neighbours_of(plan: np.ndarray, problem: wq.QuantProblem, count: int, seed: int = 0):
+    """``count`` distinct plans 1-3 swaps away from ``plan``: two units of the same shape exchange
+    their actions, so the bits stay exactly the same."""
+    rng = np.random.default_rng(seed)
+    shapes = np.array([hash((u.out_features, u.width)) for u in problem.units])
+    seen, out = {tuple(plan)}, []
+    while len(out) < count:
+        child = plan.copy()
+        for _ in range(int(rng.integers(1, 4))):
+            i = int(rng.integers(len(plan)))
+            alike = np.flatnonzero((shapes == shapes[i]) & (child != child[i]))
+            if alike.size:
+                j = int(rng.choice(alike))
+                child[i], child[j] = child[j], child[i]
+        if tuple(child) not in seen:
+            seen.add(tuple(child))
+            out.append(child)
+    return out
+
+
+def rank_neighbours(problem: wq.QuantProblem, bf16_problem: wq.QuantProblem, start: np.ndarray, count: int) -> None:
+    """How often the bf16 proxy agrees with float32 on whether a neighbour beats its start."""
+    base = {"fp32": problem.proxy_nll(start), "bf16": bf16_problem.proxy_nll(start)}
+    deltas = []
+    for child in neighbours_of(start, problem, count):
+        deltas.append((problem.proxy_nll(child) - base["fp32"], bf16_problem.proxy_nll(child) - base["bf16"]))
+    d = np.array(deltas)  # NLL change against the start: [fp32, bf16]
+    agree = np.sign(d[:, 0]) == np.sign(d[:, 1])
+    print(f"\n{count} neighbours of the calibrated knapsack's plan (start proxy PPL fp32 {math.exp(base['fp32']):.2f}, "
+          f"bf16 {math.exp(base['bf16']):.2f}); NLL changes' correlation {np.corrcoef(d[:, 0], d[:, 1])[0, 1]:.4f}")
+    print(f"{'|fp32 PPL change|':>20} {'neighbours':>11} {'same verdict':>13} {'better (fp32)':>14}")
+    gap = np.abs(np.expm1(d[:, 0]))
+    for low, high in ((0, 0.001), (0.001, 0.003), (0.003, 0.01), (0.01, np.inf)):
+        rows = (gap >= low) & (gap < high)
+        if rows.any():
+            print(f"{f'{low:.1%}-{high:.1%}':>20} {int(rows.sum()):11d} {agree[rows].mean():13.1%} {(d[rows, 0] < 0).mean():14.1%}")
+    print(f"{'all':>20} {len(d):11d} {agree.mean():13.1%} {(d[:, 0] < 0).mean():14.1%}")
 
 
 if __name__ == "__main__":

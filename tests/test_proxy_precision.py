@@ -43,6 +43,28 @@ def test_bf16_proxy_runs_the_products_in_bf16_and_stays_close(tiny_problem, bf16
     assert {p.dtype for p in tiny_problem.model.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_bf16_proxy_assembles_bf16_weights_that_autocast_would_have_made(bf16_problem, stream):
+    """The bf16 proxy's buffers hold the plan's weights in bf16 (cast once per plan, not on every
+    call): the NLL is bit for bit autocast's over float32 buffers, every action and the skip included."""
+    from windquant_gym.quant.apply import WeightAssembler, quantized_weights, streamed_quantized_weights
+    from windquant_gym.quant.bitwidths import N_ACTIONS
+
+    problem = dataclasses.replace(bf16_problem, stream=stream)
+    plan = (np.arange(len(problem.units)) % N_ACTIONS).tolist()
+    saved = snapshot(problem.model)
+    got = problem.proxy_nll(plan)
+    assembler = problem.assembler(per_layer=stream, proxy=True)
+    assert assembler.dtype == torch.bfloat16 and {b.dtype for b in assembler._buffers.values()} == {torch.bfloat16}
+    applied = streamed_quantized_weights if stream else quantized_weights
+    float32_buffers = WeightAssembler(problem.model, problem.table, per_layer=stream)
+    with applied(problem.model, problem.table, plan, float32_buffers), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = wq.mean_nll(problem.model, problem.blocks, batch_size=len(problem.blocks) if stream else problem.batch_size)
+    assert got == want
+    assert_bitwise_equal(problem.model, saved)
+    assert problem.assembler().dtype is None  # the held-out pass's buffers: the weights' own dtype
+
+
 def test_bf16_baseline_is_measured_once_when_the_problem_is_made(tiny_problem):
     assert tiny_problem.baseline_nll == tiny_problem.calibration.nll
     passes = []
@@ -105,8 +127,14 @@ def test_cpu_bf16_preset_sets_the_proxy_precision():
     from windquant_gym.agents import load_hyperparams
     from windquant_gym.agents.hyperparams import preset_names
 
-    assert load_hyperparams("cpu-bf16")["env_kwargs"]["proxy_dtype"] == "bfloat16"
-    assert load_hyperparams("cpu-paper-bf16")["env_kwargs"]["proxy_dtype"] == "bfloat16"
+    def with_bf16(name):
+        preset = load_hyperparams(name)
+        return {**preset, "env_kwargs": {**preset["env_kwargs"], "proxy_dtype": "bfloat16"}}
+
+    # each bf16 preset is its float32 preset but for the proxy's precision
+    assert load_hyperparams("cpu-bf16") == with_bf16("cpu")  # the README preset's engine
+    assert load_hyperparams("cpu-issue13-bf16") == with_bf16("cpu-issue13")
+    assert load_hyperparams("cpu-paper-bf16") == with_bf16("cpu-paper")
     assert "cpu-bf16" in preset_names() and "default" not in preset_names()
     assert "proxy_dtype" not in load_hyperparams("cpu")["env_kwargs"]
 

@@ -19,7 +19,7 @@ from .cache import atomic_path, load_or_build, source_version
 from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks, statistics_blocks, token_stream
 from .errors import ConfigError
-from .compute.kernels import check_proxy_dtype, proxy_precision, warn_if_bf16_is_emulated
+from .compute.kernels import check_proxy_dtype, proxy_precision, proxy_weight_dtype, warn_if_bf16_is_emulated
 from .memory import check_memory, resolve_stream
 from .eval.divergence import DEFAULT_TOPK, TopKReference
 from .eval.perplexity import TokenLosses, mean_nll, token_losses, topk_reference
@@ -327,7 +327,7 @@ class QuantProblem:
         if plan is None:
             with precision:
                 return token_losses(self.model, self.blocks, self.batch_size, reference, progress=progress)
-        assembler = self.assembler(per_layer=self.stream)
+        assembler = self.assembler(per_layer=self.stream, proxy=True)
         started, assembled_before = time.perf_counter(), assembler.seconds
         if self.stream:
             with streamed_quantized_weights(self.model, self.table, plan, assembler), precision:
@@ -339,11 +339,15 @@ class QuantProblem:
         self.last_timing = {"assemble_seconds": assemble, "forward_seconds": time.perf_counter() - started - assemble}
         return losses
 
-    def assembler(self, per_layer: bool = False) -> WeightAssembler:
+    def assembler(self, per_layer: bool = False, proxy: bool = False) -> WeightAssembler:
         """The problem's reusable weight buffers (one layer's, shared by every layer, with
-        ``per_layer=True``, as the streamed pass needs)."""
-        if self._assembler is None or self._assembler.per_layer != per_layer:
-            self._assembler = WeightAssembler(self.model, self.table, per_layer=per_layer)
+        ``per_layer=True``, as the streamed pass needs). ``proxy=True``: buffers for the proxy
+        pass, in the proxy precision's weight dtype (bf16 for the bf16 proxy: use them only
+        inside :func:`~windquant_gym.compute.kernels.proxy_precision`); otherwise the weights' own."""
+        dtype = proxy_weight_dtype(self.proxy_dtype) if proxy else None
+        current = self._assembler
+        if current is None or current.per_layer != per_layer or current.dtype != dtype:
+            self._assembler = WeightAssembler(self.model, self.table, per_layer=per_layer, dtype=dtype)
         return self._assembler
 
     def proxy_nll(self, plan: Sequence[int], progress: bool = False) -> float:

@@ -84,7 +84,7 @@ class ProxyFitness:
             return losses.kl if self.metric == "kl" else losses.nll
 
         if problem.stream:  # large models: each layer's weights assembled anew as it runs, every measurement
-            assembler = problem.assembler(per_layer=True)
+            assembler = problem.assembler(per_layer=True, proxy=True)
 
             def evaluate(plan, rows=None):
                 with streamed_quantized_weights(model, table, plan, assembler), precision:
@@ -92,7 +92,7 @@ class ProxyFitness:
             yield evaluate
             return
 
-        assembler = problem.assembler()
+        assembler = problem.assembler(proxy=True)
         loaded = np.array(start, dtype=np.int64)
         with quantized_weights(model, table, loaded, assembler), precision:
             def evaluate(plan, rows=None):

@@ -173,6 +173,13 @@ def warn_if_bf16_is_emulated(device: torch.device | str, proxy_dtype: str) -> No
         )
 
 
+def proxy_weight_dtype(proxy_dtype: str) -> Optional[torch.dtype]:
+    """The dtype a plan's weights are assembled in for the proxy pass: bf16 for the bf16 proxy
+    (autocast would cast them to it on every call; assembled in it, they are cast once per plan,
+    to the same values), None (the weights' own) for float32."""
+    return torch.bfloat16 if check_proxy_dtype(proxy_dtype) == "bfloat16" else None
+
+
 def proxy_precision(device: torch.device | str, proxy_dtype: str):
     """A context for the proxy pass: nothing for ``float32``; bf16 autocast on ``device``
     for ``bfloat16`` (matrix products in bf16, softmax and the loss in float32). The weights

@@ -28,11 +28,17 @@ class WeightAssembler:
     ``per_layer=False``: one buffer per module (the whole model's quantized weights exist at
     once). ``per_layer=True``: buffers are shared by the same module of every decoder layer
     (``self_attn.q_proj`` of layer 3 reuses layer 2's), for :func:`streamed_quantized_weights`,
-    which holds one layer's quantized weights at a time."""
+    which holds one layer's quantized weights at a time.
 
-    def __init__(self, model: nn.Module, table: QuantTable, per_layer: bool = False):
+    ``dtype``: the buffers' dtype (default: each weight's own). A bf16 proxy pass (autocast)
+    casts every float32 weight to bf16 on every call; buffers assembled in bf16 give the very
+    same bf16 weights once per plan instead (both round to nearest even), and those buffers can
+    only be used under autocast (or in a bf16 model)."""
+
+    def __init__(self, model: nn.Module, table: QuantTable, per_layer: bool = False, dtype: Optional[torch.dtype] = None):
         self.model = model
         self.table = table
+        self.dtype = dtype
         self.modules = module_names(table.units)
         self._first_unit: Dict[str, int] = {}
         self._count: Dict[str, int] = Counter(unit.module for unit in table.units)
@@ -72,9 +78,10 @@ class WeightAssembler:
             original = self._original(name, lent)
             key = self._buffer_key[name]
             buffer = self._buffers.get(key)
-            if buffer is None or buffer.shape != original.shape or buffer.dtype != original.dtype or buffer.device != original.device:
+            dtype = self.dtype or original.dtype
+            if buffer is None or buffer.shape != original.shape or buffer.dtype != dtype or buffer.device != original.device:
                 with torch.inference_mode(False):  # a buffer made inside a forward pass must stay writable after it
-                    buffer = self._buffers[key] = torch.empty_like(original)
+                    buffer = self._buffers[key] = torch.empty_like(original, dtype=dtype)
             first = self._first_unit[name]
             self.table.assemble_module(name, actions[first : first + self._count[name]], original, out=buffer)
             result[name] = buffer

@@ -262,7 +262,7 @@ class QuantTable:
         self, module: str, actions: Sequence[int], original: torch.Tensor, out: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """The whole quantized weight of ``module`` for its units' requested ``actions``
-        (in unit order), written into ``out`` when given (same shape and dtype as original)."""
+        (in unit order), written into ``out`` when given (the original's shape; any float dtype)."""
         units = self._unit_columns[module]
         if out is None:
             out = torch.empty_like(original)
