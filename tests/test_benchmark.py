@@ -145,7 +145,13 @@ def test_replayed_plan_reproduces_bits_and_perplexity_exactly(tiny_problem, tmp_
         run_allocator(env, str(path))
     data["table_fingerprint"] = "0" * 48
     path.write_text(json.dumps(data))
-    with pytest.raises(wq.TableMismatchError, match="belongs to table"):
+    with pytest.raises(wq.TableMismatchError, match="belongs to table") as refused:
+        run_allocator(env, str(path))
+    assert "fitting code" in str(refused.value) and "activation scales" in str(refused.value)
+    # only the first part changed (weights or fitting code): the message says so, and only that
+    data["table_fingerprint"] = "0" * 32 + env.unwrapped.problem.table.fingerprint[32:]
+    path.write_text(json.dumps(data))
+    with pytest.raises(wq.TableMismatchError, match=r"differ in the weights \(another model, or other weights\), or the fitting code[^;]*\. Use"):
         run_allocator(env, str(path))
 
 

@@ -44,6 +44,22 @@ def test_the_report_projects_each_stage_from_its_own_exponent(scale, tmp_path):
     assert "100 (50%)" in text  # achieved proxy GFLOP/s against the machine's large-product peak
     assert "H200 floor of one episode at 8b" in text and "511 s at 1B" in text
     assert (tmp_path / "scale.png").stat().st_size > 10_000
+    assert "on this CPU from the 3 sizes" in text
+
+
+def test_a_gpu_report_holds_the_pass_against_the_bf16_peak_and_shows_gpu_memory(scale):
+    """On a GPU the model is bf16: its pass is measured against the bf16 product, its memory is the GPU's."""
+    def size(name, w):
+        return {"size": name, "weights": w, "proxy_tokens": 2048, "forward_gflops": 400_000.0, "episode_over_forward": 30.0,
+                "table_seconds": 1e-8 * w, "forward_seconds": 1e-11 * w, "episode_seconds": 1e-9 * w,
+                "peak_rss_bytes": 4e9, "peak_gpu_bytes": 12.0 * w, "estimated_peak_bytes": 9.6 * w}
+    results = {"machine": {"cpu": "Host CPU", "cores": 16, "threads": 16, "torch": "x", "device": "NVIDIA H200",
+                           "gemm_fp32_gflops": 50_000.0, "gemm_bf16_gflops": 800_000.0},
+               "sizes": {"1b": size("1b", 1e9), "8b": size("8b", 7e9)}}
+    text = scale.report(results, None)
+    assert "400000 (50%)" in text  # against bf16's 800 TFLOP/s, not fp32's 50
+    assert "| 11.18 GiB |" in text and "(0.80)" in text  # peak GPU memory, and the estimate against it
+    assert "on NVIDIA H200 from the 2 sizes" in text
 
 
 def test_the_test_shape_runs_the_whole_pipeline_in_its_own_process(tmp_path):

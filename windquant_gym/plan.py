@@ -71,8 +71,9 @@ class QuantPlan:
             )
         if self.table_fingerprint != table.fingerprint:
             raise TableMismatchError(
-                f"This plan{made_for} belongs to table {self.table_fingerprint}, not {table.fingerprint}: another "
-                "model, other weights or other calibration text. Use the model and calibration the plan was made with."
+                f"This plan{made_for} belongs to table {self.table_fingerprint}, not {table.fingerprint}: "
+                f"{_fingerprint_difference(self.table_fingerprint, table.fingerprint)}. Use the model, the calibration "
+                "and the windquant-gym version the plan was made with."
             )
         table.check_plan(self.actions)
 
@@ -129,3 +130,18 @@ class QuantPlan:
             metrics=data.get("metrics", {}),
             problem=problem,
         )
+
+
+#: The parts of a table fingerprint (:func:`~windquant_gym.quant.build.table_fingerprint`), by position.
+_FINGERPRINT_PARTS = (
+    (0, 32, "the weights (another model, or other weights), or the fitting code (windquant_gym/quant: another "
+               "version of the package)"),
+    (32, 40, "the activation scales (another calibration text or seed)"),
+    (40, 48, "the Hessian blocks (another calibration text or seed)"),
+)
+
+
+def _fingerprint_difference(mine: str, theirs: str) -> str:
+    """What differs between two table fingerprints, read off the parts that do."""
+    differ = [what for start, end, what in _FINGERPRINT_PARTS if mine[start:end] != theirs[start:end]]
+    return "they differ in " + "; and in ".join(differ) if differ else "another table"
