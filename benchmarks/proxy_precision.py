@@ -97,6 +97,7 @@ def main() -> None:
     print(f"unquantized: fp32 {problem.baseline_ppl:.3f}, bf16 {bf16_problem.baseline_ppl:.3f}")
     print(f"\nforward pass, median: fp32 {fp32_seconds:.3f} s, bf16 autocast {bf16_seconds:.3f} s "
           f"({fp32_seconds / bf16_seconds:.2f}x)")
+    print(achieved_against_peak(problem, fp32_seconds, bf16_seconds))
     print(f"relative PPL difference bf16 vs fp32: median {np.median(np.abs(rel)):.4f}, max {np.abs(rel).max():.4f}")
     print(f"Spearman rank correlation: {spearman:.4f}; pairs ordered differently: {len(flips)} of {len(names) * (len(names) - 1) // 2}")
     for x, y in flips:
@@ -111,6 +112,21 @@ def main() -> None:
         start_name = f"calibrated-knapsack@{min(args.target_bits):g}"
         rank_neighbours(problem, bf16_problem, np.asarray(plans[start_name]), args.neighbours)
     env.close()
+
+
+def achieved_against_peak(problem: wq.QuantProblem, fp32_seconds: float, bf16_seconds: float) -> str:
+    """The pass's Linear FLOPs per second against a large product's, fp32 and bf16, measured in this process
+    (the practical peak; scale.py's reference)."""
+    import torch
+    from episode_speed import linear_gflop
+    from scale import gemm_peak_gflops
+
+    gflop = linear_gflop(problem.model, problem.blocks)
+    device = next(problem.model.parameters()).device
+    peak32, peak16 = gemm_peak_gflops(torch.float32, device), gemm_peak_gflops(torch.bfloat16, device)
+    return (f"{gflop:.0f} GFLOP per pass: fp32 {gflop / fp32_seconds:.0f} GFLOP/s against a large fp32 product's "
+            f"{peak32:.0f} ({gflop / fp32_seconds / peak32:.0%}); bf16 {gflop / bf16_seconds:.0f} against a bf16 "
+            f"product's {peak16:.0f} ({gflop / bf16_seconds / peak16:.0%})")
 
 
 def time_paths(problem: wq.QuantProblem, bf16_problem: wq.QuantProblem, plan, repeats: int) -> dict:

@@ -161,3 +161,27 @@ def test_streamed_bf16_proxy_matches_whole_model_assembly(bf16_problem):
     nll, dtypes = _linear_output_dtypes(streamed, plan)
     assert dtypes == {torch.bfloat16} and nll == pytest.approx(whole, rel=1e-3)
     assert_bitwise_equal(bf16_problem.model, saved)
+
+
+def test_the_benchmark_holds_the_pass_against_products_measured_in_the_same_process(tiny_problem, monkeypatch):
+    """benchmarks/proxy_precision.py: the pass's GFLOP/s is its Linear FLOPs over its seconds, and the share is of
+    the product rate measured there (scale.py's gemm_peak_gflops), per dtype."""
+    import importlib.util
+    import re
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("proxy_precision_bench", bench / "proxy_precision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import episode_speed
+    import scale
+
+    monkeypatch.setattr(scale, "gemm_peak_gflops", lambda dtype, device: 400.0 if dtype == torch.float32 else 1600.0)
+    gflop = episode_speed.linear_gflop(tiny_problem.model, tiny_problem.blocks)
+    line = module.achieved_against_peak(tiny_problem, fp32_seconds=gflop / 100.0, bf16_seconds=gflop / 800.0)
+    assert re.search(r"fp32 100 GFLOP/s against a large fp32 product's 400 \(25%\)", line), line
+    assert re.search(r"bf16 800 against a bf16 product's 1600 \(50%\)", line), line
+    sys.modules.pop("proxy_precision_bench", None)
