@@ -423,7 +423,7 @@ def test_plan_for_another_model(tiny_problem, other_model_table):
     with pytest.raises(wq.TableMismatchError) as excinfo:
         plan.check(tiny_problem.table)
     assert_says(excinfo, other_model_table.fingerprint, tiny_problem.table.fingerprint, "another model",
-                "Use the model, the calibration and the windquant-gym version the plan was made with")
+                "Use the model, the preset (its quant_config), the calibration and the windquant-gym version")
 
 
 def test_plan_with_wrong_length(tiny_problem):

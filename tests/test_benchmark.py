@@ -147,12 +147,19 @@ def test_replayed_plan_reproduces_bits_and_perplexity_exactly(tiny_problem, tmp_
     path.write_text(json.dumps(data))
     with pytest.raises(wq.TableMismatchError, match="belongs to table") as refused:
         run_allocator(env, str(path))
-    assert "fitting code" in str(refused.value) and "activation scales" in str(refused.value)
-    # only the first part changed (weights or fitting code): the message says so, and only that
+    assert "fitting code" in str(refused.value) and "quant_config" in str(refused.value)
+    assert "activation scales" in str(refused.value)
+    # only the first part changed (weights, config or fitting code): the message says so, and only that
     data["table_fingerprint"] = "0" * 32 + env.unwrapped.problem.table.fingerprint[32:]
     path.write_text(json.dumps(data))
-    with pytest.raises(wq.TableMismatchError, match=r"differ in the weights \(another model, or other weights\), or the fitting code[^;]*\. Use"):
+    with pytest.raises(wq.TableMismatchError, match=r"differ in the weights \(another model, or other weights\), the quantization config[^;]*\. Use"):
         run_allocator(env, str(path))
+    # only the calibration's part changed
+    data["table_fingerprint"] = env.unwrapped.problem.table.fingerprint[:32] + "0" * 16
+    path.write_text(json.dumps(data))
+    with pytest.raises(wq.TableMismatchError, match=r"differ in the calibration \(the activation scales") as refused:
+        run_allocator(env, str(path))
+    assert "fitting code" not in str(refused.value)
 
 
 def test_bench_leaderboard_on_tiny_llama(tmp_path, monkeypatch, capsys):

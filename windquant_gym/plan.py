@@ -72,8 +72,8 @@ class QuantPlan:
         if self.table_fingerprint != table.fingerprint:
             raise TableMismatchError(
                 f"This plan{made_for} belongs to table {self.table_fingerprint}, not {table.fingerprint}: "
-                f"{_fingerprint_difference(self.table_fingerprint, table.fingerprint)}. Use the model, the calibration "
-                "and the windquant-gym version the plan was made with."
+                f"{_fingerprint_difference(self.table_fingerprint, table.fingerprint)}. Use the model, the preset "
+                "(its quant_config), the calibration and the windquant-gym version the plan was made with."
             )
         table.check_plan(self.actions)
 
@@ -134,10 +134,10 @@ class QuantPlan:
 
 #: The parts of a table fingerprint (:func:`~windquant_gym.quant.build.table_fingerprint`), by position.
 _FINGERPRINT_PARTS = (
-    (0, 32, "the weights (another model, or other weights), or the fitting code (windquant_gym/quant: another "
-               "version of the package)"),
-    (32, 40, "the activation scales (another calibration text or seed)"),
-    (40, 48, "the Hessian blocks (another calibration text or seed)"),
+    (0, 32, "the weights (another model, or other weights), the quantization config (another preset's "
+            "quant_config) or the fitting code (windquant_gym/quant: another version of the package)"),
+    (32, 48, "the calibration (the activation scales, and the Hessian blocks where the config uses them: another "
+             "calibration text, seed or statistics set)"),
 )
 
 
