@@ -30,6 +30,8 @@ CONFIGS = {
     "gptq, output metric, scale refit": dict(compensation="gptq", error_metric="output", scale_refit="output"),
     "gptq, output metric, scale refit, asymmetric": dict(compensation="gptq", error_metric="output",
                                                         scale_refit="output", grid="asymmetric"),
+    "gptq, output metric, scale refit, rotation": dict(compensation="gptq", error_metric="output",
+                                                      scale_refit="output", rotation="hadamard"),
 }
 
 

@@ -29,15 +29,20 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     paper_cpu = load_hyperparams("cpu-paper")  # the paper's recipe on the small proxy
     assert paper_cpu["learning_rate"] == 5e-4 and paper_cpu["env_kwargs"]["salient_rate"] == 0.03
     assert "warm_start" not in paper_cpu and paper_cpu.get("observation", "paper") == "paper"
-    readme = load_hyperparams("cpu")  # the README's: the recipe that wins (issues 12, 21) on the issue-26 engine
+    readme = load_hyperparams("cpu")  # the README's: the recipe that wins (issues 12, 21) on the rotated issue-26 engine
     cpu = load_hyperparams("cpu-issue13")  # the same recipe on the issue-13 engine, which the ablations inherit
-    assert readme == load_hyperparams("cpu-engine-both")  # the preset that measured it
+    assert readme == load_hyperparams("cpu-engine-rot")  # the preset that measured it
     assert {**readme, "env_kwargs": {**readme["env_kwargs"], "quant_config": {"damping": 0.3}}} == cpu
     assert readme["env_kwargs"]["quant_config"]["hessian_blocks"] == 64
+    assert readme["env_kwargs"]["quant_config"]["rotation"] == "hadamard"
+    both = load_hyperparams("cpu-engine-both")  # the engine before the rotation: the same recipe but for it
+    assert both == {**readme, "env_kwargs": {**readme["env_kwargs"], "quant_config": {
+        k: v for k, v in readme["env_kwargs"]["quant_config"].items() if k != "rotation"}}}
     assert load_hyperparams("cpu-no-ppo") == {**cpu, "ppo_updates": False}  # measured on the issue-13 engine
-    assert load_hyperparams("cpu-engine-both-no-ppo") == {**readme, "ppo_updates": False}  # and on the issue-26 one
-    kv_teacher = load_hyperparams("cpu-kv-teacher")  # the README preset but for its teacher
-    assert kv_teacher == {**readme, "warm_start": {**readme["warm_start"], "demonstrations": "calibrated-knapsack-kv"}}
+    assert load_hyperparams("cpu-engine-both-no-ppo") == {**both, "ppo_updates": False}  # on the issue-26 one
+    assert load_hyperparams("cpu-engine-rot-no-ppo") == {**readme, "ppo_updates": False}  # and on the rotated one
+    kv_teacher = load_hyperparams("cpu-kv-teacher")  # cpu-engine-both's recipe but for its teacher
+    assert kv_teacher == {**both, "warm_start": {**both["warm_start"], "demonstrations": "calibrated-knapsack-kv"}}
     assert cpu["env_kwargs"]["n_calibration_samples"] == 16 and cpu["env_kwargs"]["seed"] == 0
     assert (cpu["observation"], cpu["reward_kind"], cpu["warm_start"]["demonstrations"]) == ("paper", "proxy-loss", "calibrated-knapsack")
     assert cpu["normalize_observation"] is True
@@ -45,9 +50,9 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     assert load_hyperparams("cpu-action-costs") == {**cpu, "observation": "action-costs"}
     assert load_hyperparams("cpu-action-costs-no-ppo") == {**cpu, "observation": "action-costs", "ppo_updates": False}
     assert load_hyperparams("cpu-kv-teacher-no-ppo") == {**kv_teacher, "ppo_updates": False}  # its control
-    # the front on the README preset's engine; cpu-front-issue13 keeps the engine its first figures were measured on
+    # the front on cpu-engine-both's engine (its figures'); cpu-front-issue13 keeps the engine its first figures were measured on
     front, front13 = load_hyperparams("cpu-front"), load_hyperparams("cpu-front-issue13")
-    assert front == {**front13, "env_kwargs": readme["env_kwargs"]} and front13["env_kwargs"] == cpu["env_kwargs"]
+    assert front == {**front13, "env_kwargs": both["env_kwargs"]} and front13["env_kwargs"] == cpu["env_kwargs"]
     assert load_hyperparams("cpu-front-no-ppo") == {**front, "ppo_updates": False}
     assert front13["observation"] == "paper"
     assert load_hyperparams("cpu-front-action-costs") == {**front13, "observation": "action-costs"}

@@ -1,8 +1,8 @@
 """One module's weight <-> its packed tensors (layout in :mod:`.layout`).
 
 Decoding reproduces :meth:`QuantTable.assemble_module` exactly: the same float32
-arithmetic on the same codes and fp16 scales, so the rebuilt weights equal the env's
-weights bit for bit.
+arithmetic on the same codes and fp16 scales (and, for a rotated table, the same product with
+``R^T``), so the rebuilt weights equal the env's weights bit for bit.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from ..errors import ExportFormatError
 from ..quant.bitwidths import SKIP_ACTION
 from ..quant.quantizers import dequantize_codes
+from ..quant.rotation import unrotate
 from ..quant.table import QuantTable
 from ..quant.units import Unit
 from .formats import code_formats
@@ -84,7 +85,7 @@ def encode_module(
         tensors[outlier_name("columns")] = torch.from_numpy(pack_fields(columns))
         tensors[outlier_name("row_counts")] = torch.from_numpy(pack_fields(counts))
         tensors[outlier_name("scales")] = torch.stack(row_scales)
-    layout = ModuleLayout((out_f, in_f), chunk_size, tuple(stored), tuple(n_outliers), table.config.grid)
+    layout = ModuleLayout((out_f, in_f), chunk_size, tuple(stored), tuple(n_outliers), table.config.grid, table.config.rotation)
     return {k: v.contiguous() for k, v in tensors.items()}, layout
 
 
@@ -148,7 +149,7 @@ def decode_module(module: str, layout: ModuleLayout, get: Callable[[str], torch.
                                      None if zeros is None else zeros[j].float()[:, None])
             if i in outliers:
                 block[torch.from_numpy(rows), torch.from_numpy(cols)] = values
-            weight[:, start:end] = block
+            weight[:, start:end] = unrotate(block) if layout.rotation != "none" else block
 
     skipped = [i for i, s in enumerate(stored) if s == SKIP_ACTION]
     if skipped:

@@ -34,6 +34,7 @@ import torch
 
 from ..errors import ExportFormatError
 from ..quant.bitwidths import N_ACTIONS, SKIP_ACTION
+from ..quant.rotation import ROTATIONS
 from .formats import CodeFormat, code_formats
 from .packing import field_bits, fields_n_bytes
 
@@ -81,6 +82,10 @@ class ModuleLayout:
     """INT8 outliers per unit (0 for skipped units: they keep all their weights in fp16)."""
     grid: str = "symmetric"
     """The table's ``QuantConfig.grid``: which operator (and stored form) each action means."""
+    rotation: str = "none"
+    """The table's ``QuantConfig.rotation``: 'hadamard' when each quantized unit's codes hold
+    ``W_u R`` (its weight is ``Q R^T``; :mod:`windquant_gym.quant.rotation` rebuilds ``R`` from the
+    unit's width). Skipped (fp16) units are never rotated."""
 
     @property
     def formats(self) -> Tuple[Optional[CodeFormat], ...]:
@@ -139,6 +144,8 @@ class ModuleLayout:
         data = asdict(self)
         if self.grid == "symmetric":  # the files of the symmetric grid read as before
             del data["grid"]
+        if self.rotation == "none":  # and those of the unrotated frame
+            del data["rotation"]
         return data
 
     @classmethod
@@ -146,10 +153,13 @@ class ModuleLayout:
         try:
             layout = cls(tuple(int(v) for v in data["shape"]), int(data["chunk_size"]),
                          tuple(int(a) for a in data["stored_actions"]), tuple(int(n) for n in data["n_outliers"]),
-                         str(data.get("grid", "symmetric")))
+                         str(data.get("grid", "symmetric")), str(data.get("rotation", "none")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ExportFormatError(f"A module layout {str(data)[:200]} is malformed ({exc!r}). Export the plan again.") from None
         code_formats(layout.grid)  # refuses an unknown grid by name
+        if layout.rotation not in ROTATIONS:
+            raise ExportFormatError(f"The export knows the rotations {ROTATIONS}, not {layout.rotation!r}: a file of a newer "
+                                    "windquant_gym; upgrade it to read this file.")
         if not (len(layout.columns) == len(layout.stored_actions) == len(layout.n_outliers)):
             raise ExportFormatError(f"Layout {data} is inconsistent: one stored action and outlier count per unit expected.")
         if any(not 0 <= a < N_ACTIONS for a in layout.stored_actions):

@@ -29,7 +29,10 @@ On the CPU the table path runs as one call per module of a native kernel (:mod:`
 ``packed_gemv.c``, compiled at first use; the same arithmetic, the outlier correction folded into
 its row loop, in float32), up to :attr:`PackedLinear.native_max_tokens` tokens; as tensor ops
 where it cannot be built, on CUDA, under autograd (an input that needs a gradient), tracing and
-``torch.compile``. The tensor-op paths run on any device; at most one unit's tile or table is
+``torch.compile``. A layout with a rotation (``QuantConfig.rotation``) stores each quantized
+unit's codes in its rotated frame; every path then multiplies them with that unit's inputs
+rotated first, ``x_u R`` (one small matmul per unit and call), never with a rotated-back weight.
+The tensor-op paths run on any device; at most one unit's tile or table is
 alive at a time (the native kernel holds every unit's tables of one call: 256 floats per code
 byte of a row, e.g. 64 KB per 2-bit unit of 256 columns and token; 8-bit units need none).
 """
@@ -45,6 +48,7 @@ import torch.nn as nn
 
 from ..errors import ExportFormatError
 from ..quant.bitwidths import SKIP_ACTION
+from ..quant.rotation import rotation_matrix, unrotate
 from . import native_gemv
 from .formats import CodeFormat
 from .layout import FP16_NAME, ModuleLayout, codes_name, outlier_name, scales_name, zeros_name
@@ -330,7 +334,7 @@ class PackedLinear(nn.Module):
         rows, cols = self._unit_outliers(tile.unit)
         if rows is not None:
             weight[rows, cols] = self._outlier_values(tile.unit, rows)
-        return weight
+        return weight  # in the unit's rotated frame when the layout has a rotation (see _rotated_inputs)
 
     @torch.no_grad()
     def dequantized_weight(self) -> torch.Tensor:
@@ -339,7 +343,8 @@ class PackedLinear(nn.Module):
         weight = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self._device())
         for group in self._groups:
             for tile in group.tiles:
-                weight[:, tile.start : tile.end] = self._unit_weight(group, tile)
+                tile_weight = self._unit_weight(group, tile)
+                weight[:, tile.start : tile.end] = unrotate(tile_weight) if self.layout.rotation != "none" else tile_weight
         if FP16_NAME in self._buffers:
             weight[:, self.skip_index] = self._buffers[FP16_NAME].float()
         return weight
@@ -358,22 +363,38 @@ class PackedLinear(nn.Module):
         if native is not None:  # the fused kernel works in float32
             x2 = x2.to(torch.float32).contiguous()
         y = x2.new_zeros(x2.shape[0], self.out_features)
+        xq = self._rotated_inputs(x2)  # what the quantized units' codes multiply
         if native is not None:
-            self._native_products(library, native, x2, y)
+            self._native_products(library, native, xq, y)
         elif x2.shape[0] <= self.lut_max_tokens:
             for group in self._groups:
                 for batch in group.batches:
-                    self._lut_batch(group, batch, x2, y)
-            self._outlier_correction(x2, y)
+                    self._lut_batch(group, batch, xq, y)
+            self._outlier_correction(xq, y)
         else:
             for group in self._groups:
                 for tile in group.tiles:
-                    y.addmm_(x2[:, tile.start : tile.end], self._unit_weight(group, tile).to(x2.dtype).t())
+                    y.addmm_(xq[:, tile.start : tile.end], self._unit_weight(group, tile).to(x2.dtype).t())
         if FP16_NAME in self._buffers:
             y.addmm_(x2.index_select(1, self.skip_index), self._buffers[FP16_NAME].to(x2.dtype).t())
         if self.bias is not None:
             y += self.bias.to(y.dtype)
         return y.to(dtype).view(*lead, self.out_features)
+
+    def _rotated_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with each quantized unit's columns in that unit's rotated frame, ``x_u R``, so that
+        ``x_u R Q^T = x_u (Q R^T)^T`` (:mod:`windquant_gym.quant.rotation`); ``x`` itself when the
+        layout has no rotation. Skipped units' columns are left as they are (their fp16 weights
+        were never rotated)."""
+        if self.layout.rotation == "none":
+            return x
+        rotated = x.clone()
+        for group in self._groups:
+            for tile in group.tiles:
+                width = tile.end - tile.start
+                matrix = self._cached(("rotation", width, x.device, x.dtype), lambda: rotation_matrix(width, x.device, x.dtype))
+                rotated[:, tile.start : tile.end] = x[:, tile.start : tile.end] @ matrix
+        return rotated
 
     def _cached(self, key, make):
         cache = self.__dict__.setdefault("_index_cache", {})

@@ -4,7 +4,9 @@ The original weight tensors are never written: each borrowed Linear's ``weight.d
 pointed at a buffer holding the quantized weights and pointed back on exit (``finally``),
 so restoring is bitwise exact and costs nothing, also after an exception or a
 KeyboardInterrupt inside the block. Buffers are kept by a :class:`WeightAssembler` and
-reused from one episode to the next.
+reused from one episode to the next, and so is what they hold: a plan rewrites only the units whose
+stored action differs from the plan assembled into the buffer before (a search's mutation, or the
+next episode's plan, changes a fraction of them).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class WeightAssembler:
         self._buffer_key = {name: _name_in_layer(name, self._layer_of[name]) if per_layer else name for name in self.modules}
         self._buffers: Dict[str, torch.Tensor] = {}
         self._originals: Dict[str, torch.Tensor] = {}
+        # per buffer: (module, original's storage and version, buffer's storage), the buffer's version
+        # after we wrote it, and the stored actions it holds: the next plan rewrites only the units
+        # whose stored action changed
+        self._held: Dict[str, tuple] = {}
         self.seconds = 0.0
         """Wall time spent assembling, summed over calls (read by the episode timing)."""
 
@@ -83,7 +89,14 @@ class WeightAssembler:
                 with torch.inference_mode(False):  # a buffer made inside a forward pass must stay writable after it
                     buffer = self._buffers[key] = torch.empty_like(original, dtype=dtype)
             first = self._first_unit[name]
-            self.table.assemble_module(name, actions[first : first + self._count[name]], original, out=buffer)
+            module_actions = actions[first : first + self._count[name]]
+            # what the buffer holds is reused only if it was assembled from this very original (same
+            # storage, no in-place change through the Parameter since) and nothing wrote to it after us
+            source = (name, original.data_ptr(), self.model.get_submodule(name).weight._version, buffer.data_ptr())
+            held = self._held.get(key)
+            reusable = held is not None and held[0] == source and held[1] == buffer._version
+            self.table.assemble_module(name, module_actions, original, out=buffer, held=held[2] if reusable else None)
+            self._held[key] = (source, buffer._version, self.table.stored_actions_of(name, module_actions))
             result[name] = buffer
         _synchronize(self.model)  # so that the time is the assembly's, not the next kernel's
         self.seconds += time.perf_counter() - started

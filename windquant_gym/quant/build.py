@@ -21,7 +21,8 @@ from . import code_version
 from .accounting import unit_bit_tables
 from .bitwidths import N_ACTIONS, has_zero_points
 from .config import QuantConfig
-from .fitting import fit_units, stored_actions
+from .fitting import fit_units, stored_actions, unit_errors
+from .rotation import rotated_inputs
 from .table import TABLE_FORMAT, QuantTable
 from .units import Unit, check_weights, find_units, module_names
 
@@ -34,7 +35,8 @@ def describe_model(model: nn.Module) -> str:
 
 def needs_hessians(config: QuantConfig) -> bool:
     """Whether building a table with ``config`` reads the calibration's Hessian blocks."""
-    return config.compensation != "none" or config.error_metric == "output" or config.scale_refit != "none"
+    return (config.compensation != "none" or config.error_metric == "output" or config.scale_refit != "none"
+            or config.rotation != "none")  # the rotated frame's activation scales come from H
 
 
 def table_fingerprint(
@@ -162,9 +164,9 @@ def _check_hessians(model, units: List[Unit], hessians, config: QuantConfig) -> 
     if not hessians:
         raise ConfigError(
             f"QuantConfig(compensation={config.compensation!r}, error_metric={config.error_metric!r}, "
-            f"scale_refit={config.scale_refit!r}) needs the calibration's Hessian blocks: pass "
-            "hessians=calibration.hessians (calibrate() collects them), or use QuantConfig(compensation='none', "
-            "error_metric='activation', scale_refit='none'), which needs only act_scales."
+            f"scale_refit={config.scale_refit!r}, rotation={config.rotation!r}) needs the calibration's Hessian blocks: "
+            "pass hessians=calibration.hessians (calibrate() collects them), or use QuantConfig(compensation='none', "
+            "error_metric='activation', scale_refit='none', rotation='none'), which needs only act_scales."
         )
     for name in module_names(units):
         hessian = hessians.get(name)
@@ -221,7 +223,14 @@ def _fit_all(model, units, act_scales, hessians, config, device, progress, batch
             s = torch.stack([act_scales[u.module][u.col_start : u.col_end].to(device, torch.float32) for u in batch])[:, None, :]
             hessian = None if hessians is None else torch.stack([_unit_hessian(hessians, u, config, device) for u in batch])
             index = [u.index for u in batch]
+            rotated = config.rotation != "none"
+            if rotated:  # fitted, and its errors measured, in the unit's rotated frame
+                original, (w, hessian, s) = w, rotated_inputs(w, hessian, width)
             fitted = fit_units(w, s, hessian, config, int(n_salient[index[0]]))
+            if rotated:  # skip stores the model's own columns in fp16, not the rotated ones
+                skip = unit_errors(w, rotated_inputs(original.half().float(), None, width)[0], s, hessian)
+                for kind, value in zip(("plain", "act", "output"), skip):
+                    getattr(fitted, f"error_{kind}")[:, 0] = value
             for kind in errors:
                 errors[kind][index] = getattr(fitted, f"error_{kind}")
                 energy[kind][index] = getattr(fitted, f"energy_{kind}")

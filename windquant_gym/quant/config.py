@@ -9,6 +9,7 @@ from typing import Any, Dict, Tuple
 
 from ..errors import ConfigError
 from .bitwidths import ACTION_BITS, GRIDS, N_ACTIONS
+from .rotation import ROTATIONS
 from .units import positive_int
 
 #: Relative (activation-weighted) reconstruction error above which an action falls back to
@@ -85,6 +86,12 @@ class QuantConfig:
     ``k in [0, 2^b - 1]``, with a zero point ``z`` per row of a unit (fp16, 16 more storage bits
     per row; GPTQ's, AWQ's and HQQ's form at these widths). 8 bit, ternary and binary stay.
     See :data:`windquant_gym.quant.bitwidths.GRIDS`."""
+    rotation: str = "none"
+    """'hadamard': each unit is fitted in a rotated frame, ``W_u R`` with ``R`` a fixed randomized
+    Hadamard matrix of the unit's width, and restored as ``Q R^T`` (incoherence processing, as
+    QuIP and QuaRot do it, but inside a unit, so units stay independent; the packed model applies
+    ``R`` to each unit's inputs). Stores nothing more: ``R`` is fixed by the width. Needs the
+    calibration's Hessian blocks. 'none': the paper's frame. See :mod:`.rotation`."""
     version: int = CONFIG_VERSION
     """Bumped when what the table holds for the same fields changes (2: compensation,
     damping, error_metric; a version-1 dict reads as compensation 'none', metric 'activation')."""
@@ -126,6 +133,8 @@ class QuantConfig:
             )
         if not isinstance(self.grid, str) or self.grid not in GRIDS:
             raise ConfigError(f"grid must be one of {sorted(GRIDS)}, got {self.grid!r}; 'symmetric' is the paper's operators.")
+        if not isinstance(self.rotation, str) or self.rotation not in ROTATIONS:
+            raise ConfigError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}; 'none' is the paper's frame.")
         if self.version != CONFIG_VERSION:
             raise ConfigError(
                 f"QuantConfig version must be {CONFIG_VERSION}, got {self.version!r}; build configs from their "

@@ -71,7 +71,7 @@ def fit_units(
     errors = {kind: np.full((n_units, N_ACTIONS), np.nan) for kind in ("plain", "act", "output")}
 
     def record(action: int, restored: torch.Tensor) -> None:
-        errors["plain"][:, action], errors["act"][:, action], errors["output"][:, action] = _errors(w, restored, s, hessian)
+        errors["plain"][:, action], errors["act"][:, action], errors["output"][:, action] = unit_errors(w, restored, s, hessian)
 
     record(SKIP_ACTION, w.half().float())
     if config.compensation == "gptq":
@@ -179,7 +179,7 @@ def _refit_symmetric(w, codes, alpha, zero, spec, hessian, keep, outliers):
 REFITS = {False: _refit_symmetric, True: refit_affine}
 
 
-def _errors(w: torch.Tensor, approx: torch.Tensor, s: torch.Tensor, hessian: Optional[torch.Tensor]):
+def unit_errors(w: torch.Tensor, approx: torch.Tensor, s: torch.Tensor, hessian: Optional[torch.Tensor]):
     """Per unit: ``||D||^2``, ``||D diag(s)||^2`` and ``tr(D H D^T)`` for ``D = w - approx``."""
     diff = w - approx
     plain = (diff * diff).sum(dim=(1, 2)).double().cpu().numpy()

@@ -32,6 +32,7 @@ from .accounting import unit_bit_tables
 from .bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION, bit_widths, has_zero_points
 from .config import QuantConfig
 from .quantizers import dequantize_codes
+from .rotation import unrotate
 from .units import Unit
 
 #: Bumped when what a saved table holds changes (3: output errors, compensation; 4: weight
@@ -242,32 +243,67 @@ class QuantTable:
         ``action``. ``original`` is the module's original weight (read for skip only)."""
         unit = self.units[unit_index]
         stored = int(self.stored_action[unit_index, action])
-        cols = slice(unit.col_start, unit.col_end)
         if stored == SKIP_ACTION:
-            return original[:, cols].to(torch.float16).float()
+            return original[:, unit.col_start : unit.col_end].to(torch.float16).float()
+        result = self._fitted_frame_unit(unit, stored, self.codes[unit.module].device)
+        return unrotate(result) if self.config.rotation != "none" else result
+
+    def _fitted_frame_unit(self, unit: Unit, stored: int, device) -> torch.Tensor:
+        """``[out, width]`` float32 weights of ``unit`` at the (non-skip) ``stored`` action, with its
+        INT8 outliers, in the frame they were fitted in (rotated when ``config.rotation`` says so)."""
+        cols = slice(unit.col_start, unit.col_end)
         chunk = unit.col_start // self.config.chunk_size
-        spec = self.operators[stored]
-        codes = self.codes[unit.module][stored - 1, :, cols]
-        result = dequantize_codes(codes, self.scales[unit.module][stored - 1, :, chunk : chunk + 1].float(), spec,
-                                  self._zero(unit.module, stored, chunk, codes.device))
-        index = self.outlier_index[unit.module]
-        if index.numel():
-            mine = self._outlier_unit[unit.module] == unit_index
-            rows = index[mine] // unit.in_features
-            columns = index[mine] % unit.in_features - unit.col_start
-            result[rows, columns] = self._outlier_values[unit.module][mine]
+        # .to() is a no-op when the table lives where the model does; from a host-memory
+        # table (large models) only the chosen action's codes travel
+        codes = self.codes[unit.module][stored - 1, :, cols].to(device, non_blocking=True)
+        scale = self.scales[unit.module][stored - 1, :, chunk : chunk + 1].to(device, non_blocking=True).float()
+        result = dequantize_codes(codes, scale, self.operators[stored], self._zero(unit.module, stored, chunk, device))
+        rows, columns, values = self._unit_outliers(unit)
+        if rows.numel():
+            result[rows.to(device), columns.to(device)] = values.to(device)
         return result
 
+    def _unit_outliers(self, unit: Unit):
+        """``(rows, columns within the unit, float32 values)`` of ``unit``'s INT8 outliers (cached)."""
+        cache = self.__dict__.setdefault("_outliers_by_unit", {})
+        if unit.index not in cache:
+            index = self.outlier_index[unit.module]
+            mine = self._outlier_unit[unit.module] == unit.index
+            cache[unit.index] = (index[mine] // unit.in_features, index[mine] % unit.in_features - unit.col_start,
+                                 self._outlier_values[unit.module][mine])
+        return cache[unit.index]
+
+    def stored_actions_of(self, module: str, actions: Sequence[int]) -> List[int]:
+        """The actions stored (after fallback) for ``module``'s units under the requested ``actions``."""
+        return [int(self.stored_action[u.index, a]) for u, a in zip(self._unit_columns[module], actions)]
+
     def assemble_module(
-        self, module: str, actions: Sequence[int], original: torch.Tensor, out: Optional[torch.Tensor] = None
+        self, module: str, actions: Sequence[int], original: torch.Tensor, out: Optional[torch.Tensor] = None,
+        held: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """The whole quantized weight of ``module`` for its units' requested ``actions``
-        (in unit order), written into ``out`` when given (the original's shape; any float dtype)."""
+        (in unit order), written into ``out`` when given (the original's shape; any float dtype).
+        ``held``: the stored actions whose weights ``out`` already holds for this module and
+        ``original`` (:meth:`stored_actions_of` of the plan last assembled into it); units whose
+        stored action is the same are not written again (a search or a new episode changes few)."""
         units = self._unit_columns[module]
         if out is None:
             out = torch.empty_like(original)
-        stored = [int(self.stored_action[u.index, a]) for u, a in zip(units, actions)]
-        for unit, action in zip(units, stored):
+        stored = self.stored_actions_of(module, actions)
+        if held is not None and len(held) != len(stored):
+            raise ValueError(f"held lists {len(held)} units, {module} has {len(stored)}.")
+        changed = [held is None or a != h for a, h in zip(stored, held if held is not None else stored)]
+        if self.config.rotation != "none":  # each unit back from its own rotated frame, outliers included
+            for unit, action, write in zip(units, stored, changed):
+                if not write:
+                    continue
+                cols = slice(unit.col_start, unit.col_end)
+                out[:, cols] = (original[:, cols].to(torch.float16) if action == SKIP_ACTION
+                                else unrotate(self._fitted_frame_unit(unit, action, out.device)))
+            return out
+        for unit, action, write in zip(units, stored, changed):
+            if not write:
+                continue
             cols = slice(unit.col_start, unit.col_end)
             if action == SKIP_ACTION:
                 out[:, cols] = original[:, cols].to(torch.float16)
@@ -279,9 +315,10 @@ class QuantTable:
             codes = self.codes[module][action - 1, :, cols].to(out.device, non_blocking=True)
             out[:, cols] = dequantize_codes(codes, scale, self.operators[action], self._zero(module, action, chunk, out.device))
         index = self.outlier_index[module]
-        if index.numel():
+        if index.numel() and any(changed):
             unit_of = self._outlier_unit[module]
-            kept = torch.tensor([a != SKIP_ACTION for a in stored], device=index.device)[unit_of - units[0].index]
+            # the rewritten quantized units' outliers (an unchanged unit's are in place already)
+            kept = torch.tensor([a != SKIP_ACTION and w for a, w in zip(stored, changed)], device=index.device)[unit_of - units[0].index]
             values = self._outlier_values[module][kept].to(out.device, out.dtype)
             out.view(-1)[index[kept].to(out.device)] = values
         return out
