@@ -194,39 +194,29 @@ def test_asymmetric_plans_pay_the_zero_points_in_storage_only(asymmetric_problem
 
 @pytest.fixture(scope="module")
 def asymmetric_exports(tiny_asymmetric_problem, tmp_path_factory):
-    from windquant_gym.plan import QuantPlan
+    from test_export import export_named_plans
 
-    problem = tiny_asymmetric_problem
-    n_units = len(problem.units)
+    n_units = len(tiny_asymmetric_problem.units)
     mixed = (np.arange(n_units) % len(BIT_WIDTHS)).tolist()  # every action, skip included
-    root = tmp_path_factory.mktemp("asym-exports")
-    out = {}
-    for name, actions in {"uniform-2": [AFFINE_ACTIONS[-1]] * n_units, "mixed": mixed}.items():
-        plan = QuantPlan.from_table(problem.table, actions, "tiny-llama")
-        out[name] = (plan, wq.export_plan(plan, problem, root / name))
-    return out
+    named = {"uniform-2": [AFFINE_ACTIONS[-1]] * n_units, "mixed": mixed}
+    return export_named_plans(tiny_asymmetric_problem, named, tmp_path_factory.mktemp("asym-exports"))
 
 
 @pytest.mark.parametrize("name", ["uniform-2", "mixed"])
 def test_an_asymmetric_export_loads_the_envs_weights_and_perplexity(tiny_asymmetric_problem, asymmetric_exports, name):
-    from test_export import assert_loaded_matches_plan
+    from test_export import assert_export_is_the_env
 
     plan, folder = asymmetric_exports[name]
-    assert_loaded_matches_plan(wq.load_quantized(folder, dequantize=True), tiny_asymmetric_problem, plan.actions)
-    packed = wq.load_quantized(folder)  # PackedLinear modules: codes, scales and zero points stay packed
-    assert_loaded_matches_plan(packed, tiny_asymmetric_problem, plan.actions)
-    nll = wq.mean_nll(packed, tiny_asymmetric_problem.blocks, batch_size=tiny_asymmetric_problem.batch_size)
-    assert nll == pytest.approx(tiny_asymmetric_problem.proxy_nll(plan.actions), rel=1e-5)
+    assert_export_is_the_env(tiny_asymmetric_problem, plan, folder)  # codes, scales and zero points stay packed
 
 
 @pytest.mark.parametrize("name", ["uniform-2", "mixed"])
 def test_an_asymmetric_export_is_its_storage_bits(tiny_asymmetric_problem, asymmetric_exports, name):
+    from test_export import assert_packed_size_is_storage_bits
+
     plan, folder = asymmetric_exports[name]
     table = tiny_asymmetric_problem.table
-    size = wq.packed_size(folder)
-    expected = table.plan_bits(plan.actions)["storage_bits"] * int(table.n_weights.sum()) / 8
-    assert size.accounted_bytes == pytest.approx(expected, rel=1e-9)  # the reader charges the zero points too
-    assert expected <= size.packed_bytes <= expected * 1.01
+    size = assert_packed_size_is_storage_bits(tiny_asymmetric_problem, plan, folder)  # zero points charged too
     out_f = {u.module: u.out_features for u in table.units}
     zero_units = sum(1 for u, a in zip(table.units, plan.actions) if table.stored_action[u.index, a] in AFFINE_ACTIONS)
     assert size.by_kind["zeros"] == 2 * sum(out_f[u.module] for u, a in zip(table.units, plan.actions)

@@ -144,6 +144,37 @@ def assert_loaded_matches_plan(loaded, problem, actions):
             assert torch.equal(_weight(loaded.get_submodule(module)), model.get_submodule(module).weight), module
 
 
+def export_named_plans(problem, named_actions, root):
+    """Export each ``{name: actions}`` plan of ``problem`` under ``root``: ``{name: (plan, folder)}``."""
+    from windquant_gym.plan import QuantPlan
+
+    out = {}
+    for name, actions in named_actions.items():
+        plan = QuantPlan.from_table(problem.table, actions, "tiny-llama")
+        out[name] = (plan, wq.export_plan(plan, problem, root / name))
+    return out
+
+
+def assert_export_is_the_env(problem, plan, folder):
+    """A packed and a dequantized load of ``folder`` hold the env's weights for ``plan`` bit for bit,
+    and the packed model's proxy NLL is the env's; returns the packed model."""
+    assert_loaded_matches_plan(wq.load_quantized(folder, dequantize=True), problem, plan.actions)
+    packed = wq.load_quantized(folder)
+    assert_loaded_matches_plan(packed, problem, plan.actions)  # via PackedLinear.dequantized_weight()
+    nll = wq.mean_nll(packed, problem.blocks, batch_size=problem.batch_size)
+    assert nll == pytest.approx(problem.proxy_nll(plan.actions), rel=1e-5)
+    return packed
+
+
+def assert_packed_size_is_storage_bits(problem, plan, folder):
+    """The export's accounted bytes are the table's storage bits, and its file at most 1% over them."""
+    size = wq.packed_size(folder)
+    expected = problem.table.plan_bits(plan.actions)["storage_bits"] * int(problem.table.n_weights.sum()) / 8
+    assert size.accounted_bytes == pytest.approx(expected, rel=1e-9)
+    assert expected <= size.packed_bytes <= expected * 1.01
+    return size
+
+
 @pytest.mark.parametrize("name", PLAN_NAMES)
 def test_loaded_weights_equal_the_envs_bit_for_bit(tiny_problem, exports, name):
     plan, folder = exports[name]

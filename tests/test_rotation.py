@@ -105,27 +105,20 @@ def test_rotation_lowers_the_output_error_of_rows_with_outliers():
 
 @pytest.fixture(scope="module")
 def rotated_exports(rotated_problem, tmp_path_factory):
-    from windquant_gym.plan import QuantPlan
+    from test_export import export_named_plans
 
     n_units = len(rotated_problem.units)
-    root = tmp_path_factory.mktemp("rot-exports")
-    out = {}
-    for name, actions in {"uniform-2": [4] * n_units, "mixed": (np.arange(n_units) % 7).tolist()}.items():
-        plan = QuantPlan.from_table(rotated_problem.table, actions, "tiny-llama")
-        out[name] = (plan, wq.export_plan(plan, rotated_problem, root / name))
-    return out
+    named = {"uniform-2": [4] * n_units, "mixed": (np.arange(n_units) % 7).tolist()}
+    return export_named_plans(rotated_problem, named, tmp_path_factory.mktemp("rot-exports"))
 
 
 @pytest.mark.parametrize("name", ["uniform-2", "mixed"])
 def test_a_rotated_export_loads_the_envs_weights_and_perplexity(rotated_problem, rotated_exports, name):
-    from test_export import assert_loaded_matches_plan
+    from test_export import assert_export_is_the_env
 
     plan, folder = rotated_exports[name]
-    assert_loaded_matches_plan(wq.load_quantized(folder, dequantize=True), rotated_problem, plan.actions)
-    packed = wq.load_quantized(folder)  # codes stay packed in the rotated frame; the inputs are rotated
-    assert_loaded_matches_plan(packed, rotated_problem, plan.actions)  # dequantized_weight() rotates back
-    nll = wq.mean_nll(packed, rotated_problem.blocks, batch_size=rotated_problem.batch_size)
-    assert nll == pytest.approx(rotated_problem.proxy_nll(plan.actions), rel=1e-5)
+    # codes stay packed in the rotated frame; the packed model rotates the inputs instead
+    packed = assert_export_is_the_env(rotated_problem, plan, folder)
     # every forward path (native / table at few tokens, tiles at many) gives the dense weights' product
     x = torch.randn(3, 20, packed.config.hidden_size, generator=torch.Generator().manual_seed(1))
     from windquant_gym.export.packed_linear import packed_linears
@@ -141,12 +134,10 @@ def test_a_rotated_export_loads_the_envs_weights_and_perplexity(rotated_problem,
 
 @pytest.mark.parametrize("name", ["uniform-2", "mixed"])
 def test_a_rotated_export_is_its_storage_bits(rotated_problem, rotated_exports, name):
+    from test_export import assert_packed_size_is_storage_bits
+
     plan, folder = rotated_exports[name]
-    table = rotated_problem.table
-    size = wq.packed_size(folder)
-    expected = table.plan_bits(plan.actions)["storage_bits"] * int(table.n_weights.sum()) / 8
-    assert size.accounted_bytes == pytest.approx(expected, rel=1e-9)  # the rotation costs no stored bit
-    assert expected <= size.packed_bytes <= expected * 1.01
+    assert_packed_size_is_storage_bits(rotated_problem, plan, folder)  # the rotation costs no stored bit
 
 
 def test_a_layout_names_its_rotation_and_refuses_an_unknown_one():
