@@ -15,7 +15,7 @@ import torch
 from ..errors import ExportFormatError
 from ..quant.bitwidths import SKIP_ACTION
 from ..quant.quantizers import dequantize_codes
-from ..quant.rotation import unrotate
+from ..quant.rotation import to_model_frame
 from ..quant.table import QuantTable
 from ..quant.units import Unit
 from .formats import code_formats
@@ -149,7 +149,7 @@ def decode_module(module: str, layout: ModuleLayout, get: Callable[[str], torch.
                                      None if zeros is None else zeros[j].float()[:, None])
             if i in outliers:
                 block[torch.from_numpy(rows), torch.from_numpy(cols)] = values
-            weight[:, start:end] = unrotate(block) if layout.rotation != "none" else block
+            weight[:, start:end] = to_model_frame(block, layout.rotation)
 
     skipped = [i for i, s in enumerate(stored) if s == SKIP_ACTION]
     if skipped:

@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from ..errors import ExportFormatError
 from ..quant.bitwidths import SKIP_ACTION
-from ..quant.rotation import rotation_matrix, unrotate
+from ..quant.rotation import rotation_matrix, to_model_frame
 from . import native_gemv
 from .formats import CodeFormat
 from .layout import FP16_NAME, ModuleLayout, codes_name, outlier_name, scales_name, zeros_name
@@ -343,8 +343,7 @@ class PackedLinear(nn.Module):
         weight = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self._device())
         for group in self._groups:
             for tile in group.tiles:
-                tile_weight = self._unit_weight(group, tile)
-                weight[:, tile.start : tile.end] = unrotate(tile_weight) if self.layout.rotation != "none" else tile_weight
+                weight[:, tile.start : tile.end] = to_model_frame(self._unit_weight(group, tile), self.layout.rotation)
         if FP16_NAME in self._buffers:
             weight[:, self.skip_index] = self._buffers[FP16_NAME].float()
         return weight

@@ -199,6 +199,7 @@ def _fit_all(model, units, act_scales, hessians, config, device, progress, batch
     energy = {kind: np.full(n_units, np.nan) for kind in ("plain", "act", "output")}
     codes, scales, zeros, protected_masks, outlier_codes, outlier_scales = {}, {}, {}, {}, {}, {}
     with_zeros = has_zero_points(config.grid)
+    rotated = config.rotation != "none"
     for name in module_names(units):
         weight = model.get_submodule(name).weight
         out_f, in_f = weight.shape
@@ -223,7 +224,6 @@ def _fit_all(model, units, act_scales, hessians, config, device, progress, batch
             s = torch.stack([act_scales[u.module][u.col_start : u.col_end].to(device, torch.float32) for u in batch])[:, None, :]
             hessian = None if hessians is None else torch.stack([_unit_hessian(hessians, u, config, device) for u in batch])
             index = [u.index for u in batch]
-            rotated = config.rotation != "none"
             if rotated:  # fitted, and its errors measured, in the unit's rotated frame
                 original, (w, hessian, s) = w, rotated_inputs(w, hessian, width)
             fitted = fit_units(w, s, hessian, config, int(n_salient[index[0]]))

@@ -58,9 +58,16 @@ def _rotation_float64(width: int) -> torch.Tensor:
 
 def rotation_matrix(width: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The unit rotation ``R`` (``[width, width]``, orthogonal) for a unit of ``width`` columns:
-    weights are fitted as ``W R``, restored as ``Q R^T``, and inputs meet it as ``x R``."""
+    weights are fitted as ``W R``, restored as ``Q R^T``, and inputs meet it as ``x R``.
+    Cached per width, device and dtype (assembling a plan asks for it once per unit): do not
+    write into the returned tensor."""
     if not isinstance(width, int) or width < 1:
         raise ValueError(f"rotation_matrix needs a positive integer width, got {width!r}.")
+    return _rotation(width, torch.device(device) if device is not None else torch.device("cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _rotation(width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _rotation_float64(width).to(device=device, dtype=dtype)
 
 
@@ -82,3 +89,9 @@ def rotated_inputs(w: torch.Tensor, hessian, width: int):
 def unrotate(weights: torch.Tensor) -> torch.Tensor:
     """Rotated-frame weights ``[..., O, G]`` back to the model's frame: ``Q R^T`` (float32)."""
     return weights.float() @ rotation_matrix(weights.shape[-1], weights.device).T
+
+
+def to_model_frame(weights: torch.Tensor, rotation: str) -> torch.Tensor:
+    """A quantized unit's weights ``[..., O, G]`` as fitted under ``QuantConfig.rotation`` (or a
+    layout's ``rotation``), in the model's frame: :func:`unrotate` for 'hadamard', as is for 'none'."""
+    return weights if rotation == "none" else unrotate(weights)

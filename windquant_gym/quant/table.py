@@ -32,7 +32,7 @@ from .accounting import unit_bit_tables
 from .bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION, bit_widths, has_zero_points
 from .config import QuantConfig
 from .quantizers import dequantize_codes
-from .rotation import unrotate
+from .rotation import to_model_frame
 from .units import Unit
 
 #: Bumped when what a saved table holds changes (3: output errors, compensation; 4: weight
@@ -245,23 +245,26 @@ class QuantTable:
         stored = int(self.stored_action[unit_index, action])
         if stored == SKIP_ACTION:
             return original[:, unit.col_start : unit.col_end].to(torch.float16).float()
-        result = self._fitted_frame_unit(unit, stored, self.codes[unit.module].device)
-        return unrotate(result) if self.config.rotation != "none" else result
+        return to_model_frame(self._fitted_frame_unit(unit, stored, self.codes[unit.module].device), self.config.rotation)
 
     def _fitted_frame_unit(self, unit: Unit, stored: int, device) -> torch.Tensor:
         """``[out, width]`` float32 weights of ``unit`` at the (non-skip) ``stored`` action, with its
         INT8 outliers, in the frame they were fitted in (rotated when ``config.rotation`` says so)."""
-        cols = slice(unit.col_start, unit.col_end)
-        chunk = unit.col_start // self.config.chunk_size
-        # .to() is a no-op when the table lives where the model does; from a host-memory
-        # table (large models) only the chosen action's codes travel
-        codes = self.codes[unit.module][stored - 1, :, cols].to(device, non_blocking=True)
-        scale = self.scales[unit.module][stored - 1, :, chunk : chunk + 1].to(device, non_blocking=True).float()
-        result = dequantize_codes(codes, scale, self.operators[stored], self._zero(unit.module, stored, chunk, device))
+        result = self._dequantized_codes(unit, stored, device)
         rows, columns, values = self._unit_outliers(unit)
         if rows.numel():
             result[rows.to(device), columns.to(device)] = values.to(device)
         return result
+
+    def _dequantized_codes(self, unit: Unit, stored: int, device) -> torch.Tensor:
+        """``[out, width]`` float32 grid values of ``unit`` at the (non-skip) ``stored`` action,
+        without its outliers, in the frame they were fitted in."""
+        chunk = unit.col_start // self.config.chunk_size
+        # .to() is a no-op when the table lives where the model does; from a host-memory
+        # table (large models) only the chosen action's codes travel
+        codes = self.codes[unit.module][stored - 1, :, unit.col_start : unit.col_end].to(device, non_blocking=True)
+        scale = self.scales[unit.module][stored - 1, :, chunk : chunk + 1].to(device, non_blocking=True).float()
+        return dequantize_codes(codes, scale, self.operators[stored], self._zero(unit.module, stored, chunk, device))
 
     def _unit_outliers(self, unit: Unit):
         """``(rows, columns within the unit, float32 values)`` of ``unit``'s INT8 outliers (cached)."""
@@ -292,28 +295,20 @@ class QuantTable:
         stored = self.stored_actions_of(module, actions)
         if held is not None and len(held) != len(stored):
             raise ValueError(f"held lists {len(held)} units, {module} has {len(stored)}.")
-        changed = [held is None or a != h for a, h in zip(stored, held if held is not None else stored)]
-        if self.config.rotation != "none":  # each unit back from its own rotated frame, outliers included
-            for unit, action, write in zip(units, stored, changed):
-                if not write:
-                    continue
-                cols = slice(unit.col_start, unit.col_end)
-                out[:, cols] = (original[:, cols].to(torch.float16) if action == SKIP_ACTION
-                                else unrotate(self._fitted_frame_unit(unit, action, out.device)))
-            return out
+        changed = [True] * len(stored) if held is None else [a != h for a, h in zip(stored, held)]
+        rotated = self.config.rotation != "none"
         for unit, action, write in zip(units, stored, changed):
             if not write:
                 continue
             cols = slice(unit.col_start, unit.col_end)
             if action == SKIP_ACTION:
                 out[:, cols] = original[:, cols].to(torch.float16)
-                continue
-            chunk = unit.col_start // self.config.chunk_size
-            # .to() is a no-op when the table lives where the model does; from a host-memory
-            # table (large models) only the chosen action's codes travel
-            scale = self.scales[module][action - 1, :, chunk : chunk + 1].to(out.device, non_blocking=True).float()
-            codes = self.codes[module][action - 1, :, cols].to(out.device, non_blocking=True)
-            out[:, cols] = dequantize_codes(codes, scale, self.operators[action], self._zero(module, action, chunk, out.device))
+            elif rotated:  # back from the unit's own rotated frame, its outliers (fitted there) included
+                out[:, cols] = to_model_frame(self._fitted_frame_unit(unit, action, out.device), self.config.rotation)
+            else:  # the outliers follow, scattered for the whole module at once
+                out[:, cols] = self._dequantized_codes(unit, action, out.device)
+        if rotated:
+            return out
         index = self.outlier_index[module]
         if index.numel() and any(changed):
             unit_of = self._outlier_unit[module]
