@@ -29,18 +29,27 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     paper_cpu = load_hyperparams("cpu-paper")  # the paper's recipe on the small proxy
     assert paper_cpu["learning_rate"] == 5e-4 and paper_cpu["env_kwargs"]["salient_rate"] == 0.03
     assert "warm_start" not in paper_cpu and paper_cpu.get("observation", "paper") == "paper"
-    readme = load_hyperparams("cpu")  # the README's: the recipe that wins (issues 12, 21) on the rotated issue-26 engine
+    readme = load_hyperparams("cpu")  # the README's: the recipe that wins (issues 12, 21) on the issue-26 engine
     cpu = load_hyperparams("cpu-issue13")  # the same recipe on the issue-13 engine, which the ablations inherit
-    assert readme == load_hyperparams("cpu-engine-rot")  # the preset that measured it
+    assert readme == load_hyperparams("cpu-engine-rot-obs")  # the preset that measured it
     assert {**readme, "env_kwargs": {**readme["env_kwargs"], "quant_config": {"damping": 0.3}}} == cpu
     assert readme["env_kwargs"]["quant_config"]["hessian_blocks"] == 64
     assert readme["env_kwargs"]["quant_config"]["rotation"] == "hadamard"
-    both = load_hyperparams("cpu-engine-both")  # the engine before the rotation: the same recipe but for it
-    assert both == {**readme, "env_kwargs": {**readme["env_kwargs"], "quant_config": {
-        k: v for k, v in readme["env_kwargs"]["quant_config"].items() if k != "rotation"}}}
+    assert readme["env_kwargs"]["quant_config"]["salient_metric"] == "obs"
+
+    def without(preset, *keys):
+        return {**preset, "env_kwargs": {**preset["env_kwargs"], "quant_config": {
+            k: v for k, v in preset["env_kwargs"]["quant_config"].items() if k not in keys}}}
+
+    rot = load_hyperparams("cpu-engine-rot")  # the engine before the OBS saliency: the same recipe but for it
+    assert rot == without(readme, "salient_metric")
+    both = load_hyperparams("cpu-engine-both")  # and before the rotation
+    assert both == without(readme, "salient_metric", "rotation")
     assert load_hyperparams("cpu-no-ppo") == {**cpu, "ppo_updates": False}  # measured on the issue-13 engine
     assert load_hyperparams("cpu-engine-both-no-ppo") == {**both, "ppo_updates": False}  # on the issue-26 one
-    assert load_hyperparams("cpu-engine-rot-no-ppo") == {**readme, "ppo_updates": False}  # and on the rotated one
+    assert load_hyperparams("cpu-engine-rot-no-ppo") == {**rot, "ppo_updates": False}  # on the rotated one
+    assert load_hyperparams("cpu-engine-rot-obs-no-ppo") == {**readme, "ppo_updates": False}  # and on the README's
+    assert load_hyperparams("cpu-bf16") == {**readme, "env_kwargs": {**readme["env_kwargs"], "proxy_dtype": "bfloat16"}}
     kv_teacher = load_hyperparams("cpu-kv-teacher")  # cpu-engine-both's recipe but for its teacher
     assert kv_teacher == {**both, "warm_start": {**both["warm_start"], "demonstrations": "calibrated-knapsack-kv"}}
     assert cpu["env_kwargs"]["n_calibration_samples"] == 16 and cpu["env_kwargs"]["seed"] == 0

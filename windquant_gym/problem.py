@@ -3,6 +3,7 @@ everything an episode (or any allocator) needs, prepared once and cached on disk
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ from .compute.kernels import check_proxy_dtype, proxy_precision, proxy_weight_dt
 from .memory import check_memory, resolve_stream
 from .eval.divergence import DEFAULT_TOPK, TopKReference
 from .eval.perplexity import TokenLosses, mean_nll, token_losses, topk_reference
+from .eval.prefix_reuse import PrefixReuse
 from .fingerprint import tensors_fingerprint
 from .paths import cache_dir
 from .quant.apply import WeightAssembler, quantized_weights, streamed_quantized_weights
@@ -193,11 +195,17 @@ class QuantProblem:
     ``benchmarks/proxy_precision.py``). Held-out evaluation stays in the model's dtype."""
     spec: Optional[ProblemSpec] = None
     """How to rebuild this problem (set by :meth:`build`); plans made on it carry it."""
+    reuse_prefix: bool = True
+    """Start each proxy pass at the first decoder layer whose units' actions differ from the last
+    pass's (:class:`~windquant_gym.eval.prefix_reuse.PrefixReuse`): a search's offspring, which
+    change a unit or two, skip the layers in front of it. Same NLL (bit for bit on the same
+    batches); off for a streamed problem or where the stored states would pass 1 GiB."""
     # Not constructor arguments: dataclasses.replace() must give a copy its own buffers and
     # baseline (the copy may hold another table or other blocks).
     _assembler: Optional[WeightAssembler] = field(default=None, init=False, repr=False, compare=False)
     _baseline_nll: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _kl_reference: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _prefix: Optional[PrefixReuse] = field(default=None, init=False, repr=False, compare=False)
     last_timing: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     proxy_passes: float = field(default=0.0, init=False, repr=False, compare=False)
     """Proxy passes made on this problem since it was made, in full-pass equivalents (a pass on
@@ -333,11 +341,25 @@ class QuantProblem:
             with streamed_quantized_weights(self.model, self.table, plan, assembler), precision:
                 losses = token_losses(self.model, self.blocks, len(self.blocks), reference, progress=progress)
         else:
-            with quantized_weights(self.model, self.table, plan, assembler), precision:
+            with quantized_weights(self.model, self.table, plan, assembler), precision, \
+                    self.prefix_reuse(plan, None, self.batch_size):
                 losses = token_losses(self.model, self.blocks, self.batch_size, reference, progress=progress)
         assemble = assembler.seconds - assembled_before
         self.last_timing = {"assemble_seconds": assemble, "forward_seconds": time.perf_counter() - started - assemble}
         return losses
+
+    def prefix_reuse(self, plan: Sequence[int], rows: Optional[Sequence[int]], batch_size: int):
+        """Context for one proxy pass over ``blocks[rows]`` (None: all) with ``plan`` applied: the
+        layers in front of the first changed one are looked up (see :attr:`reuse_prefix`); a
+        no-op where reuse is off. Only around passes over the proxy's own blocks."""
+        if not self.reuse_prefix or self.stream:
+            return contextlib.nullcontext()
+        if self._prefix is None or self._prefix.n_blocks != len(self.blocks):
+            self._prefix = PrefixReuse.for_model(self.model, [u.module for u in self.units], self.blocks, self.batch_size)
+            if self._prefix is None:
+                self.reuse_prefix = False
+                return contextlib.nullcontext()
+        return self._prefix.measuring(plan, rows, batch_size, context=(self.proxy_dtype, id(self.blocks), id(self.table)))
 
     def assembler(self, per_layer: bool = False, proxy: bool = False) -> WeightAssembler:
         """The problem's reusable weight buffers (one layer's, shared by every layer, with

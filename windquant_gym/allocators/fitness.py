@@ -80,7 +80,12 @@ class ProxyFitness:
             rows_reference = None if reference is None else (reference if rows is None else reference.rows(rows))
             self.tokens += blocks.numel()
             problem.proxy_passes += blocks.numel() / self._proxy_tokens
-            losses = token_losses(model, blocks, batch_size, rows_reference)
+            if self.blocks is not problem.blocks or problem.stream:
+                return pick(token_losses(model, blocks, batch_size, rows_reference))
+            with problem.prefix_reuse(loaded, rows, batch_size):  # from the first layer the plan changed
+                return pick(token_losses(model, blocks, batch_size, rows_reference))
+
+        def pick(losses) -> float:
             return losses.kl if self.metric == "kl" else losses.nll
 
         if problem.stream:  # large models: each layer's weights assembled anew as it runs, every measurement

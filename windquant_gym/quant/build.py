@@ -36,7 +36,8 @@ def describe_model(model: nn.Module) -> str:
 def needs_hessians(config: QuantConfig) -> bool:
     """Whether building a table with ``config`` reads the calibration's Hessian blocks."""
     return (config.compensation != "none" or config.error_metric == "output" or config.scale_refit != "none"
-            or config.rotation != "none")  # the rotated frame's activation scales come from H
+            or config.rotation != "none"  # the rotated frame's activation scales come from H
+            or config.salient_metric == "obs")
 
 
 def table_fingerprint(
@@ -164,9 +165,10 @@ def _check_hessians(model, units: List[Unit], hessians, config: QuantConfig) -> 
     if not hessians:
         raise ConfigError(
             f"QuantConfig(compensation={config.compensation!r}, error_metric={config.error_metric!r}, "
-            f"scale_refit={config.scale_refit!r}, rotation={config.rotation!r}) needs the calibration's Hessian blocks: "
-            "pass hessians=calibration.hessians (calibrate() collects them), or use QuantConfig(compensation='none', "
-            "error_metric='activation', scale_refit='none', rotation='none'), which needs only act_scales."
+            f"scale_refit={config.scale_refit!r}, rotation={config.rotation!r}, salient_metric={config.salient_metric!r}) "
+            "needs the calibration's Hessian blocks: pass hessians=calibration.hessians (calibrate() collects them), or use "
+            "QuantConfig(compensation='none', error_metric='activation', scale_refit='none', rotation='none', "
+            "salient_metric='activation'), which needs only act_scales."
         )
     for name in module_names(units):
         hessian = hessians.get(name)

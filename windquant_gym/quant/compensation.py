@@ -36,14 +36,25 @@ def inverse_cholesky(hessian: torch.Tensor, damping: float = DEFAULT_DAMPING) ->
     short calibration must not fail in float32). A column no token ever activated
     (``H_jj = 0``) gets ``H_jj = 1``: no information, so its weights are rounded alone.
     An all-zero block gives the identity, i.e. rounding alone."""
+    return torch.linalg.cholesky(_damped_inverse(hessian, damping), upper=True).to(torch.float32)
+
+
+def _damped_inverse(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(H + damping * mean(diag H) * I)^-1`` in float64, a dead column's ``H_jj`` set to 1 first."""
     h = hessian.to(torch.float64).clone()
     diagonal = torch.diagonal(h, dim1=-2, dim2=-1)  # a view: writes land in h
     # H_jj = 0 means column j's inputs were all zero, so its row and column of H are zero too
     diagonal.copy_(torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal)))
     diagonal.add_(damping * diagonal.mean(dim=-1, keepdim=True))
-    lower = torch.linalg.cholesky(h)
-    inverse = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+    return torch.cholesky_inverse(torch.linalg.cholesky(h))
+
+
+def obs_column_weights(hessian: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """``[U, 1, G]`` ``1 / sqrt([H^-1]_jj)`` of the damped Hessian blocks ``[U, G, G]``: losing
+    ``W_ij`` with the unit's other columns compensating it (optimal brain surgeon) costs
+    ``W_ij^2 / [H^-1]_jj`` of output error, so ``|W_ij|`` times this ranks weights by that cost."""
+    inverse_diagonal = torch.diagonal(_damped_inverse(hessian, damping), dim1=-2, dim2=-1)
+    return inverse_diagonal.clamp_min(torch.finfo(torch.float64).tiny).rsqrt().to(torch.float32)[:, None, :]
 
 
 def activation_order(hessian: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ COMPENSATIONS = ("none", "gptq")
 ERROR_METRICS = ("activation", "output")
 #: What happens to each row's scale once its codes are chosen (see :func:`.fitting.refit_scales`).
 SCALE_REFITS = ("none", "output")
+#: How a unit's INT8-protected weights are chosen (see :data:`.fitting.SALIENCY_COLUMNS`).
+SALIENT_METRICS = ("activation", "obs")
 #: Version 1 configs (before ``compensation``/``damping``/``error_metric``) meant these.
 _VERSION_1 = {"compensation": "none", "damping": 0.01, "error_metric": "activation"}
 CONFIG_VERSION = 2
@@ -92,6 +94,12 @@ class QuantConfig:
     QuIP and QuaRot do it, but inside a unit, so units stay independent; the packed model applies
     ``R`` to each unit's inputs). Stores nothing more: ``R`` is fixed by the width. Needs the
     calibration's Hessian blocks. 'none': the paper's frame. See :mod:`.rotation`."""
+    salient_metric: str = "activation"
+    """Which ``salient_rate`` of a unit's weights are kept in INT8. 'activation': the largest
+    ``|W_ij| s_j`` (AWQ's saliency, the paper's C.3). 'obs': the largest ``|W_ij| / sqrt([H^-1]_jj)``
+    (the optimal-brain-surgeon cost SparseGPT prunes by, ``H`` damped as for GPTQ): a column
+    the unit's other columns can stand in for is cheaper to lose than its own ``s_j`` says. Needs
+    the calibration's Hessian blocks."""
     version: int = CONFIG_VERSION
     """Bumped when what the table holds for the same fields changes (2: compensation,
     damping, error_metric; a version-1 dict reads as compensation 'none', metric 'activation')."""
@@ -133,6 +141,10 @@ class QuantConfig:
             )
         if not isinstance(self.grid, str) or self.grid not in GRIDS:
             raise ConfigError(f"grid must be one of {sorted(GRIDS)}, got {self.grid!r}; 'symmetric' is the paper's operators.")
+        if not isinstance(self.salient_metric, str) or self.salient_metric not in SALIENT_METRICS:
+            raise ConfigError(
+                f"salient_metric must be one of {SALIENT_METRICS}, got {self.salient_metric!r}; 'activation' is the paper's."
+            )
         if not isinstance(self.rotation, str) or self.rotation not in ROTATIONS:
             raise ConfigError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}; 'none' is the paper's frame.")
         if self.version != CONFIG_VERSION:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .bitwidths import N_ACTIONS, SKIP_ACTION, bit_widths
-from .compensation import activation_order, compensated_codes, inverse_cholesky, permute_columns, permute_square
+from .compensation import activation_order, compensated_codes, inverse_cholesky, obs_column_weights, permute_columns, permute_square
 from .config import QuantConfig
 from .quantizers import affine_least_squares, dequantize_codes, fit_scales, int8_outliers, protect_salient, to_fp16_scale, to_fp16_zero
 
@@ -56,13 +56,21 @@ class FittedUnits:
     energy_output: np.ndarray
 
 
+#: ``QuantConfig.salient_metric`` -> ``(s, hessian, damping) -> [U, 1, G]`` per-column weights ``c``:
+#: a unit's protected weights are its largest ``|W_ij| c_j`` (:func:`.quantizers.protect_salient`).
+SALIENCY_COLUMNS = {
+    "activation": lambda s, hessian, damping: s,  # AWQ: |W_ij| s_j
+    "obs": lambda s, hessian, damping: obs_column_weights(hessian, damping),  # |W_ij| / sqrt([H^-1]_jj)
+}
+
+
 @torch.no_grad()
 def fit_units(
     w: torch.Tensor, s: torch.Tensor, hessian: Optional[torch.Tensor], config: QuantConfig, n_protected: int
 ) -> FittedUnits:
     """Fit ``w [U, O, G]`` with activation scales ``s [U, 1, G]`` and Hessian blocks
     ``hessian [U, G, G]`` (``mean_t x x^T``; None only when ``config`` needs none)."""
-    protected = protect_salient(w, s, n_protected)
+    protected = protect_salient(w, SALIENCY_COLUMNS[config.salient_metric](s, hessian, config.damping), n_protected)
     outlier_scale, outlier_codes = int8_outliers(w, protected)
     outliers = outlier_codes.float() * outlier_scale
     keep = ~protected
