@@ -10,7 +10,9 @@ their budget (``search-nll @213ev``). Every row is compared with the
 reference allocator's row at the same target (median row when several seeds), or with
 ``--reference-label LABEL`` with the same allocator's row from the file labelled LABEL. Files are
 refused unless their unquantized model's window NLLs agree (the same held-out windows).
-A change whose 95% interval contains 0 is written "tie".
+``--match storage`` pairs rows whose storage bits agree (within ``--storage-tolerance``) instead
+of their targets: engines whose effective bits cost different storage (e.g. INT8 outliers, whose
+positions eq. 6 does not count) compared at the same file size. A change whose 95% interval contains 0 is written "tie".
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     group.add_argument("--reference-label", metavar="LABEL",
                        help="compare each row with the same allocator's row of the file labelled LABEL (engine A/B: "
                             "every allocator against itself on the reference engine)")
+    parser.add_argument("--match", choices=("target", "storage"), default="target",
+                        help="which rows pair: the same target bits (default), or storage bits within "
+                             "--storage-tolerance (plans of engines whose effective bits cost different storage, "
+                             "e.g. fewer INT8 outliers at a higher target)")
+    parser.add_argument("--storage-tolerance", type=float, default=0.015, metavar="BITS",
+                        help="with --match storage: the most two paired rows' storage bits per weight may differ")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", help="write the comparisons here too")
     args = parser.parse_args(argv)
@@ -79,28 +87,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         if windows.shape != known[0].shape or not np.allclose(windows, known[0], rtol=1e-5, atol=1e-6):
             raise SystemExit(f"{path}: its unquantized held-out windows differ from {next(iter(windows_of))}'s; "
                              "compare files measured on the same windows (same --eval-windows / eval_windows).")
+    if args.storage_tolerance < 0:
+        raise SystemExit(f"--storage-tolerance must be >= 0 bits per weight, got {args.storage_tolerance}; e.g. 0.015.")
     out = []
-    for target in sorted({r["target_bits"] for r in rows}):
-        here = [r for r in rows if r["target_bits"] == target]
-        for row in here:
-            reference = args.reference or _same_allocator(row["allocator"], args.reference_label)
-            refs = sorted((r for r in here if r["allocator"] == reference), key=lambda r: r["heldout_ppl"])
-            if not refs:
-                continue
-            ref = refs[len(refs) // 2]  # the median seed's row
-            if row["windows"].shape != ref["windows"].shape:
-                raise SystemExit(f"{row['allocator']} at {target:g} bits was measured on {row['windows'].size} held-out "
-                                 f"windows, {reference} on {ref['windows'].size}: compare files measured on the same "
-                                 "windows (same --eval-windows / eval_windows).")
-            result = paired_bootstrap(ref["windows"], row["windows"])
-            out.append({**{k: v for k, v in row.items() if k != "windows"}, "reference": reference,
-                        "reference_seed": ref["seed"], **result.to_dict()})
+    for row in sorted(rows, key=lambda r: r["target_bits"]):
+        if args.match == "target":
+            here = [r for r in rows if r["target_bits"] == row["target_bits"]]
+        else:
+            here = [r for r in rows if abs(r["storage_bits"] - row["storage_bits"]) <= args.storage_tolerance]
+        reference = args.reference or _same_allocator(row["allocator"], args.reference_label)
+        refs = sorted((r for r in here if r["allocator"] == reference), key=lambda r: r["heldout_ppl"])
+        if not refs:
+            continue
+        ref = refs[len(refs) // 2]  # the median seed's row
+        if row["windows"].shape != ref["windows"].shape:
+            raise SystemExit(f"{row['allocator']} at {row['target_bits']:g} bits was measured on {row['windows'].size} "
+                             f"held-out windows, {reference} on {ref['windows'].size}: compare files measured on the "
+                             "same windows (same --eval-windows / eval_windows).")
+        result = paired_bootstrap(ref["windows"], row["windows"])
+        out.append({**{k: v for k, v in row.items() if k != "windows"}, "reference": reference,
+                    "reference_seed": ref["seed"], "reference_target_bits": ref["target_bits"], **result.to_dict()})
     header = ("target", "allocator", "seed", "evaluations", "effective", "storage", "proxy PPL", "held-out PPL",
               f"vs {args.reference or f'the same allocator [{args.reference_label}]'}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] if args.markdown else []
     for r in out:
         versus = "(reference)" if r["allocator"] == r["reference"] and r["seed"] == r["reference_seed"] else (
             describe_change(r["change"], r["low"], r["high"]))
+        if r["reference_target_bits"] != r["target_bits"] and versus != "(reference)":
+            versus += f" (against its {r['reference_target_bits']:g}-bit row)"
         cells = (f"{r['target_bits']:g}", r["allocator"], "-" if r["seed"] is None else str(r["seed"]),
                  "-" if r["evaluations"] is None else f"{r['evaluations']:g}", f"{r['effective_bits']:.3f}",
                  f"{r['storage_bits']:.3f}", f"{r['proxy_ppl']:.2f}", f"{r['heldout_ppl']:.2f}", versus)

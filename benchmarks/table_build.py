@@ -32,7 +32,14 @@ CONFIGS = {
                                                         scale_refit="output", grid="asymmetric"),
     "gptq, output metric, scale refit, rotation": dict(compensation="gptq", error_metric="output",
                                                       scale_refit="output", rotation="hadamard"),
+    "gptq, output metric, scale refit, rotation, obs": dict(compensation="gptq", error_metric="output",
+                                                           scale_refit="output", rotation="hadamard",
+                                                           salient_metric="obs"),
 }
+# Every config names its saliency rule, so that a preset's own (e.g. the cpu preset's "obs") does
+# not leak into the configs built before that lever existed.
+for _fields in CONFIGS.values():
+    _fields.setdefault("salient_metric", "activation")
 
 
 def time_statistics_pass(model, tokenizer, units, blocks, env_kwargs, n: int, length: int, proxy_seconds: float) -> None:

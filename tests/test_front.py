@@ -292,3 +292,38 @@ def test_paired_script_compares_each_allocator_with_itself_on_the_reference_engi
     assert pairs["calibrated-knapsack [new]"]["reference"] == "calibrated-knapsack [old]"
     assert pairs["calibrated-knapsack [new]"]["low"] == pairs["calibrated-knapsack [new]"]["high"] == 0.0  # same windows
     assert "(reference)" in capsys.readouterr().out
+
+
+def test_paired_script_matches_rows_by_storage_bits(tmp_path, capsys):
+    """benchmarks/paired.py --match storage: a plan at a higher target whose file is as large pairs with the
+    reference engine's plan of that size, not with its own target's; too far apart, it pairs with nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "paired.py"
+    spec = importlib.util.spec_from_file_location("paired_script", script)
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    base = np.random.default_rng(1).normal(4.0, 0.3, 40)
+
+    def bench(path, rows):
+        episodes = [{"allocator": "unquantized", "target_bits": None, "heldout_window_nll": (base - 1).tolist()}]
+        for target, storage, shift in rows:
+            episodes.append({"allocator": "knapsack", "target_bits": target, "effective_bits": target,
+                             "storage_bits": storage, "proxy_ppl": 1.0, "heldout_ppl": float(np.exp((base + shift).mean())),
+                             "heldout_window_nll": (base + shift).tolist()})
+        path.write_text(json.dumps({"episodes": episodes}))
+        return path
+
+    outliers = bench(tmp_path / "outliers.json", [(3.0, 3.43, 0.3), (2.5, 2.93, 0.5)])
+    plain = bench(tmp_path / "plain.json", [(3.35, 3.42, 0.25), (2.85, 2.99, 0.4)])
+    out = tmp_path / "pairs.json"
+    assert paired.main([f"{outliers}=o", f"{plain}=p", "--reference-label", "o", "--match", "storage",
+                        "--json", str(out)]) == 0
+    pairs = {(r["allocator"], r["target_bits"]): r for r in json.loads(out.read_text())}
+    match = pairs[("knapsack [p]", 3.35)]
+    assert match["reference_target_bits"] == 3.0 and match["change"] == pytest.approx(math.exp(-0.05) - 1)
+    assert ("knapsack [p]", 2.85) not in pairs  # 2.99 against 2.93: outside the default 0.015
+    assert "against its 3-bit row" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="storage-tolerance"):
+        paired.main([str(outliers), "--reference", "knapsack", "--match", "storage", "--storage-tolerance", "-1"])
