@@ -1,19 +1,21 @@
 """Mean bits per weight (eq. 6's, INT8 outliers included) by module kind and by layer group, of the 2.0-bit
-plans on this engine: the teacher (calibrated knapsack), the search at 213 passes (seeds found in search/),
-the learner's and the control's returned plans. Reads plan files only; the unit layout is SmolLM2-135M's
-(``find_units``: layer by layer, q k v o gate up down, 256-column chunks). Run from this folder."""
+plans on this engine: the teacher (calibrated knapsack), the searches at 213 passes (search/), the learner's and the
+control's returned plans. Reads plan files; the units come from ``find_units`` on the offline model (the plans'
+own layout, chunk 256). Run from this folder."""
 import glob
 import json
 
 import numpy as np
 
-MODULES = [("q", 576, 576), ("k", 192, 576), ("v", 192, 576), ("o", 576, 576), ("gate", 1536, 576),
-           ("up", 1536, 576), ("down", 576, 1536)]
-UNITS = [(layer, name, rows * min(256, cols - start)) for layer in range(30) for name, rows, cols in MODULES
-         for start in range(0, cols, 256)]
-LAYER = np.array([u[0] for u in UNITS])
-KIND = np.array([u[1] for u in UNITS])
-N = np.array([u[2] for u in UNITS], float)
+from windquant_gym.models.loading import load_model
+from windquant_gym.quant.units import find_units
+
+MODEL, _TOKENIZER = load_model("smollm2-135m", device="cpu")
+UNITS = find_units(MODEL, chunk_size=256)
+LAYER = np.array([u.layer for u in UNITS])
+KIND = np.array([u.module.rsplit(".", 1)[-1].removesuffix("_proj") for u in UNITS])
+N = np.array([u.n_weights for u in UNITS], float)
+KINDS = list(dict.fromkeys(KIND))
 
 
 def load(path):
@@ -38,7 +40,7 @@ def mean(bits, mask):
     return (bits[mask] * N[mask]).sum() / N[mask].sum()
 
 
-for name, _, _ in MODULES:
+for name in KINDS:
     print(f"| {name} | " + " | ".join(f"{mean(b, KIND == name):.2f}" for b, _ in plans.values()) + " |")
 for low, high in [(0, 1), (1, 3), (3, 8), (8, 15), (15, 22), (22, 28), (28, 30)]:
     mask = (LAYER >= low) & (LAYER < high)
