@@ -63,6 +63,10 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     front, front13 = load_hyperparams("cpu-front"), load_hyperparams("cpu-front-issue13")
     assert front == {**front13, "env_kwargs": both["env_kwargs"]} and front13["env_kwargs"] == cpu["env_kwargs"]
     assert load_hyperparams("cpu-front-no-ppo") == {**front, "ppo_updates": False}
+    # the front on the README preset's engine (rotation and OBS saliency), and its control
+    front_obs = load_hyperparams("cpu-front-rot-obs")
+    assert front_obs == {**front13, "env_kwargs": readme["env_kwargs"]}
+    assert load_hyperparams("cpu-front-rot-obs-no-ppo") == {**front_obs, "ppo_updates": False}
     assert front13["observation"] == "paper"
     assert load_hyperparams("cpu-front-action-costs") == {**front13, "observation": "action-costs"}
     for ablation in ("cpu-action-costs", "cpu-no-loss-reward", "cpu-no-shaping", "cpu-no-warm-start", "cpu-no-normalization",
