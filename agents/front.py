@@ -37,6 +37,10 @@ class HeldoutCache:
         self.problem, self.windows = problem, windows
         self._seen: Dict[bytes, List[float]] = {}
 
+    def __len__(self) -> int:
+        """How many held-out passes were made (one per distinct plan)."""
+        return len(self._seen)
+
     def __call__(self, plan: Optional[Sequence[int]]) -> List[float]:
         key = b"unquantized" if plan is None else np.asarray(plan, dtype=np.int64).tobytes()
         if key not in self._seen:

@@ -31,6 +31,7 @@ OBSERVATIONS = ("paper", "action-costs")
 REWARD_KINDS = ("eq5", "proxy-loss")
 DEMONSTRATIONS = ("knapsack", *CALIBRATED_KNAPSACKS)
 LR_SCHEDULES = ("constant", "linear")
+HELDOUT_SUMMARIES = ("full", "returned")
 
 
 def _refuse_unknown(section: str, given: Mapping[str, Any], known) -> None:
@@ -210,6 +211,11 @@ class Recipe(_Section):
     # ----- evaluation, checkpoints, sweeps -----
     eval_windows: int = 64
     eval_seq_len: int = 256
+    heldout_summary: Optional[str] = None
+    """Which plans the end-of-run summary measures on the held-out windows: ``full`` (default:
+    the unquantized model, the policy's and the best-seen plan, the teacher's and the
+    knapsack's) or ``returned`` (the returned plan and the one it is compared with, the
+    teacher's where there is one: two held-out passes instead of up to five)."""
     checkpoint_every: int = 10
     sweep_resources: Optional[SweepResources] = None
     # ----- the env and what the policy sees and is paid -----
@@ -245,6 +251,8 @@ class Recipe(_Section):
         for name in ("shared_trunk", "ppo_updates", "front", "normalize_observation"):
             if getattr(self, name) is not None:
                 _flag("", name, getattr(self, name))
+        if self.heldout_summary is not None:
+            _choice("", "heldout_summary", self.heldout_summary, HELDOUT_SUMMARIES)
         if self.lr_schedule is not None:
             _choice("", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.observation is not None:

@@ -383,24 +383,32 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
                                    proxy_metric=metric, evaluations=policy_evaluations, allocator=f"MaskablePPO {slug}",
                                    **metrics).save(out / f"{slug}_{target:g}.json")
     front = _writes_front(args, recipe)
+    teacher = _teacher(warm_start, start_plans)
+    has_teacher = teacher is not None and final_target in teacher["plans"]
+    # "returned": only the returned plan and its reference on held-out text (the knapsack only as that reference)
+    full = (recipe.heldout_summary or "full") == "full"
     passes_before = problem.proxy_passes
-    knapsack_proxy = {t: math.exp(problem.proxy_nll(knapsack[t])) for t in (targets if front else [final_target])}
+    knapsack_targets = targets if front else ([final_target] if full or not has_teacher else [])
+    knapsack_proxy = {t: math.exp(problem.proxy_nll(knapsack[t])) for t in knapsack_targets}
     baseline_evaluations = problem.proxy_passes - passes_before  # the summary's (and front's) knapsack rows
     held_out = eval_windows(load_texts("wiki-sample", split="eval"), problem.tokenizer, recipe.eval_seq_len, recipe.eval_windows)
     heldout = HeldoutCache(problem, held_out)
-    teacher = _teacher(warm_start, start_plans)
-    fp_windows = heldout(None)
-    rows = {"unquantized": {"effective_bits": 16.0, "storage_bits": 16.0, "proxy_ppl": problem.baseline_ppl,
-                            "heldout_ppl": math.exp(float(np.mean(fp_windows)))}}
+    rows = {}
+    if full:
+        fp_windows = heldout(None)
+        rows["unquantized"] = {"effective_bits": 16.0, "storage_bits": 16.0, "proxy_ppl": problem.baseline_ppl,
+                               "heldout_ppl": math.exp(float(np.mean(fp_windows)))}
     final = per_target[final_target]
     names = {"policy": "policy (deterministic)", "best seen": "best plan seen in training"}
-    plans = {names[name]: info["plan"] for name, info in final["candidates"].items()}
-    proxies = {names[name]: info["proxy_ppl"] for name, info in final["candidates"].items()}
-    if teacher is not None and final_target in teacher["plans"]:
+    measured = final["candidates"] if full else {final["returned"]: final["candidates"][final["returned"]]}
+    plans = {names[name]: info["plan"] for name, info in measured.items()}
+    proxies = {names[name]: info["proxy_ppl"] for name, info in measured.items()}
+    if has_teacher:
         plans[TEACHER_ROW] = teacher["plans"][final_target]
         proxies[TEACHER_ROW] = teacher["proxy_ppl"][final_target]
-    plans["knapsack"] = knapsack[final_target]
-    proxies["knapsack"] = knapsack_proxy[final_target]
+    if final_target in knapsack_proxy:
+        plans["knapsack"] = knapsack[final_target]
+        proxies["knapsack"] = knapsack_proxy[final_target]
     reference = TEACHER_ROW if TEACHER_ROW in plans else "knapsack"
     for name, actions in plans.items():
         windows = heldout(actions)
@@ -431,6 +439,7 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
         "ppo_updates": (recipe.ppo_updates is not False),
         "warm_start": warm_start or None,
         "heldout_tokens": int(held_out.numel()), "heldout_windows": int(len(held_out)),
+        "heldout_summary": recipe.heldout_summary or "full", "heldout_passes": len(heldout),
         "proxy_dtype": problem.proxy_dtype,
         "model_dtype": str(next(problem.model.parameters()).dtype).replace("torch.", ""), "results": rows,
         "returned": returned_name,
@@ -505,6 +514,10 @@ def print_summary(summary: Dict[str, Any]) -> None:
         print(f"proxy passes: {summary['policy_evaluations']:g} chose the policy's plans (warm start "
               f"{(summary.get('warm_start') or {}).get('evaluations', 0):g}, {summary['training_episodes']} training "
               f"episodes, the final rollouts), {summary['baseline_evaluations']:g} measured the knapsack rows")
+    if summary.get("heldout_summary") == "returned":
+        print(f"(held out: the returned plan and its reference only, heldout_summary: returned; the unquantized model and the "
+              f"knapsack: windquant bench --preset {summary['preset']} --target-bits {summary['target_bits']:g} --allocators "
+              f"knapsack calibrated-knapsack --plan RUN/returned_plan.json)")
     if summary.get("front"):
         print(f"front at every target: {summary['front']} (front.md; windquant plot RUN draws it)")
     others = {t: v for t, v in summary.get("targets", {}).items() if float(t) != summary["target_bits"]}

@@ -123,6 +123,31 @@ def test_a_training_runs_proxy_passes_are_what_its_summary_says(tmp_path, monkey
     assert summary["warm_start"]["evaluations"] == summary["warm_start"]["calibration_evaluations"] + targets
 
 
+def test_a_returned_only_summary_measures_two_plans_on_held_out_text(tmp_path, monkeypatch):
+    """heldout_summary: returned (the cpu-quick preset): the returned plan and the teacher's, one
+    held-out pass each, no knapsack pass; the proxy passes still add up to the summary's."""
+    from windquant_gym.agents.train import TEACHER_ROW
+    from windquant_gym.data import eval_windows, load_texts
+
+    hp = load_hyperparams("smoke")
+    kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
+    env = gym.make("WindQuant-v0", model="tiny-llama", progress=False, **kwargs)  # calibration and table cached first
+    held_out = eval_windows(load_texts("wiki-sample", split="eval"), env.unwrapped.problem.tokenizer,
+                            hp["eval_seq_len"], hp["eval_windows"])
+    seen = _count_proxy_passes(monkeypatch)
+    run = tmp_path / "run"
+    summary = train(TrainArgs(model="tiny-llama", preset="smoke", out=str(run), episodes=2, progress=False,
+                              overrides={"heldout_summary": "returned"}))
+    returned = summary["returned"]
+    assert set(summary["results"]) == {returned, TEACHER_ROW}
+    assert summary["results"][returned]["returned"] and summary["results"][returned]["vs"]["reference"] == TEACHER_ROW
+    assert summary["heldout_summary"] == "returned" and summary["heldout_passes"] == 2
+    assert _passes_on(seen, held_out) == 2  # counted on the model: the two plans, no unquantized or knapsack pass
+    problem = wq.plan.QuantPlan.load(run / "returned_plan.json").problem_spec().build()
+    assert _passes_on(seen, problem.blocks) == summary["evaluations"] == summary["policy_evaluations"]
+    assert summary["baseline_evaluations"] == 0
+
+
 # ----- one policy for every budget --------------------------------------------------------
 def test_target_sampler_draws_every_target_and_passes_the_checks(tiny_problem):
     def make():

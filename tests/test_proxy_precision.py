@@ -114,7 +114,7 @@ def test_env_rewards_compare_plan_and_baseline_at_the_proxy_precision(bf16_probl
 
 
 def test_bad_or_conflicting_proxy_dtype_is_a_named_error(tiny_problem, tiny):
-    with pytest.raises(ConfigError, match=r"proxy_dtype must be one of float32, bfloat16, got 'float16'; float32 is the default"):
+    with pytest.raises(ConfigError, match=r"proxy_dtype must be one of float32, bfloat16, auto, got 'float16'; float32 is the default"):
         dataclasses.replace(tiny_problem, proxy_dtype="float16")
     with pytest.raises(ConfigError, match=r"proxy_dtype='bfloat16' differs from the given problem's proxy_dtype='float32'"):
         gym.make("WindQuant-v0", model=tiny_problem.model, problem=tiny_problem, proxy_dtype="bfloat16")
@@ -150,6 +150,47 @@ def test_a_bf16_proxy_on_a_cpu_without_bf16_units_warns(tiny_problem, monkeypatc
         warnings.simplefilter("error", RuntimeWarning)
         dataclasses.replace(tiny_problem, proxy_dtype="bfloat16")
         assert dataclasses.replace(tiny_problem, proxy_dtype=torch.float32).proxy_dtype == "float32"  # a dtype, by name
+
+
+@pytest.mark.parametrize("flags, onednn, expected", [
+    (("avx2", "avx512f", "avx512_bf16"), True, "bfloat16"),  # EPYC (Zen 4) / Cooper Lake
+    (("avx2", "avx512f", "amx_bf16", "amx_tile"), True, "bfloat16"),  # Sapphire Rapids
+    (("avx2", "avx512f"), True, "float32"),  # oneDNN would emulate bf16 here: no faster
+    (("avx2",), False, "float32"),
+])
+def test_auto_proxy_dtype_is_bf16_only_where_the_cpu_multiplies_bf16(tiny_problem, monkeypatch, flags, onednn, expected):
+    from windquant_gym.compute import kernel_choice, kernels
+
+    monkeypatch.setattr(kernel_choice, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(kernels, "_cpu_has_native_bf16", lambda: onednn)
+    assert kernels.resolve_proxy_dtype("auto", "cpu") == expected
+    assert kernels.resolve_proxy_dtype("float32", "cpu") == "float32"  # an explicit choice is kept
+    problem = dataclasses.replace(tiny_problem, proxy_dtype="auto")
+    assert problem.proxy_dtype == expected  # a problem holds the resolved name, which plans record
+    # the env accepts "auto" beside a problem whose precision it resolves to
+    env = gym.make("WindQuant-v0", model=problem.model, problem=problem, proxy_dtype="auto", target_bits=3.0)
+    env.close()
+
+
+def test_auto_proxy_dtype_is_resolved_when_the_problem_is_built(tiny, monkeypatch):
+    from windquant_gym.compute import kernels
+
+    monkeypatch.setattr(kernels, "has_native_bf16", lambda device: False)
+    model, tokenizer = tiny
+    problem = wq.QuantProblem.build(model, tokenizer, "wiki-sample", wq.QuantConfig(chunk_size=48), n_samples=2,
+                                    seq_len=32, proxy_dtype="auto", progress=False)
+    assert problem.proxy_dtype == problem.spec.proxy_dtype == "float32"
+
+
+def test_cpu_quick_preset_is_cpu_with_auto_proxy_fewer_episodes_and_a_short_summary():
+    from windquant_gym.agents.hyperparams import load_hyperparams, load_recipe
+
+    cpu, quick = load_hyperparams("cpu"), load_hyperparams("cpu-quick")
+    assert quick == {**cpu, "episodes": 160, "heldout_summary": "returned",
+                     "env_kwargs": {**cpu["env_kwargs"], "proxy_dtype": "auto"}}
+    assert load_recipe("cpu-quick").heldout_summary == "returned"
+    with pytest.raises(ConfigError, match=r"heldout_summary"):
+        load_recipe("cpu").replace(heldout_summary="some")
 
 
 def test_streamed_bf16_proxy_matches_whole_model_assembly(bf16_problem):

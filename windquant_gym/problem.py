@@ -20,7 +20,7 @@ from .cache import atomic_path, load_or_build, source_version
 from .calibration import Calibration, calibrate
 from .data import load_texts, sample_token_blocks, statistics_blocks, token_stream
 from .errors import ConfigError
-from .compute.kernels import check_proxy_dtype, proxy_precision, proxy_weight_dtype, warn_if_bf16_is_emulated
+from .compute.kernels import check_proxy_dtype, proxy_precision, proxy_weight_dtype, resolve_proxy_dtype, warn_if_bf16_is_emulated
 from .memory import check_memory, resolve_stream
 from .eval.divergence import DEFAULT_TOPK, TopKReference
 from .eval.perplexity import TokenLosses, mean_nll, token_losses, topk_reference
@@ -191,8 +191,10 @@ class QuantProblem:
     """Assemble one decoder layer at a time during the proxy pass (see :meth:`proxy_nll`)."""
     proxy_dtype: str = "float32"
     """Precision of the proxy pass: ``float32`` (default) or ``bfloat16`` (autocast: matrix
-    products in bf16; 1.4x faster on an AVX-512-bf16 CPU, same ranking of plans in
-    ``benchmarks/proxy_precision.py``). Held-out evaluation stays in the model's dtype."""
+    products in bf16; 1.4-1.6x faster on an AVX-512-bf16 CPU, same ranking of plans in
+    ``benchmarks/proxy_precision.py``); ``auto`` is resolved to one of them for the model's
+    device (:func:`~windquant_gym.compute.kernels.resolve_proxy_dtype`). Held-out evaluation
+    stays in the model's dtype."""
     spec: Optional[ProblemSpec] = None
     """How to rebuild this problem (set by :meth:`build`); plans made on it carry it."""
     reuse_prefix: bool = True
@@ -214,7 +216,7 @@ class QuantProblem:
     run; the baseline pass made with the calibration is not counted."""
 
     def __post_init__(self) -> None:
-        self.proxy_dtype = check_proxy_dtype(self.proxy_dtype)
+        self.proxy_dtype = resolve_proxy_dtype(self.proxy_dtype, next(self.model.parameters()).device)
         warn_if_bf16_is_emulated(next(self.model.parameters()).device, self.proxy_dtype)
         self.baseline_nll  # now, while the model holds its own weights (not a plan's)
 
@@ -253,7 +255,8 @@ class QuantProblem:
 
         ``model_name``: the :func:`~windquant_gym.load_model` name of ``model``, recorded in
         :attr:`spec` (with ``texts`` when it is a corpus name) so that plans can rebuild it."""
-        proxy_dtype = check_proxy_dtype(proxy_dtype)
+        first = next(model.parameters(), None) if isinstance(model, nn.Module) else None  # a bad model is named below
+        proxy_dtype = resolve_proxy_dtype(proxy_dtype, "cpu" if first is None else first.device)  # "auto": bf16 where native
         if not isinstance(config, QuantConfig):
             raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. QuantConfig(chunk_size=256).")
         if tokenizer is None:

@@ -138,6 +138,9 @@ def linear_kernels(device: torch.device | str, model: Optional[nn.Module] = None
 
 PROXY_DTYPES = ("float32", "bfloat16")
 """Precisions of the proxy pass; the first is the default (see :func:`proxy_precision`)."""
+AUTO_PROXY_DTYPE = "auto"
+"""Asks for bf16 where the device multiplies in bf16 natively, float32 elsewhere
+(:func:`resolve_proxy_dtype`); a problem always holds the resolved name."""
 
 
 def check_proxy_dtype(proxy_dtype) -> str:
@@ -147,11 +150,33 @@ def check_proxy_dtype(proxy_dtype) -> str:
         proxy_dtype = str(proxy_dtype).replace("torch.", "")
     if proxy_dtype not in PROXY_DTYPES:
         raise ConfigError(
-            f"proxy_dtype must be one of {', '.join(PROXY_DTYPES)}, got {proxy_dtype!r}; float32 is the default, "
-            "bfloat16 runs the proxy's matrix products in bf16 (faster where the hardware has bf16 units; PPL "
-            "within ~1%: benchmarks/proxy_precision.py)."
+            f"proxy_dtype must be one of {', '.join(PROXY_DTYPES + (AUTO_PROXY_DTYPE,))}, got {proxy_dtype!r}; float32 "
+            "is the default, bfloat16 runs the proxy's matrix products in bf16 (faster where the hardware has bf16 "
+            "units; PPL within ~1%: benchmarks/proxy_precision.py), auto picks bfloat16 where it does."
         )
     return proxy_dtype
+
+
+def has_native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bf16 in hardware: a CPU with avx512_bf16 or AMX, or a CUDA
+    GPU that supports bf16. (oneDNN's own bf16 check also accepts plain AVX-512, where bf16 is
+    emulated and no faster than float32, so the CPU's flags decide.)"""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    from .kernel_choice import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags())) and _cpu_has_native_bf16()
+
+
+def resolve_proxy_dtype(proxy_dtype, device: torch.device | str) -> str:
+    """``proxy_dtype`` checked, with ``"auto"`` resolved for ``device``: ``"bfloat16"`` where
+    :func:`has_native_bf16`, else ``"float32"``."""
+    if proxy_dtype == AUTO_PROXY_DTYPE:
+        return "bfloat16" if has_native_bf16(device) else "float32"
+    return check_proxy_dtype(proxy_dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,7 +13,7 @@ from gymnasium import spaces
 
 from ..errors import ConfigError
 from ..eval.divergence import check_proxy_metric
-from ..compute.kernels import check_proxy_dtype
+from ..compute.kernels import resolve_proxy_dtype
 from ..models.loading import load_model
 from ..problem import QuantProblem
 from ..quant.bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION, check_bits
@@ -123,7 +123,9 @@ class WindQuantEnv(gym.Env):
     * ``problem``: a prepared :class:`QuantProblem` to share between envs.
     * ``proxy_dtype``: precision of the proxy pass, ``"float32"`` (default) or
       ``"bfloat16"`` (bf16 autocast: 1.4x faster on a CPU with avx512_bf16; the proxy PPL
-      moves by < 1% and ranked 24 plans identically in ``benchmarks/proxy_precision.py``).
+      moves by < 1% and ranked 24 plans identically in ``benchmarks/proxy_precision.py``),
+      or ``"auto"``: bfloat16 where the device multiplies in bf16 natively (a CPU with
+      avx512_bf16 or AMX, a bf16 GPU), float32 elsewhere; ``info["proxy_dtype"]`` says which.
       The reward compares plan and baseline at the same precision.
     * ``proxy_metric``: what the episode-end reward measures the plan by. ``"nll"``
       (default, the paper): the proxy loss ``L_Q`` on the calibration blocks,
@@ -213,7 +215,7 @@ class WindQuantEnv(gym.Env):
                 seq_len=calibration_seq_len, seed=seed, cache=cache, progress=progress,
                 proxy_dtype="float32" if proxy_dtype is None else proxy_dtype, model_name=model_name,
             )
-        elif proxy_dtype is not None and check_proxy_dtype(proxy_dtype) != problem.proxy_dtype:
+        elif proxy_dtype is not None and resolve_proxy_dtype(proxy_dtype, next(problem.model.parameters()).device) != problem.proxy_dtype:
             raise ConfigError(
                 f"proxy_dtype={proxy_dtype!r} differs from the given problem's proxy_dtype={problem.proxy_dtype!r}; "
                 f"leave proxy_dtype out, or build the problem with QuantProblem.build(..., proxy_dtype={proxy_dtype!r})."
