@@ -50,6 +50,8 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     assert load_hyperparams("cpu-engine-rot-no-ppo") == {**rot, "ppo_updates": False}  # on the rotated one
     assert load_hyperparams("cpu-engine-rot-obs-no-ppo") == {**readme, "ppo_updates": False}  # and on the README's
     assert load_hyperparams("cpu-quick-no-ppo") == {**load_hyperparams("cpu-quick"), "ppo_updates": False}
+    quick = load_hyperparams("cpu-quick")
+    assert load_hyperparams("cpu-quick-fp32") == {**quick, "env_kwargs": {**quick["env_kwargs"], "proxy_dtype": "float32"}}
     assert load_hyperparams("cpu-bf16") == {**readme, "env_kwargs": {**readme["env_kwargs"], "proxy_dtype": "bfloat16"}}
     kv_teacher = load_hyperparams("cpu-kv-teacher")  # cpu-engine-both's recipe but for its teacher
     assert kv_teacher == {**both, "warm_start": {**both["warm_start"], "demonstrations": "calibrated-knapsack-kv"}}
