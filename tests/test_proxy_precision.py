@@ -140,8 +140,9 @@ def test_cpu_bf16_preset_sets_the_proxy_precision():
 
 
 def test_a_bf16_proxy_on_a_cpu_without_bf16_units_warns(tiny_problem, monkeypatch):
-    from windquant_gym.compute import kernels
+    from windquant_gym.compute import kernel_choice, kernels
 
+    monkeypatch.setattr(kernel_choice, "cpu_flags", lambda: ("avx2", "avx512f", "avx512_bf16"))
     monkeypatch.setattr(kernels, "_cpu_has_native_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match=r"without native bf16 support.*use proxy_dtype='float32'"):
         dataclasses.replace(tiny_problem, proxy_dtype="bfloat16")
@@ -150,6 +151,10 @@ def test_a_bf16_proxy_on_a_cpu_without_bf16_units_warns(tiny_problem, monkeypatc
         warnings.simplefilter("error", RuntimeWarning)
         dataclasses.replace(tiny_problem, proxy_dtype="bfloat16")
         assert dataclasses.replace(tiny_problem, proxy_dtype=torch.float32).proxy_dtype == "float32"  # a dtype, by name
+    # plain AVX-512: oneDNN accepts bf16 there, but emulates it; the flags decide, as for proxy_dtype="auto"
+    monkeypatch.setattr(kernel_choice, "cpu_flags", lambda: ("avx2", "avx512f"))
+    with pytest.warns(RuntimeWarning, match=r"without native bf16 support"):
+        dataclasses.replace(tiny_problem, proxy_dtype="bfloat16")
 
 
 @pytest.mark.parametrize("flags, onednn, expected", [

@@ -188,8 +188,9 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def warn_if_bf16_is_emulated(device: torch.device | str, proxy_dtype: str) -> None:
-    """A bf16 proxy on a CPU without native bf16 instructions is emulated, and slower."""
-    if proxy_dtype == "bfloat16" and torch.device(device).type == "cpu" and not _cpu_has_native_bf16():
+    """A bf16 proxy on a CPU without native bf16 instructions (:func:`has_native_bf16`) is
+    emulated, and slower."""
+    if proxy_dtype == "bfloat16" and torch.device(device).type == "cpu" and not has_native_bf16(device):
         warnings.warn(
             "proxy_dtype='bfloat16' on a CPU without native bf16 support: the proxy's products are emulated and "
             "likely slower than float32; use proxy_dtype='float32' (the default) here.",
