@@ -16,7 +16,7 @@ from ..plan import QuantPlan
 
 EPISODE_FIELDS = (
     "episode", "stage", "target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio",
-    "return", "lagrange_lambda", "fallbacks", "episode_seconds",
+    "return", "lagrange_lambda", "fallbacks", "episode_seconds", "proxy_blocks",
 )
 
 
@@ -31,6 +31,11 @@ class EpisodeRecorder(BaseCallback):
         self.problem = problem
         self.best: Dict[float, Dict] = {}
         self.episodes = 0
+        self.complete_episodes = 0
+        """Episodes measured on every proxy block (all of them unless the env races)."""
+        self.evaluations = 0.0
+        """Proxy passes training spent (full-pass equivalents): one per episode, fewer where the
+        env races (``race_blocks``), plus the racing env's per-block baseline pass (train.py)."""
         self.total_episodes = total_episodes
         self.bar = tqdm(total=total_episodes, desc="training", unit="episode", disable=not progress)
         self.csv_path = self.out_dir / "episodes.csv"
@@ -47,6 +52,8 @@ class EpisodeRecorder(BaseCallback):
 
     def _record(self, info: Dict) -> None:
         self.episodes += 1
+        self.evaluations += float(info.get("proxy_passes", 1.0))
+        self.complete_episodes += bool(info.get("proxy_complete", True))
         row = {k: info[k] for k in EPISODE_FIELDS if k in info}
         row["episode"] = self.episodes  # info["episode"] is Monitor's {"r", "l", "t"}
         row["stage"] = info.get("curriculum_stage", 0)
@@ -66,8 +73,11 @@ class EpisodeRecorder(BaseCallback):
     def consider(self, info: Dict, episode: int) -> bool:
         """Keep the measured plan of ``info`` (an episode's last ``info``) as its target's best
         if it is within budget and better by the env's proxy metric; episode 0 marks a plan
-        measured before training (the warm start's). Returns whether it was kept."""
+        measured before training (the warm start's). Only a measurement on every proxy block
+        counts (not a racing env's estimate from some of them). Returns whether it was kept."""
         target = info["target_bits"]
+        if not info.get("proxy_complete", True):
+            return False
         within = info["effective_bits"] <= target + BUDGET_TOLERANCE
         best = self.best.get(target)
         score = "proxy_kl" if info.get("proxy_metric") == "kl" else "proxy_ppl"  # what the env's reward measures
@@ -86,13 +96,15 @@ class EpisodeRecorder(BaseCallback):
         QuantPlan.from_problem(self.problem, actions, **best).save(self.out_dir / f"best_plan_{target:g}.json")
 
     def state_dict(self) -> Dict:
-        return {"episodes": self.episodes, "best": {str(k): v for k, v in self.best.items()}}
+        return {"episodes": self.episodes, "evaluations": self.evaluations, "complete_episodes": self.complete_episodes, "best": {str(k): v for k, v in self.best.items()}}
 
     def load_state_dict(self, state: Dict) -> None:
         """Restore after a resume. Whatever the run wrote after its checkpoint is undone:
         ``episodes.csv`` loses those episodes' rows (they are trained again) and the
         ``best_plan_<target>.json`` files are rewritten from the restored bests."""
         self.episodes = int(state["episodes"])
+        self.evaluations = float(state.get("evaluations", self.episodes))  # checkpoints before racing: 1 pass each
+        self.complete_episodes = int(state.get("complete_episodes", self.episodes))
         self.best = {float(k): v for k, v in state["best"].items()}
         with self.csv_path.open(newline="") as handle:
             rows = list(csv.reader(handle))

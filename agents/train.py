@@ -215,12 +215,16 @@ def train(args: TrainArgs) -> Dict[str, Any]:
     recorder = EpisodeRecorder(out, base.problem, recipe.episodes, progress=args.progress)
     for info in (warm_start or {}).pop("final_infos", {}).values():  # measured plans count as seen
         recorder.consider(info, episode=0)
+        if base.race is not None and info.get("proxy_complete", True):  # the bar a raced episode must come near
+            base.race.consider(info["target_bits"], info["ppl_ratio"])
     warm_start = _warm_start_record(out, warm_start, resumed=checkpoint is not None)
     callbacks = [recorder]
     if recipe.self_imitation:
         callbacks.append(SelfImitation(view, recorder, start_plans, seed=args.seed, **recipe.self_imitation.clone_settings()))
     if checkpoint is not None:
         recorder.load_state_dict(state["recorder"])
+    if base.race is not None:  # its per-block baseline pass (spent again on a resume)
+        recorder.evaluations += base.race.setup_passes
     checkpoints = ResumableCheckpoint(out / "checkpoints", recipe.checkpoint_every, env, recorder)
     setup_seconds = time.perf_counter() - started
     remaining = max(0, recipe.episodes - recorder.episodes)
@@ -360,6 +364,7 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
     metric = base.proxy_metric
     warm_start = warm_start or {}
     passes_before = problem.proxy_passes
+    base.race = None  # the final plans are measured on every block
     per_target = {}
     for target in targets:
         freeze(target)
@@ -371,7 +376,7 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
         chosen = min(candidates, key=lambda name: _score(candidates[name]))
         per_target[target] = {"candidates": candidates, "returned": chosen}
     # proxy passes that chose the policy's plans: the warm start's, one per training episode, the rollouts
-    policy_evaluations = warm_start.get("evaluations", 0) + recorder.episodes + (problem.proxy_passes - passes_before)
+    policy_evaluations = warm_start.get("evaluations", 0) + recorder.evaluations + (problem.proxy_passes - passes_before)
     for target, entry in per_target.items():
         candidates = entry["candidates"]
         for slug, info in (("policy_plan", candidates["policy"]), ("best_plan", candidates.get("best seen")),
@@ -436,6 +441,7 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
         "evaluations": policy_evaluations + baseline_evaluations,
         "policy_evaluations": policy_evaluations, "baseline_evaluations": baseline_evaluations,
         "training_episodes": recorder.episodes,
+        "training_evaluations": recorder.evaluations, "complete_episodes": recorder.complete_episodes,
         "ppo_updates": (recipe.ppo_updates is not False),
         "warm_start": warm_start or None,
         "heldout_tokens": int(held_out.numel()), "heldout_windows": int(len(held_out)),
@@ -497,6 +503,14 @@ def _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, po
     write_front(rows, out, meta)
 
 
+def _raced(summary: Dict[str, Any]) -> str:
+    episodes, complete = summary["training_episodes"], summary.get("complete_episodes", summary["training_episodes"])
+    if complete == episodes:
+        return ""
+    return (f" ({summary['training_evaluations']:.4g} passes with the per-block baseline: {complete} measured on every "
+            f"block, {episodes - complete} stopped after race_blocks)")
+
+
 def print_summary(summary: Dict[str, Any]) -> None:
     print(f"\nWindQuant-v0 on {summary['model']}: {summary['episodes']} episodes of {summary['n_units']} units, "
           f"target {summary['target_bits']} bits, {summary['train_seconds']:.0f} s training "
@@ -513,7 +527,7 @@ def print_summary(summary: Dict[str, Any]) -> None:
     if "policy_evaluations" in summary:
         print(f"proxy passes: {summary['policy_evaluations']:g} chose the policy's plans (warm start "
               f"{(summary.get('warm_start') or {}).get('evaluations', 0):g}, {summary['training_episodes']} training "
-              f"episodes, the final rollouts), {summary['baseline_evaluations']:g} measured the knapsack rows")
+              f"episodes{_raced(summary)}, the final rollouts), {summary['baseline_evaluations']:g} measured the knapsack rows")
     if summary.get("heldout_summary") == "returned":
         print(f"(held out: the returned plan and its reference only, heldout_summary: returned; the unquantized model and the "
               f"knapsack: windquant bench --preset {summary['preset']} --target-bits {summary['target_bits']:g} --allocators "

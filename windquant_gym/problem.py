@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,7 +24,7 @@ from .errors import ConfigError
 from .compute.kernels import check_proxy_dtype, proxy_precision, proxy_weight_dtype, resolve_proxy_dtype, warn_if_bf16_is_emulated
 from .memory import check_memory, resolve_stream
 from .eval.divergence import DEFAULT_TOPK, TopKReference
-from .eval.perplexity import TokenLosses, mean_nll, token_losses, topk_reference
+from .eval.perplexity import TokenLosses, block_nlls, mean_nll, token_losses, topk_reference
 from .eval.prefix_reuse import PrefixReuse
 from .fingerprint import tensors_fingerprint
 from .paths import cache_dir
@@ -32,6 +33,17 @@ from .quant.config import QuantConfig
 from .quant.build import build_table, describe_model
 from .quant.table import QuantTable
 from .quant.units import Unit, check_weights, find_units, module_names
+
+
+def check_block_rows(rows: Sequence[int], n_blocks: int) -> np.ndarray:
+    """``rows`` as sorted distinct block indices in ``[0, n_blocks)``, else a ConfigError."""
+    index = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1))
+    if index.size == 0 or index.size != np.asarray(rows).size or index[0] < 0 or index[-1] >= n_blocks:
+        raise ConfigError(
+            f"rows must be distinct indices of the {n_blocks} calibration blocks (0 ... {n_blocks - 1}), at least one, "
+            f"got {list(np.asarray(rows).reshape(-1))[:8]}; pass None to measure all of them."
+        )
+    return index
 
 
 CALIBRATION_FORMAT = 3
@@ -331,25 +343,59 @@ class QuantProblem:
         after. ``last_timing`` then holds the seconds spent assembling weights and the rest of
         the forward pass. With ``stream=True`` each decoder layer gets its quantized weights
         only while it runs (one layer's worth of extra memory) and the blocks go as one batch."""
+        with self.measuring(plan, kl=kl, progress=progress) as measure:
+            return measure()
+
+    @contextlib.contextmanager
+    def measuring(self, plan: Optional[Sequence[int]], kl: bool = False, progress: bool = False):
+        """``with problem.measuring(plan) as measure:`` applies ``plan`` once; each
+        ``measure(rows)`` is a pass over ``blocks[rows]`` (``None``: all of them) returning its
+        :class:`TokenLosses`, and counts ``len(rows) / len(blocks)`` proxy passes. Lets a
+        caller measure a few blocks first and the rest only if worth it (the env's
+        ``race_blocks``) without assembling the plan twice. Weights restored on exit."""
         reference = self.kl_reference() if kl else None  # before a plan is applied
-        self.proxy_passes += 1.0
         device = next(self.model.parameters()).device
         precision = proxy_precision(device, self.proxy_dtype)
+        n_blocks = len(self.blocks)
+
+        def measure_with(batch_size: int, reuse: bool):
+            def measure(rows: Optional[Sequence[int]] = None) -> TokenLosses:
+                index = None if rows is None else check_block_rows(rows, n_blocks)
+                blocks = self.blocks if index is None else self.blocks[torch.as_tensor(index, dtype=torch.long)]
+                rows_reference = None if reference is None else (reference if index is None else reference.rows(index))
+                self.proxy_passes += 1.0 if index is None else len(index) / n_blocks
+                size = len(blocks) if batch_size <= 0 else batch_size
+                with (self.prefix_reuse(plan, index, size) if reuse else contextlib.nullcontext()):
+                    return token_losses(self.model, blocks, size, rows_reference, progress=progress)
+            return measure
+
         if plan is None:
             with precision:
-                return token_losses(self.model, self.blocks, self.batch_size, reference, progress=progress)
+                yield measure_with(self.batch_size, reuse=False)
+            return
         assembler = self.assembler(per_layer=self.stream, proxy=True)
         started, assembled_before = time.perf_counter(), assembler.seconds
         if self.stream:
             with streamed_quantized_weights(self.model, self.table, plan, assembler), precision:
-                losses = token_losses(self.model, self.blocks, len(self.blocks), reference, progress=progress)
+                yield measure_with(0, reuse=False)  # the blocks as one batch
         else:
-            with quantized_weights(self.model, self.table, plan, assembler), precision, \
-                    self.prefix_reuse(plan, None, self.batch_size):
-                losses = token_losses(self.model, self.blocks, self.batch_size, reference, progress=progress)
+            with quantized_weights(self.model, self.table, plan, assembler), precision:
+                yield measure_with(self.batch_size, reuse=True)
         assemble = assembler.seconds - assembled_before
         self.last_timing = {"assemble_seconds": assemble, "forward_seconds": time.perf_counter() - started - assemble}
-        return losses
+
+    def baseline_block_nll(self) -> np.ndarray:
+        """``[n_blocks]`` the unquantized model's mean NLL on each calibration block, at the
+        proxy's precision (one pass, the first time; read it outside any
+        ``quantized_weights`` block; it counts in :attr:`proxy_passes`). Their mean is
+        :attr:`baseline_nll` up to rounding: what a pass over some of the blocks is compared with."""
+        key = ("blocks", self.proxy_dtype)
+        if key not in self._baseline_nll:
+            self.proxy_passes += 1.0
+            device = next(self.model.parameters()).device
+            with proxy_precision(device, self.proxy_dtype):
+                self._baseline_nll[key] = block_nlls(self.model, self.blocks, batch_size=self.batch_size).numpy()
+        return self._baseline_nll[key]
 
     def prefix_reuse(self, plan: Sequence[int], rows: Optional[Sequence[int]], batch_size: int):
         """Context for one proxy pass over ``blocks[rows]`` (None: all) with ``plan`` applied: the

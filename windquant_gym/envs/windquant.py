@@ -20,6 +20,7 @@ from ..quant.bitwidths import ACTION_BITS, N_ACTIONS, SKIP_ACTION, check_bits
 from ..quant.config import QuantConfig
 from .budget_price import BudgetPrice
 from .features import unit_features
+from .proxy_race import ProxyRace, check_race
 from .rewards import RewardConfig, final_reward, step_reward, update_lambda
 from .rules import PrecisionRules
 
@@ -103,7 +104,9 @@ class WindQuantEnv(gym.Env):
     ``proxy_metric`` (and with ``"kl"``, ``proxy_kl``), ``baseline_ppl``, ``ppl_ratio``,
     ``loss_increase``, ``fallbacks``,
     ``reward_terms``, ``lagrange_lambda``, ``episode_seconds`` (and of it ``assemble_seconds``,
-    ``forward_seconds``: the proxy evaluation's two parts).
+    ``forward_seconds``: the proxy evaluation's two parts), ``proxy_blocks`` (calibration
+    blocks measured), ``proxy_complete`` (all of them) and ``proxy_passes`` (full-pass
+    equivalents spent; 1.0 without ``race_blocks``).
 
     ## Arguments
 
@@ -111,7 +114,7 @@ class WindQuantEnv(gym.Env):
     target_bits=2.0, chunk_size=256, salient_rate=0.03, n_calibration_samples=64,
     calibration_seq_len=256, device="auto", reward_config=None, precision_rules=None,
     quant_config=None, seed=0, cache=True, progress=True, problem=None, proxy_dtype=None,
-    proxy_metric="nll")``
+    proxy_metric="nll", race_blocks=None, race_margin=0.01)``
 
     * ``model``: an ``nn.Module`` causal LM (then ``tokenizer`` is required) or a name for
       ``load_model`` (``"smollm2-135m"``, ``"tiny-llama"``, a local folder, a hub id). A
@@ -135,6 +138,15 @@ class WindQuantEnv(gym.Env):
       read as the excess loss over the reference: ``loss_increase = D / L_0`` and
       ``ppl_ratio = exp(D)``, so eq. 5's constants keep their meaning. Costs one extra pass
       of the unquantized model when the env is made; the episode's pass gives both numbers.
+    * ``race_blocks``: measure each episode's plan on this many random calibration blocks
+      first, and on the rest only when its perplexity ratio there is within ``1 +
+      race_margin`` of the best complete measurement at its target (or none exists yet)
+      (:mod:`~windquant_gym.envs.proxy_race`, after the search's multi-stage selection). An
+      incomplete episode's ``ppl_ratio`` and reward are the estimate from its blocks, against
+      the unquantized model's NLL on the same blocks (its ``proxy_ppl``: the proxy baseline
+      times that ratio), and ``info["proxy_complete"]`` is false; the best plan per target is always a complete measurement. ``None`` (default):
+      every block every episode. ``proxy_metric="nll"`` only; costs one unquantized pass
+      when the env is made (the per-block baseline).
 
     ## Version History
 
@@ -164,6 +176,9 @@ class WindQuantEnv(gym.Env):
       ``max(0, 1 - budget_pace)``), which :class:`ActionCostObservation` reads instead of
       deriving it again; ``target_bits`` accepts what :func:`~windquant_gym.quant.bitwidths.check_bits`
       accepts (any number in [1, 16], the one range check of the package).
+      Issue 21, racing (the default's rewards, observations and actions unchanged): opt-in
+      ``race_blocks`` / ``race_margin``; the terminal info's ``proxy_blocks``,
+      ``proxy_complete`` and ``proxy_passes``.
     """
 
     metadata = {"render_modes": []}
@@ -188,6 +203,8 @@ class WindQuantEnv(gym.Env):
         problem: Optional[QuantProblem] = None,
         proxy_dtype: Optional[str] = None,
         proxy_metric: str = "nll",
+        race_blocks: Optional[int] = None,
+        race_margin: float = 0.01,
     ):
         super().__init__()
         self.proxy_metric = check_proxy_metric(proxy_metric)
@@ -221,6 +238,9 @@ class WindQuantEnv(gym.Env):
                 f"leave proxy_dtype out, or build the problem with QuantProblem.build(..., proxy_dtype={proxy_dtype!r})."
             )
         self.problem = problem
+        check_race(race_blocks, race_margin, len(problem.blocks), self.proxy_metric)
+        self.race: Optional[ProxyRace] = None if race_blocks is None else ProxyRace(problem, race_blocks, race_margin)
+        """The episodes' racing measurement (``race_blocks``); ``None``: every block every episode."""
         if self.proxy_metric == "kl":
             problem.kl_reference()  # now, while the model holds its own weights
         self.table = problem.table
@@ -377,8 +397,15 @@ class WindQuantEnv(gym.Env):
 
     def _finish_episode(self) -> Dict[str, Any]:
         plan = self._plan.copy()
-        losses = self.problem.proxy_losses(plan, kl=self.proxy_metric == "kl")
-        nll, base_nll = losses.nll, self.problem.baseline_nll
+        if self.race is None:
+            losses = self.problem.proxy_losses(plan, kl=self.proxy_metric == "kl")
+            nll, base_nll = losses.nll, self.problem.baseline_nll
+            measured = {"proxy_blocks": len(self.problem.blocks), "proxy_complete": True, "proxy_passes": 1.0}
+        else:
+            raced = self.race.measure(plan, self.target_bits, self.np_random)
+            losses = None
+            nll, base_nll = raced.nll, raced.base_nll
+            measured = {"proxy_blocks": raced.blocks, "proxy_complete": raced.complete, "proxy_passes": raced.passes}
         proxy_ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
         if self.proxy_metric == "nll":
             ratio = proxy_ppl / math.exp(base_nll) if math.isfinite(proxy_ppl) else 1e12
@@ -409,7 +436,8 @@ class WindQuantEnv(gym.Env):
             "proxy_ppl": proxy_ppl,
             "proxy_dtype": self.problem.proxy_dtype,
             "proxy_metric": self.proxy_metric,
-            **({"proxy_kl": losses.kl} if losses.kl is not None else {}),
+            **({"proxy_kl": losses.kl} if losses is not None and losses.kl is not None else {}),
+            **measured,
             "baseline_ppl": math.exp(base_nll),
             "ppl_ratio": ratio,
             "loss_increase": loss_increase,
@@ -438,13 +466,18 @@ class WindQuantEnv(gym.Env):
     # ----- resumable state ----------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """What survives from one episode to the next (for resumable training)."""
-        return {"lagrange_lambda": self.lagrange_lambda, "episode_count": self.episode_count, "target_bits": self.target_bits}
+        state = {"lagrange_lambda": self.lagrange_lambda, "episode_count": self.episode_count, "target_bits": self.target_bits}
+        if self.race is not None:
+            state["race_best"] = self.race.state_dict()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; takes effect at the next reset."""
         self.lagrange_lambda = float(state["lagrange_lambda"])
         self.episode_count = int(state["episode_count"])
         self.set_target_bits(state["target_bits"])
+        if self.race is not None:
+            self.race.load_state_dict(state.get("race_best", {}))
 
     def close(self) -> None:
         # Nothing stays borrowed between episodes; drop the reusable weight buffers.
