@@ -135,6 +135,7 @@ def test_the_racing_env_passes_both_checkers_and_resumes(tiny_problem):
     ({"race_blocks": 2.5}, "leave it None"),
     ({"race_blocks": 2, "race_margin": -0.1}, "race_margin must be a number >= 0"),
     ({"race_blocks": 2, "race_margin": float("nan")}, "race_margin"),
+    ({"race_margin": -1}, "race_margin must be a number >= 0"),  # checked without race_blocks too
     ({"race_blocks": 2, "proxy_metric": "kl"}, "proxy_metric='nll' only"),
 ])
 def test_bad_race_settings_name_the_fix(tiny_problem, kwargs, match):

@@ -46,6 +46,8 @@ class RaceMeasurement:
 
 def check_race(race_blocks: Optional[int], race_margin: float, n_blocks: int, proxy_metric: str) -> None:
     """Raise a ConfigError naming the fix for an unusable ``race_blocks`` / ``race_margin``."""
+    if isinstance(race_margin, bool) or not isinstance(race_margin, numbers.Real) or not (0 <= race_margin < math.inf):
+        raise ConfigError(f"race_margin must be a number >= 0 (a relative perplexity margin, e.g. 0.01), got {race_margin!r}.")
     if race_blocks is None:
         return
     if isinstance(race_blocks, bool) or not isinstance(race_blocks, numbers.Integral) or not 1 <= race_blocks < n_blocks:
@@ -53,8 +55,6 @@ def check_race(race_blocks: Optional[int], race_margin: float, n_blocks: int, pr
             f"race_blocks must be an int from 1 to {n_blocks - 1} (blocks of the {n_blocks}-block proxy measured first), "
             f"got {race_blocks!r}; leave it None to measure every block every episode."
         )
-    if isinstance(race_margin, bool) or not isinstance(race_margin, numbers.Real) or not (0 <= race_margin < math.inf):
-        raise ConfigError(f"race_margin must be a number >= 0 (a relative perplexity margin, e.g. 0.01), got {race_margin!r}.")
     if proxy_metric != "nll":
         raise ConfigError(f"race_blocks works with proxy_metric='nll' only, got proxy_metric={proxy_metric!r}; drop one of them.")
 

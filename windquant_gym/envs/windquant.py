@@ -144,9 +144,10 @@ class WindQuantEnv(gym.Env):
       (:mod:`~windquant_gym.envs.proxy_race`, after the search's multi-stage selection). An
       incomplete episode's ``ppl_ratio`` and reward are the estimate from its blocks, against
       the unquantized model's NLL on the same blocks (its ``proxy_ppl``: the proxy baseline
-      times that ratio), and ``info["proxy_complete"]`` is false; the best plan per target is always a complete measurement. ``None`` (default):
-      every block every episode. ``proxy_metric="nll"`` only; costs one unquantized pass
-      when the env is made (the per-block baseline).
+      times that ratio), and ``info["proxy_complete"]`` is false; the bar a plan must come
+      near is always a complete measurement. ``None`` (default): every block every episode.
+      ``proxy_metric="nll"`` only; costs one unquantized pass when the env is made (the
+      per-block baseline).
 
     ## Version History
 
