@@ -3,6 +3,7 @@ when it may be its target's best; the best plan is always a measurement on every
 passes a run reports are the blocks that went through the model."""
 
 import itertools
+import json
 import math
 
 import gymnasium as gym
@@ -174,6 +175,16 @@ def test_a_racing_runs_proxy_passes_are_what_its_summary_says(tmp_path, monkeypa
     targets = len(set(hp["curriculum"]))
     spent = sum(b / n for b in blocks)
     assert summary["policy_evaluations"] == pytest.approx(summary["warm_start"]["evaluations"] + spent + targets + 1)  # + the per-block baseline
+    # the bench counts the policy's passes as the run spent them, not one per episode
+    from windquant_gym.harness.bench import main as bench_main
+
+    board = tmp_path / "bench" / "lb.json"
+    assert bench_main(["--model", "tiny-llama", "--preset", "smoke", "--target-bits", "2.0", "--allocators", "knapsack",
+                       "--eval-windows", "2", "--eval-seq-len", "32", "--policy", str(run / "final_model.zip"),
+                       "--json", str(board)]) == 0
+    rows = {r["allocator"]: r for r in json.loads(board.read_text())["episodes"]}
+    assert rows["MaskablePPO"]["evaluations"] == pytest.approx(summary["training_evaluations"] + summary["warm_start"]["evaluations"] + 1)
+    assert summary["training_evaluations"] == pytest.approx(spent + 1) != 6  # not one pass per episode (the old count)
     for target, best in summary["targets"].items():  # the returned plans: measured on every block
         plan = wq.plan.QuantPlan.load(run / f"returned_plan_{target}.json")
         assert plan.metrics["proxy_ppl"] == pytest.approx(math.exp(problem.proxy_nll(plan.actions)), rel=1e-5)

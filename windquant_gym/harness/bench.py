@@ -133,7 +133,8 @@ def _load_policy(path: str):
 def _policy_view(env, model, path: str):
     """``(env as the policy saw it in training, the policy as an allocator)``: its run folder's
     ``config.json`` names the observation (a policy saved elsewhere is taken to see the env's
-    own), its ``summary.json`` the proxy passes a warm start spent besides the episodes."""
+    own), its ``summary.json`` the proxy passes a warm start spent besides the episodes and
+    those the episodes spent."""
     import json
 
     from ..agents.policy_view import wrap_observation
@@ -142,7 +143,10 @@ def _policy_view(env, model, path: str):
     summary = Path(path).parent / "summary.json"
     allocator = as_allocator(model)
     if summary.exists():
-        allocator.extra_evaluations = float((json.loads(summary.read_text()).get("warm_start") or {}).get("evaluations", 0))
+        ran = json.loads(summary.read_text())
+        allocator.extra_evaluations = float((ran.get("warm_start") or {}).get("evaluations", 0))
+        if ran.get("training_evaluations") is not None:  # what the episodes really spent (racing: less than one each)
+            allocator.training_evaluations = float(ran["training_evaluations"])
     hp = json.loads(config.read_text())["hyperparams"] if config.exists() else {}
     view = wrap_observation(env, hp)
     expected, got = model.observation_space.shape, view.observation_space.shape

@@ -67,10 +67,14 @@ class _SB3Allocator:
         self.evaluations: Optional[float] = None
         self.extra_evaluations = 0.0
         """Proxy passes spent besides the training episodes (a measured warm start)."""
+        self.training_evaluations: Optional[float] = None
+        """Proxy passes the training episodes spent, where the run's summary says (a racing env,
+        ``race_blocks``, spends less than one per episode); else one per episode trained."""
 
     def begin_episode(self, env) -> None:
-        # every training episode measured one plan on the proxy; this episode measures one more
-        self.evaluations = self.model.num_timesteps / env.unwrapped.n_units + 1 + self.extra_evaluations
+        # the training episodes' passes (one each unless the run says otherwise); this episode measures one more
+        trained = self.model.num_timesteps / env.unwrapped.n_units if self.training_evaluations is None else self.training_evaluations
+        self.evaluations = trained + 1 + self.extra_evaluations
 
     def __call__(self, observation, action_mask) -> int:
         if self.masked:
