@@ -357,30 +357,27 @@ class QuantProblem:
         device = next(self.model.parameters()).device
         precision = proxy_precision(device, self.proxy_dtype)
         n_blocks = len(self.blocks)
+        streamed = plan is not None and self.stream  # the blocks go as one batch
+        reuse = plan is not None and not self.stream  # from the first layer the plan changed
 
-        def measure_with(batch_size: int, reuse: bool):
-            def measure(rows: Optional[Sequence[int]] = None) -> TokenLosses:
-                index = None if rows is None else check_block_rows(rows, n_blocks)
-                blocks = self.blocks if index is None else self.blocks[torch.as_tensor(index, dtype=torch.long)]
-                rows_reference = None if reference is None else (reference if index is None else reference.rows(index))
-                self.proxy_passes += 1.0 if index is None else len(index) / n_blocks
-                size = len(blocks) if batch_size <= 0 else batch_size
-                with (self.prefix_reuse(plan, index, size) if reuse else contextlib.nullcontext()):
-                    return token_losses(self.model, blocks, size, rows_reference, progress=progress)
-            return measure
+        def measure(rows: Optional[Sequence[int]] = None) -> TokenLosses:
+            index = None if rows is None else check_block_rows(rows, n_blocks)
+            blocks = self.blocks if index is None else self.blocks[torch.as_tensor(index, dtype=torch.long)]
+            rows_reference = None if reference is None else (reference if index is None else reference.rows(index))
+            self.proxy_passes += 1.0 if index is None else len(index) / n_blocks
+            size = len(blocks) if streamed else self.batch_size
+            with (self.prefix_reuse(plan, index, size) if reuse else contextlib.nullcontext()):
+                return token_losses(self.model, blocks, size, rows_reference, progress=progress)
 
         if plan is None:
             with precision:
-                yield measure_with(self.batch_size, reuse=False)
+                yield measure
             return
         assembler = self.assembler(per_layer=self.stream, proxy=True)
         started, assembled_before = time.perf_counter(), assembler.seconds
-        if self.stream:
-            with streamed_quantized_weights(self.model, self.table, plan, assembler), precision:
-                yield measure_with(0, reuse=False)  # the blocks as one batch
-        else:
-            with quantized_weights(self.model, self.table, plan, assembler), precision:
-                yield measure_with(self.batch_size, reuse=True)
+        weights = (streamed_quantized_weights if self.stream else quantized_weights)(self.model, self.table, plan, assembler)
+        with weights, precision:
+            yield measure
         assemble = assembler.seconds - assembled_before
         self.last_timing = {"assemble_seconds": assemble, "forward_seconds": time.perf_counter() - started - assemble}
 
