@@ -27,7 +27,8 @@ import numpy as np
 
 from windquant_gym.eval.bootstrap import paired_bootstrap
 
-SEARCH = "search-nll (from calibrated-knapsack)"
+SEARCH_PREFIX = "search-nll (from "
+RULES = ("calibrated-knapsack-kv",)
 
 
 def _run_of(plan_file: str) -> Tuple[str, int]:
@@ -39,8 +40,10 @@ def _run_of(plan_file: str) -> Tuple[str, int]:
     return kind, int(match.group(2))
 
 
-def read(replays: List[Path], searches: List[Path]):
-    """``{target: {(kind, seed): windows}}`` and the unquantized windows (checked equal)."""
+def read(replays: List[Path], searches: List[Path], search_start: str = "calibrated-knapsack"):
+    """``{target: {(kind, seed): windows}}`` and the unquantized windows (checked equal). The search
+    from ``search_start`` is kind ``search`` (each run is compared with it); a search from another
+    start is a kind of its own, ``search (from START)``."""
     table: Dict[float, Dict[Tuple[str, int], np.ndarray]] = {}
     reference = None
     for path in [*replays, *searches]:
@@ -60,10 +63,13 @@ def read(replays: List[Path], searches: List[Path]):
                 if not row["allocator"].startswith("plan:"):
                     continue
                 key = _run_of(row["plan_file"])
-            elif row["allocator"] == SEARCH:
-                key = ("search", int(row["seed"]))
+            elif row["allocator"].startswith(SEARCH_PREFIX):
+                start = row["allocator"][len(SEARCH_PREFIX):].rstrip(")")
+                key = ("search" if start == search_start else f"search (from {start})", int(row["seed"]))
             elif row["allocator"] == "calibrated-knapsack":
                 key = ("calibrated-knapsack", 0)
+            elif row["allocator"] in RULES:  # another rule measured beside it, e.g. the key-and-value teacher
+                key = (row["allocator"], 0)
             else:
                 continue
             table.setdefault(target, {})[key] = windows
@@ -82,16 +88,20 @@ def main(argv=None) -> int:
     parser.add_argument("--main", default="cpu", help="the run every other is compared with, seed by seed (a folder "
                         "kind, e.g. cpu-no-action-costs for the runs made under that name)")
     parser.add_argument("--control", default="cpu-no-ppo", help="the main run's PPO-off control (a folder kind)")
+    parser.add_argument("--search-start", default="calibrated-knapsack",
+                        help="the start of the search each run is compared with (`windquant bench --search-start`)")
     ns = parser.parse_args(argv)
-    table, _ = read(ns.replay, ns.search)
+    table, _ = read(ns.replay, ns.search, ns.search_start)
     out = []
-    print("| target | run | seeds: held-out PPL | median | vs calibrated knapsack, per seed | vs search (same seed) "
+    search_name = "search" if ns.search_start == "calibrated-knapsack" else f"search from {ns.search_start}"
+    print(f"| target | run | seeds: held-out PPL | median | vs calibrated knapsack, per seed | vs {search_name} (same seed) "
           f"| vs PPO-off control (same seed) | vs `{ns.main}` (same seed) |")
     print("|---|---|---|---|---|---|---|---|")
     for target in sorted(table):
         rows = table[target]
         teacher = rows.get(("calibrated-knapsack", 0))
         kinds = sorted({k for k, _ in rows if k != "calibrated-knapsack"}, key=lambda k: (k != ns.main, k))
+        searches = {k for k in kinds if k.startswith("search")}
         if teacher is not None:
             print(f"| {target:g} | calibrated-knapsack | {ppl(teacher):.2f} | {ppl(teacher):.2f} | | | | |")
         for kind in kinds:
@@ -103,7 +113,7 @@ def main(argv=None) -> int:
                 for name, other in (("vs_teacher", ("calibrated-knapsack", 0)), ("vs_search", ("search", s)),
                                     ("vs_control", (ns.control, s)), ("vs_cpu", (ns.main, s))):
                     if other not in rows or other[0] == kind or (name == "vs_control" and kind != ns.main) \
-                            or (name == "vs_search" and kind == "search") or (name == "vs_cpu" and kind == "search"):
+                            or (name in ("vs_search", "vs_cpu") and kind in searches):
                         continue
                     change = paired_bootstrap(rows[other], mine, seed=0)
                     cells[name].append((s, change))

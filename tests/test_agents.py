@@ -52,6 +52,10 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     assert load_hyperparams("cpu-quick-no-ppo") == {**load_hyperparams("cpu-quick"), "ppo_updates": False}
     quick = load_hyperparams("cpu-quick")
     assert load_hyperparams("cpu-quick-fp32") == {**quick, "env_kwargs": {**quick["env_kwargs"], "proxy_dtype": "float32"}}
+    # cpu-quick with the key-and-value teacher, and its control: nothing else differs
+    quick_kv = load_hyperparams("cpu-quick-kv")
+    assert quick_kv == {**quick, "warm_start": {**quick["warm_start"], "demonstrations": "calibrated-knapsack-kv"}}
+    assert load_hyperparams("cpu-quick-kv-no-ppo") == {**quick_kv, "ppo_updates": False}
     assert load_hyperparams("cpu-bf16") == {**readme, "env_kwargs": {**readme["env_kwargs"], "proxy_dtype": "bfloat16"}}
     kv_teacher = load_hyperparams("cpu-kv-teacher")  # cpu-engine-both's recipe but for its teacher
     assert kv_teacher == {**both, "warm_start": {**both["warm_start"], "demonstrations": "calibrated-knapsack-kv"}}

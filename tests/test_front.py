@@ -352,3 +352,42 @@ def test_paired_script_matches_rows_by_storage_bits(tmp_path, capsys):
     assert "against its 3-bit row" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="storage-tolerance"):
         paired.main([str(outliers), "--reference", "knapsack", "--match", "storage", "--storage-tolerance", "-1"])
+
+
+def test_seed_table_compares_each_run_with_the_search_from_the_chosen_start(tmp_path, capsys):
+    """benchmarks/seed_table.py --search-start: the search from that start is the one each run is paired
+    with, seed by seed; a search from another start stays a row of its own, never mixed into "search"."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_table.py"
+    spec = importlib.util.spec_from_file_location("seed_table_script", script)
+    seed_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed_table)
+    base = np.random.default_rng(2).normal(4.0, 0.3, 40)
+
+    def row(allocator, shift, **extra):
+        return {"allocator": allocator, "target_bits": 2.0, "heldout_window_nll": (base + shift).tolist(), **extra}
+
+    unquantized = {"allocator": "unquantized", "target_bits": None, "heldout_window_nll": (base - 1).tolist()}
+    replay = tmp_path / "replay.json"
+    replay.write_text(json.dumps({"episodes": [unquantized, row("calibrated-knapsack", 0.3),  # a replay's rules are skipped
+                                               row("plan:returned_plan_2.json", 0.1, plan_file="runs/quick-kv_s0/returned_plan_2.json")]}))
+    searches = []
+    for start, shift in (("calibrated-knapsack", 0.0), ("calibrated-knapsack-kv", 0.2)):
+        path = tmp_path / f"search_{start}.json"
+        path.write_text(json.dumps({"episodes": [unquantized, row("calibrated-knapsack", 0.3), row("calibrated-knapsack-kv", 0.25),
+                                                 row(f"search-nll (from {start})", shift, seed=0)]}))
+        searches.append(path)
+    table, _ = seed_table.read([replay], searches, "calibrated-knapsack-kv")
+    assert set(table[2.0]) == {("calibrated-knapsack", 0), ("calibrated-knapsack-kv", 0), ("quick-kv", 0), ("search", 0),
+                               ("search (from calibrated-knapsack)", 0)}
+    assert np.allclose(table[2.0][("search", 0)], base + 0.2)  # the search from the chosen start
+    out = tmp_path / "table.json"
+    assert seed_table.main(["--replay", str(replay), "--search", *map(str, searches), "--main", "quick-kv",
+                            "--search-start", "calibrated-knapsack-kv", "--json", str(out)]) == 0
+    assert "vs search from calibrated-knapsack-kv (same seed)" in capsys.readouterr().out
+    rows = {r["run"]: r for r in json.loads(out.read_text())["rows"]}
+    (vs_search,) = rows["quick-kv"]["vs_search"]
+    assert vs_search["change"] == pytest.approx(math.exp(-0.1) - 1)  # the run 0.1 nats below the search from its start
+    assert rows["search (from calibrated-knapsack)"]["vs_search"] == []  # searches are not paired with each other
