@@ -32,6 +32,7 @@ REWARD_KINDS = ("eq5", "proxy-loss")
 DEMONSTRATIONS = ("knapsack", *CALIBRATED_KNAPSACKS)
 LR_SCHEDULES = ("constant", "linear")
 HELDOUT_SUMMARIES = ("full", "returned")
+ADVANTAGES = ("gae", "episode-baseline")
 
 
 def _refuse_unknown(section: str, given: Mapping[str, Any], known) -> None:
@@ -201,6 +202,10 @@ class Recipe(_Section):
     """Episodes per PPO rollout (default 1)."""
     ppo_updates: Optional[bool] = None
     """false: PPO's learning rate 0, the control that isolates its gradient (default true)."""
+    advantage: Optional[str] = None
+    """``gae`` (default: SB3's, from the critic) or ``episode-baseline``: every step of an episode
+    gets the episode's return minus the mean of the rollout's other episodes at its target
+    (leave-one-out; :mod:`.episode_baseline`)."""
     # ----- length and targets -----
     episodes: int = 100
     curriculum: Tuple[float, ...] = (3.0, 2.5, 2.0, 2.0)
@@ -251,6 +256,8 @@ class Recipe(_Section):
         for name in ("shared_trunk", "ppo_updates", "front", "normalize_observation"):
             if getattr(self, name) is not None:
                 _flag("", name, getattr(self, name))
+        if self.advantage is not None:
+            _choice("", "advantage", self.advantage, ADVANTAGES)
         if self.heldout_summary is not None:
             _choice("", "heldout_summary", self.heldout_summary, HELDOUT_SUMMARIES)
         if self.lr_schedule is not None:

@@ -53,6 +53,7 @@ from .hyperparams import load_hyperparams, merge_hyperparams
 from .recipe import Recipe, as_recipe
 from .imitation import behaviour_clone, collect_demonstrations
 from .policy import WindQuantPolicy
+from .episode_baseline import EpisodeBaseline
 from .self_imitation import SelfImitation
 from .policy_view import policy_view
 
@@ -219,6 +220,8 @@ def train(args: TrainArgs) -> Dict[str, Any]:
             base.race.consider(info["target_bits"], info["ppl_ratio"])
     warm_start = _warm_start_record(out, warm_start, resumed=checkpoint is not None)
     callbacks = [recorder]
+    if recipe.advantage == "episode-baseline":
+        callbacks.append(EpisodeBaseline())
     if recipe.self_imitation:
         callbacks.append(SelfImitation(view, recorder, start_plans, seed=args.seed, **recipe.self_imitation.clone_settings()))
     if checkpoint is not None:

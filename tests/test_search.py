@@ -227,7 +227,7 @@ def test_a_budget_run_returns_the_longer_runs_snapshot(tiny_problem, n_blocks):
 
 # ----- weights are borrowed, never kept ------------------------------------------------------
 def test_search_gives_the_weights_back_also_when_interrupted(tiny_problem, monkeypatch):
-    import windquant_gym.allocators.fitness as fitness_module
+    import windquant_gym.problem as problem_module  # where every proxy pass runs
 
     env = make_env(tiny_problem, 2.0)
     start = KnapsackAllocator().make_plan(env)
@@ -236,7 +236,7 @@ def test_search_gives_the_weights_back_also_when_interrupted(tiny_problem, monke
            SearchConfig(evaluations=6, fitness="kl", **SMALL), seed=0)
     assert_bitwise_equal(tiny_problem.model, before)
     calls = []
-    real = fitness_module.token_losses
+    real = problem_module.token_losses
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -244,7 +244,7 @@ def test_search_gives_the_weights_back_also_when_interrupted(tiny_problem, monke
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fitness_module, "token_losses", interrupted)
+    monkeypatch.setattr(problem_module, "token_losses", interrupted)
     with pytest.raises(KeyboardInterrupt):
         evolve(start, ProxyFitness(tiny_problem, "nll"), env.table.unit_effective_bits, env.rule_mask, env.budget_bits,
                SearchConfig(evaluations=10, **SMALL), seed=0)

@@ -356,18 +356,9 @@ class QuantProblem:
         reference = self.kl_reference() if kl else None  # before a plan is applied
         device = next(self.model.parameters()).device
         precision = proxy_precision(device, self.proxy_dtype)
-        n_blocks = len(self.blocks)
-        streamed = plan is not None and self.stream  # the blocks go as one batch
-        reuse = plan is not None and not self.stream  # from the first layer the plan changed
 
         def measure(rows: Optional[Sequence[int]] = None) -> TokenLosses:
-            index = None if rows is None else check_block_rows(rows, n_blocks)
-            blocks = self.blocks if index is None else self.blocks[torch.as_tensor(index, dtype=torch.long)]
-            rows_reference = None if reference is None else (reference if index is None else reference.rows(index))
-            self.proxy_passes += 1.0 if index is None else len(index) / n_blocks
-            size = len(blocks) if streamed else self.batch_size
-            with (self.prefix_reuse(plan, index, size) if reuse else contextlib.nullcontext()):
-                return token_losses(self.model, blocks, size, rows_reference, progress=progress)
+            return self.forward_pass(plan, rows, reference=reference, progress=progress)
 
         if plan is None:
             with precision:
@@ -380,6 +371,29 @@ class QuantProblem:
             yield measure
         assemble = assembler.seconds - assembled_before
         self.last_timing = {"assemble_seconds": assemble, "forward_seconds": time.perf_counter() - started - assemble}
+
+    def forward_pass(self, plan: Optional[Sequence[int]], rows: Optional[Sequence[int]] = None,
+                     blocks: Optional[torch.Tensor] = None, reference: Optional[TopKReference] = None,
+                     progress: bool = False) -> TokenLosses:
+        """One pass over ``blocks[rows]`` (``blocks``: the proxy's own by default; ``rows``:
+        ``None`` for all) with the weights the model holds now, which must be ``plan``'s
+        (``None``: its own). The one place a pass is counted: it adds its tokens over the
+        proxy's to :attr:`proxy_passes`. ``reference`` is the KL reference on all of ``blocks``
+        (its ``rows`` are taken here). On the proxy's own blocks with a plan applied, the layers
+        in front of the first one the plan changed are looked up (:meth:`prefix_reuse`); a
+        streamed problem sends the blocks as one batch, as its weights are assembled per layer."""
+        own = blocks is None or blocks is self.blocks
+        blocks = self.blocks if blocks is None else blocks
+        index = None if rows is None else check_block_rows(rows, len(blocks))
+        if index is not None:
+            blocks = blocks[torch.as_tensor(index, dtype=torch.long)]
+            reference = None if reference is None else reference.rows(index)
+        self.proxy_passes += blocks.numel() / self.blocks.numel()
+        streamed = plan is not None and self.stream
+        size = len(blocks) if streamed else self.batch_size
+        reuse = own and plan is not None and not self.stream
+        with (self.prefix_reuse(plan, index, size) if reuse else contextlib.nullcontext()):
+            return token_losses(self.model, blocks, size, reference, progress=progress)
 
     def baseline_block_nll(self) -> np.ndarray:
         """``[n_blocks]`` the unquantized model's mean NLL on each calibration block, at the

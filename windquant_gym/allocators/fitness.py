@@ -20,7 +20,6 @@ import torch
 from ..errors import DataError
 from ..eval.divergence import PROXY_METRICS, check_proxy_metric
 from ..compute.kernels import proxy_precision
-from ..eval.perplexity import token_losses
 from ..quant.apply import quantized_weights, streamed_quantized_weights
 
 FITNESS_METRICS = PROXY_METRICS
@@ -75,25 +74,21 @@ class ProxyFitness:
         precision = proxy_precision(next(model.parameters()).device, problem.proxy_dtype)
         unit_module = np.array([u.module for u in problem.units], dtype=object)
 
-        def measure(rows: Optional[np.ndarray], batch_size: int) -> float:
-            blocks = self.blocks if rows is None else self.blocks[torch.as_tensor(rows, dtype=torch.long)]
-            rows_reference = None if reference is None else (reference if rows is None else reference.rows(rows))
-            self.tokens += blocks.numel()
-            problem.proxy_passes += blocks.numel() / self._proxy_tokens
-            if self.blocks is not problem.blocks or problem.stream:
-                return pick(token_losses(model, blocks, batch_size, rows_reference))
-            with problem.prefix_reuse(loaded, rows, batch_size):  # from the first layer the plan changed
-                return pick(token_losses(model, blocks, batch_size, rows_reference))
+        own = self.blocks is problem.blocks
 
-        def pick(losses) -> float:
+        def measure(rows: Optional[np.ndarray], plan: Optional[np.ndarray]) -> float:
+            # the problem's pass counts the proxy passes and reuses the prefix where it can
+            losses = problem.forward_pass(plan, rows, blocks=None if own else self.blocks, reference=reference)
+            self.tokens += self.blocks.shape[1] * (self.n_blocks if rows is None else len(rows))
             return losses.kl if self.metric == "kl" else losses.nll
 
         if problem.stream:  # large models: each layer's weights assembled anew as it runs, every measurement
             assembler = problem.assembler(per_layer=True, proxy=True)
 
             def evaluate(plan, rows=None):
+                plan = np.asarray(plan, dtype=np.int64)
                 with streamed_quantized_weights(model, table, plan, assembler), precision:
-                    return measure(rows, len(self.blocks))
+                    return measure(rows, plan)
             yield evaluate
             return
 
@@ -107,7 +102,7 @@ class ProxyFitness:
                     with torch.no_grad():
                         assembler.assemble(plan, sorted(set(unit_module[changed])))
                     loaded[:] = plan
-                return measure(rows, problem.batch_size)
+                return measure(rows, loaded)
             yield evaluate
 
 
