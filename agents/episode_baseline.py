@@ -4,10 +4,11 @@ the episode's return minus the mean return of the rollout's other episodes at th
 division by the spread, which PPO's per-minibatch normalisation does anyway).
 
 Why: on the README preset the critic explains none of the return's variance (its explained
-variance was below 0 in every one of the 39 updates of a cold `cpu-quick-kv` run:
-benchmarks/RESULTS.md, "Episode-level advantages"), so the per-step GAE advantages it gives
-are mostly its own error. Episodes of one rollout at one target are alike but for the policy's
-sampled choices, so their returns compared with each other say which choices paid.
+variance was below 0 in every one of the 39 updates of a cold `cpu-quick-kv` run), so the
+per-step GAE advantages it gives are mostly its own error. Episodes of one rollout at one target
+are alike but for the policy's sampled choices, so their returns compared with each other say
+which choices paid. Measured (benchmarks/RESULTS.md, "On a 2-core Xeon with AMX"): against GAE
+over 3 seeds, no effect shown; an opt-in ablation (``cpu-quick-kv-episode-baseline``).
 
 A plain SB3 callback: ``on_rollout_end`` runs after the rollout buffer's
 ``compute_returns_and_advantage`` and before the update, so it overwrites

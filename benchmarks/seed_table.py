@@ -59,10 +59,10 @@ def read(replays: List[Path], searches: List[Path], search_start: str = "calibra
                 reference = windows
                 continue
             target = float(row["target_bits"])
-            if path in replays:
-                if not row["allocator"].startswith("plan:"):
-                    continue
+            if path in replays and row["allocator"].startswith("plan:"):
                 key = _run_of(row["plan_file"])
+            elif path in replays and row["allocator"] not in ("calibrated-knapsack", *RULES):
+                continue  # a replay's reference rows count (a search file's, read later, replace them)
             elif row["allocator"].startswith(SEARCH_PREFIX):
                 start = row["allocator"][len(SEARCH_PREFIX):].rstrip(")")
                 key = ("search" if start == search_start else f"search (from {start})", int(row["seed"]))
@@ -83,7 +83,7 @@ def ppl(windows: np.ndarray) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replay", nargs="+", type=Path, required=True)
-    parser.add_argument("--search", nargs="+", type=Path, required=True)
+    parser.add_argument("--search", nargs="*", type=Path, default=[])
     parser.add_argument("--json", type=Path, help="write the table here too")
     parser.add_argument("--main", default="cpu", help="the run every other is compared with, seed by seed (a folder "
                         "kind, e.g. cpu-no-action-costs for the runs made under that name)")

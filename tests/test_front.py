@@ -371,7 +371,7 @@ def test_seed_table_compares_each_run_with_the_search_from_the_chosen_start(tmp_
 
     unquantized = {"allocator": "unquantized", "target_bits": None, "heldout_window_nll": (base - 1).tolist()}
     replay = tmp_path / "replay.json"
-    replay.write_text(json.dumps({"episodes": [unquantized, row("calibrated-knapsack", 0.3),  # a replay's rules are skipped
+    replay.write_text(json.dumps({"episodes": [unquantized, row("calibrated-knapsack", 0.35), row("knapsack", 0.9),
                                                row("plan:returned_plan_2.json", 0.1, plan_file="runs/quick-kv_s0/returned_plan_2.json")]}))
     searches = []
     for start, shift in (("calibrated-knapsack", 0.0), ("calibrated-knapsack-kv", 0.2)):
@@ -383,6 +383,10 @@ def test_seed_table_compares_each_run_with_the_search_from_the_chosen_start(tmp_
     assert set(table[2.0]) == {("calibrated-knapsack", 0), ("calibrated-knapsack-kv", 0), ("quick-kv", 0), ("search", 0),
                                ("search (from calibrated-knapsack)", 0)}
     assert np.allclose(table[2.0][("search", 0)], base + 0.2)  # the search from the chosen start
+    assert np.allclose(table[2.0][("calibrated-knapsack", 0)], base + 0.3)  # a search file's reference replaces a replay's
+    alone, _ = seed_table.read([replay], [])  # replays alone: their own reference rows count (the plain knapsack's not)
+    assert set(alone[2.0]) == {("calibrated-knapsack", 0), ("quick-kv", 0)}
+    assert np.allclose(alone[2.0][("calibrated-knapsack", 0)], base + 0.35)
     out = tmp_path / "table.json"
     assert seed_table.main(["--replay", str(replay), "--search", *map(str, searches), "--main", "quick-kv",
                             "--search-start", "calibrated-knapsack-kv", "--json", str(out)]) == 0
