@@ -377,8 +377,9 @@ class QuantProblem:
                      progress: bool = False) -> TokenLosses:
         """One pass over ``blocks[rows]`` (``blocks``: the proxy's own by default; ``rows``:
         ``None`` for all) with the weights the model holds now, which must be ``plan``'s
-        (``None``: its own). The one place a pass is counted: it adds its tokens over the
-        proxy's to :attr:`proxy_passes`. ``reference`` is the KL reference on all of ``blocks``
+        (``None``: its own). Every measurement of a plan (:meth:`measuring`, the search's
+        :class:`~windquant_gym.allocators.fitness.ProxyFitness`) runs and is counted here: it adds
+        its tokens over the proxy's to :attr:`proxy_passes`. ``reference`` is the KL reference on all of ``blocks``
         (its ``rows`` are taken here). On the proxy's own blocks with a plan applied, the layers
         in front of the first one the plan changed are looked up (:meth:`prefix_reuse`); a
         streamed problem sends the blocks as one batch, as its weights are assembled per layer."""
