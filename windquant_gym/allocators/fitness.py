@@ -74,11 +74,9 @@ class ProxyFitness:
         precision = proxy_precision(next(model.parameters()).device, problem.proxy_dtype)
         unit_module = np.array([u.module for u in problem.units], dtype=object)
 
-        own = self.blocks is problem.blocks
-
-        def measure(rows: Optional[np.ndarray], plan: Optional[np.ndarray]) -> float:
+        def measure(rows: Optional[np.ndarray], plan: Sequence[int]) -> float:
             # the problem's pass counts the proxy passes and reuses the prefix where it can
-            losses = problem.forward_pass(plan, rows, blocks=None if own else self.blocks, reference=reference)
+            losses = problem.forward_pass(plan, rows, blocks=self.blocks, reference=reference)
             self.tokens += self.blocks.shape[1] * (self.n_blocks if rows is None else len(rows))
             return losses.kl if self.metric == "kl" else losses.nll
 
@@ -86,7 +84,6 @@ class ProxyFitness:
             assembler = problem.assembler(per_layer=True, proxy=True)
 
             def evaluate(plan, rows=None):
-                plan = np.asarray(plan, dtype=np.int64)
                 with streamed_quantized_weights(model, table, plan, assembler), precision:
                     return measure(rows, plan)
             yield evaluate
