@@ -6,13 +6,14 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm.auto import tqdm
 
 from ..envs.windquant import BUDGET_TOLERANCE
 from ..plan import QuantPlan
+from .selection import top_plans
 
 EPISODE_FIELDS = (
     "episode", "stage", "target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio",
@@ -25,11 +26,15 @@ class EpisodeRecorder(BaseCallback):
     plan (lowest proxy perplexity within budget, or lowest KL for ``proxy_metric="kl"``) per
     target in ``best_plan_<target>.json``."""
 
-    def __init__(self, out_dir: Path, problem, total_episodes: int, progress: bool = True):
+    def __init__(self, out_dir: Path, problem, total_episodes: int, progress: bool = True, keep: int = 1):
         super().__init__()
         self.out_dir = Path(out_dir)
         self.problem = problem
         self.best: Dict[float, Dict] = {}
+        self.keep = keep
+        self.top: Dict[float, List[Dict]] = {}
+        """Per target, the ``keep`` best distinct plans measured (best first): what a choice on
+        the validation split (:mod:`.selection`) chooses among."""
         self.episodes = 0
         self.complete_episodes = 0
         """Episodes measured on every proxy block (all of them unless the env races)."""
@@ -81,12 +86,17 @@ class EpisodeRecorder(BaseCallback):
         within = info["effective_bits"] <= target + BUDGET_TOLERANCE
         best = self.best.get(target)
         score = "proxy_kl" if info.get("proxy_metric") == "kl" else "proxy_ppl"  # what the env's reward measures
-        if not within or (best is not None and info[score] >= best.get(score, float("inf"))):
+        if not within:
             return False
         metrics = {k: info[k] for k in ("target_bits", "effective_bits", "storage_bits", "proxy_ppl", "ppl_ratio", "proxy_dtype",
                                              "proxy_metric", "proxy_kl")
                    if k in info}
-        self.best[target] = {**metrics, "episode": episode, "plan": list(info["plan"])}
+        entry = {**metrics, "episode": episode, "plan": list(info["plan"])}
+        if self.keep > 1:
+            self.top[target] = top_plans(self.top.get(target, []), entry, self.keep, score)
+        if best is not None and info[score] >= best.get(score, float("inf")):
+            return False
+        self.best[target] = entry
         self._save_best(target)
         return True
 
@@ -96,7 +106,8 @@ class EpisodeRecorder(BaseCallback):
         QuantPlan.from_problem(self.problem, actions, **best).save(self.out_dir / f"best_plan_{target:g}.json")
 
     def state_dict(self) -> Dict:
-        return {"episodes": self.episodes, "evaluations": self.evaluations, "complete_episodes": self.complete_episodes, "best": {str(k): v for k, v in self.best.items()}}
+        return {"episodes": self.episodes, "evaluations": self.evaluations, "complete_episodes": self.complete_episodes,
+                "best": {str(k): v for k, v in self.best.items()}, "top": {str(k): v for k, v in self.top.items()}}
 
     def load_state_dict(self, state: Dict) -> None:
         """Restore after a resume. Whatever the run wrote after its checkpoint is undone:
@@ -106,6 +117,8 @@ class EpisodeRecorder(BaseCallback):
         self.evaluations = float(state.get("evaluations", self.episodes))  # checkpoints before racing: 1 pass each
         self.complete_episodes = int(state.get("complete_episodes", self.episodes))
         self.best = {float(k): v for k, v in state["best"].items()}
+        # checkpoints before the top plans were kept: the best alone
+        self.top = {float(k): v for k, v in state.get("top", {str(k): [v] for k, v in self.best.items()}).items()}
         with self.csv_path.open(newline="") as handle:
             rows = list(csv.reader(handle))
         kept = [list(EPISODE_FIELDS)] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= self.episodes]

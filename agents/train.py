@@ -55,6 +55,7 @@ from .imitation import behaviour_clone, collect_demonstrations
 from .policy import WindQuantPolicy
 from .episode_baseline import EpisodeBaseline
 from .self_imitation import SelfImitation
+from .selection import ValidationChoice
 from .policy_view import policy_view
 
 
@@ -213,7 +214,8 @@ def train(args: TrainArgs) -> Dict[str, Any]:
                                 progress=False), recipe)
     warm_start = _warm_start(model, view, recipe, targets, summary_target(args, recipe), args) if checkpoint is None and recipe.warm_start else None
     start_plans = _start_plans(out, (warm_start or {}).pop("plans", None))
-    recorder = EpisodeRecorder(out, base.problem, recipe.episodes, progress=args.progress)
+    recorder = EpisodeRecorder(out, base.problem, recipe.episodes, progress=args.progress,
+                               keep=recipe.selection.candidates if recipe.chooses_on_validation else 1)
     for info in (warm_start or {}).pop("final_infos", {}).values():  # measured plans count as seen
         recorder.consider(info, episode=0)
         if base.race is not None and info.get("proxy_complete", True):  # the bar a raced episode must come near
@@ -354,7 +356,9 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
               warm_start=None, start_plans=None) -> Dict[str, Any]:
     """At every target the run trained at: the deterministic policy's plan (one proxy pass),
     the best plan seen in training, and the one of them with the better proxy (the run's
-    result; chosen on the proxy, never on held-out text). At the summary's target, held-out
+    result; chosen on the proxy, never on held-out text), or with ``selection: {by:
+    validation}`` the one of them and the next best plans seen that is best on the validation
+    split (:mod:`.selection`; its passes counted with the policy's). At the summary's target, held-out
     perplexity of those, of the teacher's and of the knapsack's plan, each compared with the
     teacher's (else the knapsack's) by a paired bootstrap over the held-out windows. With
     several targets, the front (:mod:`.front`) at all of them."""
@@ -368,6 +372,8 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
     warm_start = warm_start or {}
     passes_before = problem.proxy_passes
     base.race = None  # the final plans are measured on every block
+    selection = recipe.selection
+    choice = ValidationChoice(problem, selection.windows, selection.seq_len) if recipe.chooses_on_validation else None
     per_target = {}
     for target in targets:
         freeze(target)
@@ -375,8 +381,13 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
         candidates = {"policy": rollout}
         best = recorder.best.get(target)
         if best is not None:
-            candidates["best seen"] = best
-        chosen = min(candidates, key=lambda name: _score(candidates[name]))
+            candidates["best seen"] = dict(best)
+        if choice is not None:
+            for rank, entry in enumerate(recorder.top.get(target, [])[1:], start=2):
+                candidates[f"seen #{rank}"] = dict(entry)
+            chosen = choice.choose(candidates)
+        else:
+            chosen = min(candidates, key=lambda name: _score(candidates[name]))
         per_target[target] = {"candidates": candidates, "returned": chosen}
     # proxy passes that chose the policy's plans: the warm start's, one per training episode, the rollouts
     policy_evaluations = warm_start.get("evaluations", 0) + recorder.evaluations + (problem.proxy_passes - passes_before)
@@ -407,7 +418,7 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
         rows["unquantized"] = {"effective_bits": 16.0, "storage_bits": 16.0, "proxy_ppl": problem.baseline_ppl,
                                "heldout_ppl": math.exp(float(np.mean(fp_windows)))}
     final = per_target[final_target]
-    names = {"policy": "policy (deterministic)", "best seen": "best plan seen in training"}
+    names = _CandidateNames()
     measured = final["candidates"] if full else {final["returned"]: final["candidates"][final["returned"]]}
     plans = {names[name]: info["plan"] for name, info in measured.items()}
     proxies = {names[name]: info["proxy_ppl"] for name, info in measured.items()}
@@ -434,7 +445,7 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
             (out / f"{'final_plan' if slug == 'policy_plan' else slug}.json").write_text(path.read_text())
     if front:
         _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, policy_evaluations, held_out, heldout,
-                     args, recipe)
+                     args, recipe, chosen_on="the validation split" if choice else "the proxy")
     summary = {
         "model": args.model, "preset": args.preset, "episodes": recipe.episodes, "gamma": recipe.gamma,
         "target_bits": final_target, "n_units": n_units, "setup_seconds": setup_seconds,
@@ -452,8 +463,11 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
         "proxy_dtype": problem.proxy_dtype,
         "model_dtype": str(next(problem.model.parameters()).dtype).replace("torch.", ""), "results": rows,
         "returned": returned_name,
+        "selection": (f"on the validation split: {len(choice.blocks)} x {choice.blocks.shape[1]} tokens of calibration text, "
+                      f"{choice.passes_per_plan:g} proxy passes per plan, the {selection.candidates} best plans seen by the "
+                      "proxy and the policy's" if choice else "on the proxy"),
         "targets": {f"{t:g}": {"returned": names[v["returned"]],
-                               **{names[n]: {"proxy_ppl": i["proxy_ppl"], **({"proxy_kl": i["proxy_kl"]} if "proxy_kl" in i else {})}
+                               **{names[n]: {k: i[k] for k in ("proxy_ppl", "proxy_kl", "validation_ppl") if k in i}
                                   for n, i in v["candidates"].items()}}
                     for t, v in per_target.items()},
         "front": "front.json" if front else None,
@@ -465,6 +479,18 @@ def _evaluate(args, recipe, env, model, recorder, setup_seconds, train_seconds, 
 
 
 TEACHER_ROW = "calibrated knapsack (teacher)"
+
+
+class _CandidateNames(dict):
+    """What the summary calls a candidate plan: ``policy``, ``best seen``, ``seen #k``."""
+
+    def __init__(self):
+        super().__init__({"policy": "policy (deterministic)", "best seen": "best plan seen in training"})
+
+    def __missing__(self, key: str) -> str:
+        if key.startswith("seen #"):
+            return f"plan {key[5:]} seen in training (by proxy)"
+        raise KeyError(key)
 
 
 def _teacher(warm_start: Dict[str, Any], start_plans: Optional[Dict[float, np.ndarray]]) -> Optional[Dict[str, Any]]:
@@ -479,7 +505,7 @@ def _teacher(warm_start: Dict[str, Any], start_plans: Optional[Dict[float, np.nd
 
 
 def _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, policy_evaluations, held_out, heldout,
-                 args, recipe) -> None:
+                 args, recipe, chosen_on: str = "the proxy") -> None:
     """``front.{json,csv,md}``: per target the policy's one-pass plan (``MaskablePPO``), the
     run's returned plan, the teacher's (``calibrated-knapsack``: its calibration passes plus
     its own measurement) and the knapsack's (1 pass), with their held-out PPL."""
@@ -502,7 +528,7 @@ def _write_front(out, problem, per_target, knapsack, knapsack_proxy, teacher, po
             "policy_evaluations": policy_evaluations, "proxy_dtype": problem.proxy_dtype,
             "unquantized_heldout_window_nll": heldout(None),  # tells whether another file used the same windows
             "note": "MaskablePPO: the deterministic policy's plan, one pass per budget, no retraining; MaskablePPO "
-                    "(returned): the better by proxy of it and the best plan seen in training at that budget"}
+                    f"(returned): the best on {chosen_on} of it and the best plans seen in training at that budget"}
     write_front(rows, out, meta)
 
 
@@ -520,12 +546,13 @@ def print_summary(summary: Dict[str, Any]) -> None:
           f"({summary['seconds_per_episode']:.1f} s/episode) after {summary['setup_seconds']:.0f} s setup")
     reference = next((row["vs"]["reference"] for row in summary["results"].values() if row.get("vs")), None)
     versus = f"vs {reference}" if reference else ""
-    print(f"{'':30} {'effective':>9} {'storage':>8} {'proxy PPL':>10} {'held-out PPL':>12}  {versus}")
+    width = max([30, *map(len, summary["results"])])
+    print(f"{'':{width}} {'effective':>9} {'storage':>8} {'proxy PPL':>10} {'held-out PPL':>12}  {versus}")
     for name, row in summary["results"].items():
         mark = "  <- returned" if row.get("returned") else ""
         change = row.get("vs")
         cell = describe_change(change["change"], change["low"], change["high"]) if change else ""
-        print(f"{name:30} {row['effective_bits']:9.3f} {row['storage_bits']:8.3f} {row['proxy_ppl']:10.2f} "
+        print(f"{name:{width}} {row['effective_bits']:9.3f} {row['storage_bits']:8.3f} {row['proxy_ppl']:10.2f} "
               f"{row['heldout_ppl']:12.2f}  {cell:28}{mark}")
     if "policy_evaluations" in summary:
         print(f"proxy passes: {summary['policy_evaluations']:g} chose the policy's plans (warm start "
@@ -537,9 +564,12 @@ def print_summary(summary: Dict[str, Any]) -> None:
               f"knapsack calibrated-knapsack --plan RUN/returned_plan.json)")
     if summary.get("front"):
         print(f"front at every target: {summary['front']} (front.md; windquant plot RUN draws it)")
-    others = {t: v for t, v in summary.get("targets", {}).items() if float(t) != summary["target_bits"]}
+    chosen_on_validation = lambda entry: any("validation_ppl" in v for n, v in entry.items() if n != "returned")  # noqa: E731
+    others = {t: v for t, v in summary.get("targets", {}).items()
+              if float(t) != summary["target_bits"] or chosen_on_validation(v)}  # the final one's choice too
     for target, entry in others.items():
-        proxies = ", ".join(f"{name} {value['proxy_ppl']:.2f}" for name, value in entry.items() if name != "returned")
+        proxies = ", ".join(f"{name} {value['proxy_ppl']:.2f}" + (f" (validation {value['validation_ppl']:.2f})" if "validation_ppl" in value else "")
+                            for name, value in entry.items() if name != "returned")
         print(f"at {target} bits, proxy PPL: {proxies} (returned: {entry['returned']}; held-out: windquant bench --plan "
               f"returned_plan_{target}.json)")
     model_dtype = summary.get("model_dtype", "float32")

@@ -6,7 +6,8 @@ the searches and the calibrated knapsack (``windquant bench ... --search-seeds S
         --search bench/search_s*_*.json --markdown
 
 A replayed plan's run is the folder it was read from (``cpu_s1``, ``cpu-no-ppo_s1``, ``cpu_noppo_s0``:
-kind ``cpu`` / ``cpu-no-ppo``, seed 1 / 1 / 0). Per target: each kind's held-out PPL per seed and
+kind ``cpu`` / ``cpu-no-ppo``, seed 1 / 1 / 0); a run's ``best_plan_T.json`` (its best plan by the proxy,
+where it returned another) is kind ``<kind> (best by proxy)``. Per target: each kind's held-out PPL per seed and
 the median; each run against the calibrated knapsack, against the search of the same seed,
 (the ``--main`` run only, default ``cpu``) against its PPO-off ``--control`` of the same seed, and
 (every other run, e.g. the ablations ``cpu-no-shaping``) against the main run of the same seed, by a paired bootstrap over
@@ -37,6 +38,8 @@ def _run_of(plan_file: str) -> Tuple[str, int]:
     if match is None:
         raise SystemExit(f"cannot read a run and seed from {plan_file!r} (expected a folder like cpu_s1)")
     kind = match.group(1).replace("cpu_noppo", "cpu-no-ppo")
+    if Path(plan_file).name.startswith("best_plan"):  # the run's best plan by the proxy, beside what it returned
+        kind += " (best by proxy)"
     return kind, int(match.group(2))
 
 

@@ -99,6 +99,15 @@ def _count_proxy_passes(monkeypatch):
     return seen
 
 
+def _count_smoke_passes(monkeypatch, preset: str = "smoke"):
+    """``preset``'s calibration and table cached first (their passes are not the run's), then every
+    forward of the model recorded (:func:`_count_proxy_passes`)."""
+    hp = load_hyperparams(preset)
+    kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
+    gym.make("WindQuant-v0", model="tiny-llama", progress=False, **kwargs)
+    return _count_proxy_passes(monkeypatch)
+
+
 def _passes_on(seen, blocks: torch.Tensor) -> float:
     """Full-pass equivalents among the recorded forwards that fed rows of ``blocks``."""
     rows = {tuple(r.tolist()) for r in blocks}
@@ -109,9 +118,7 @@ def _passes_on(seen, blocks: torch.Tensor) -> float:
 @pytest.mark.parametrize("preset", ["smoke", "smoke-front"])
 def test_a_training_runs_proxy_passes_are_what_its_summary_says(tmp_path, monkeypatch, preset):
     hp = load_hyperparams(preset)
-    kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
-    gym.make("WindQuant-v0", model="tiny-llama", progress=False, **kwargs)  # calibration and table cached first
-    seen = _count_proxy_passes(monkeypatch)
+    seen = _count_smoke_passes(monkeypatch, preset)
     run = tmp_path / "run"
     summary = train(TrainArgs(model="tiny-llama", preset=preset, out=str(run), episodes=3, progress=False))
     problem = wq.plan.QuantPlan.load(run / "returned_plan.json").problem_spec().build()
@@ -372,7 +379,8 @@ def test_seed_table_compares_each_run_with_the_search_from_the_chosen_start(tmp_
     unquantized = {"allocator": "unquantized", "target_bits": None, "heldout_window_nll": (base - 1).tolist()}
     replay = tmp_path / "replay.json"
     replay.write_text(json.dumps({"episodes": [unquantized, row("calibrated-knapsack", 0.35), row("knapsack", 0.9),
-                                               row("plan:returned_plan_2.json", 0.1, plan_file="runs/quick-kv_s0/returned_plan_2.json")]}))
+                                               row("plan:returned_plan_2.json", 0.1, plan_file="runs/quick-kv_s0/returned_plan_2.json"),
+                                               row("plan:best_plan_2.json", 0.15, plan_file="runs/quick-kv_s0/best_plan_2.json")]}))
     searches = []
     for start, shift in (("calibrated-knapsack", 0.0), ("calibrated-knapsack-kv", 0.2)):
         path = tmp_path / f"search_{start}.json"
@@ -381,11 +389,12 @@ def test_seed_table_compares_each_run_with_the_search_from_the_chosen_start(tmp_
         searches.append(path)
     table, _ = seed_table.read([replay], searches, "calibrated-knapsack-kv")
     assert set(table[2.0]) == {("calibrated-knapsack", 0), ("calibrated-knapsack-kv", 0), ("quick-kv", 0), ("search", 0),
-                               ("search (from calibrated-knapsack)", 0)}
+                               ("search (from calibrated-knapsack)", 0), ("quick-kv (best by proxy)", 0)}
+    assert np.allclose(table[2.0][("quick-kv (best by proxy)", 0)], base + 0.15)  # the run's best by proxy, kept apart
     assert np.allclose(table[2.0][("search", 0)], base + 0.2)  # the search from the chosen start
     assert np.allclose(table[2.0][("calibrated-knapsack", 0)], base + 0.3)  # a search file's reference replaces a replay's
     alone, _ = seed_table.read([replay], [])  # replays alone: their own reference rows count (the plain knapsack's not)
-    assert set(alone[2.0]) == {("calibrated-knapsack", 0), ("quick-kv", 0)}
+    assert set(alone[2.0]) == {("calibrated-knapsack", 0), ("quick-kv", 0), ("quick-kv (best by proxy)", 0)}
     assert np.allclose(alone[2.0][("calibrated-knapsack", 0)], base + 0.35)
     out = tmp_path / "table.json"
     assert seed_table.main(["--replay", str(replay), "--search", *map(str, searches), "--main", "quick-kv",

@@ -156,12 +156,10 @@ def test_the_recorder_never_keeps_an_estimate_as_best(tmp_path, tiny_problem):
 
 
 def test_a_racing_runs_proxy_passes_are_what_its_summary_says(tmp_path, monkeypatch):
-    from test_front import _count_proxy_passes, _passes_on
+    from test_front import _count_smoke_passes, _passes_on
 
     hp = load_hyperparams("smoke")
-    kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
-    gym.make("WindQuant-v0", model="tiny-llama", progress=False, **kwargs)  # calibration and table cached first
-    seen = _count_proxy_passes(monkeypatch)
+    seen = _count_smoke_passes(monkeypatch)
     run = tmp_path / "run"
     summary = train(TrainArgs(model="tiny-llama", preset="smoke", out=str(run), episodes=6, progress=False,
                               overrides={"env_kwargs": {"race_blocks": 2, "race_margin": 0.0}}))

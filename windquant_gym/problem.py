@@ -347,18 +347,24 @@ class QuantProblem:
             return measure()
 
     @contextlib.contextmanager
-    def measuring(self, plan: Optional[Sequence[int]], kl: bool = False, progress: bool = False):
+    def measuring(self, plan: Optional[Sequence[int]], kl: bool = False, progress: bool = False,
+                  blocks: Optional[torch.Tensor] = None):
         """``with problem.measuring(plan) as measure:`` applies ``plan`` once; each
         ``measure(rows)`` is a pass over ``blocks[rows]`` (``None``: all of them) returning its
-        :class:`TokenLosses`, and counts ``len(rows) / len(blocks)`` proxy passes. Lets a
+        :class:`TokenLosses`, and counts its tokens over the proxy's as proxy passes. Lets a
         caller measure a few blocks first and the rest only if worth it (the env's
-        ``race_blocks``) without assembling the plan twice. Weights restored on exit."""
+        ``race_blocks``) without assembling the plan twice. ``blocks``: other token blocks than
+        the proxy's (a validation split; no KL there), at the proxy's precision. Weights
+        restored on exit."""
+        if kl and blocks is not None:
+            raise ValueError("measuring(kl=True) measures KL on the proxy's own blocks only (its reference is theirs); "
+                             "pass blocks=None, or kl=False for other blocks.")
         reference = self.kl_reference() if kl else None  # before a plan is applied
         device = next(self.model.parameters()).device
         precision = proxy_precision(device, self.proxy_dtype)
 
         def measure(rows: Optional[Sequence[int]] = None) -> TokenLosses:
-            return self.forward_pass(plan, rows, reference=reference, progress=progress)
+            return self.forward_pass(plan, rows, blocks=blocks, reference=reference, progress=progress)
 
         if plan is None:
             with precision:
