@@ -27,13 +27,13 @@ from ..errors import ConfigError
 
 
 class ValidationChoice:
-    """``ValidationChoice(problem, windows=32, seq_len=256)``: ``choose(candidates)`` measures
+    """``ValidationChoice(problem, windows=16, seq_len=256)``: ``choose(candidates)`` measures
     each candidate plan (a mapping name -> ``{"plan": actions, ...}``) on the same ``windows``
     blocks of ``seq_len`` tokens of the problem's validation split, at the proxy's precision, and
     returns the name of the one with the lowest mean NLL (ties: the first given). Each
     candidate's ``validation_ppl`` is written into its entry."""
 
-    def __init__(self, problem, windows: int = 32, seq_len: int = 256):
+    def __init__(self, problem, windows: int = 16, seq_len: int = 256):
         spec = getattr(problem, "spec", None)
         if spec is None or spec.calibration is None:
             raise ConfigError(
