@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..data import load_texts, validation_blocks
@@ -60,7 +61,7 @@ class ValidationChoice:
             raise ValueError("ValidationChoice.choose needs at least one candidate plan.")
         seen: Dict[bytes, float] = {}
         for entry in candidates.values():
-            key = torch.as_tensor(list(entry["plan"]), dtype=torch.long).numpy().tobytes()
+            key = np.asarray(entry["plan"], dtype=np.int64).tobytes()  # as agents/front.py's HeldoutCache keys plans
             if key not in seen:  # the same plan twice (the policy's may be a seen one): measured once
                 seen[key] = self.nll(entry["plan"])
             entry["validation_ppl"] = math.exp(seen[key])

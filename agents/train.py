@@ -564,9 +564,8 @@ def print_summary(summary: Dict[str, Any]) -> None:
               f"knapsack calibrated-knapsack --plan RUN/returned_plan.json)")
     if summary.get("front"):
         print(f"front at every target: {summary['front']} (front.md; windquant plot RUN draws it)")
-    chosen_on_validation = lambda entry: any("validation_ppl" in v for n, v in entry.items() if n != "returned")  # noqa: E731
-    others = {t: v for t, v in summary.get("targets", {}).items()
-              if float(t) != summary["target_bits"] or chosen_on_validation(v)}  # the final one's choice too
+    on_validation = summary.get("selection", "on the proxy") != "on the proxy"  # then the final target's choice too
+    others = {t: v for t, v in summary.get("targets", {}).items() if on_validation or float(t) != summary["target_bits"]}
     for target, entry in others.items():
         proxies = ", ".join(f"{name} {value['proxy_ppl']:.2f}" + (f" (validation {value['validation_ppl']:.2f})" if "validation_ppl" in value else "")
                             for name, value in entry.items() if name != "returned")

@@ -61,6 +61,9 @@ def test_validation_choice_measures_each_plan_once_on_its_own_blocks(tiny_proble
     assert chosen == min(direct, key=direct.get)
     with pytest.raises(ValueError, match="at least one"):
         choice.choose({})
+    with pytest.raises(ValueError, match="proxy's own blocks only"):  # no KL reference on other blocks
+        with problem.measuring(plans["a"], kl=True, blocks=choice.blocks):
+            pass
 
 
 def test_validation_choice_refuses_a_problem_without_its_corpus_name(tiny):
