@@ -198,16 +198,20 @@ def test_bench_leaderboard_on_tiny_llama(tmp_path, monkeypatch, capsys):
     assert out.with_suffix(".csv").read_text().startswith("allocator,target_bits,budget,evaluations")
     assert "| knapsack | 2.500 | - | 1 |" in out.with_suffix(".md").read_text()
     assert data["meta"]["search_configs"]["search-nll"]["evaluations"] == 8
-    printed = capsys.readouterr().out
-    assert "held-out PPL" in printed and "board_plans" in printed
+    printed = capsys.readouterr()
+    assert "held-out PPL" in printed.out and "board_plans" in printed.out
+    assert "search (nll)" in printed.err  # the search's progress bar, shown by default
 
 
-def test_bench_with_the_kl_metric_and_the_kl_search(tmp_path, monkeypatch):
+def test_bench_with_the_kl_metric_and_the_kl_search(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WINDQUANT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "kl.json"
     assert bench_main(["--model", "tiny-llama", "--preset", "smoke", "--target-bits", "2.0", "--eval-windows", "2",
                        "--eval-seq-len", "64", "--allocators", "knapsack", "search-kl", "search", "--evaluations", "5",
-                       "--proxy-metric", "kl", "--json", str(out)]) == 0
+                       "--proxy-metric", "kl", "--no-progress", "--json", str(out)]) == 0
+    # --no-progress: no bar, neither the table build's (a cold cache here) nor the searches'
+    bars = capsys.readouterr().err
+    assert "it/s" not in bars and "s/it" not in bars and "search (" not in bars
     data = json.loads(out.read_text())
     assert [r["allocator"] for r in data["leaderboard"]] == ["unquantized", "knapsack", "search-kl", "search-nll"]
     for row in data["episodes"][1:]:

@@ -128,3 +128,36 @@ def test_problem_spec_round_trip_and_rebuild(tiny_problem, tmp_path, monkeypatch
     (tmp_path / "broken.json").write_text(json.dumps(broken))
     with pytest.raises(wq.TableMismatchError, match="'problem' entry is malformed"):
         QuantPlan.load(tmp_path / "broken.json")
+
+
+def test_load_model_without_progress_hides_transformers_bars_and_restores_them(monkeypatch, capsys):
+    from transformers.utils import logging as hf_logging
+
+    from windquant_gym.models import loading
+
+    def bar():
+        list(hf_logging.tqdm(range(3), desc="Loading weights"))
+        return capsys.readouterr().err
+
+    seen = []
+
+    def probe(dtype):  # a preset that records whether transformers' bars were on while it loaded
+        seen.append(hf_logging.is_progress_bar_enabled())
+        return loading.PRESETS["tiny-llama"](dtype)
+
+    monkeypatch.setitem(loading.PRESETS, "probe", probe)
+    wq.load_model("probe", progress=False)
+    wq.load_model("probe")
+    assert seen == [False, True] and hf_logging.is_progress_bar_enabled()
+    assert "Loading weights" in bar()
+    with pytest.raises(RuntimeError), loading._transformers_bars(False):
+        assert "Loading weights" not in bar()
+        raise RuntimeError("a failed load")
+    assert hf_logging.is_progress_bar_enabled()  # restored, also on errors
+    hf_logging.disable_progress_bar()  # a user who turned them off keeps them off
+    try:
+        with loading._transformers_bars(False):
+            pass
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

@@ -218,7 +218,7 @@ class WindQuantEnv(gym.Env):
             model_name = None
             if isinstance(model, str):
                 model_name = model
-                model, loaded_tokenizer = load_model(model, device=device)
+                model, loaded_tokenizer = load_model(model, device=device, progress=progress)
                 tokenizer = tokenizer or loaded_tokenizer
             elif not isinstance(model, nn.Module):
                 raise ConfigError(f"model must be an nn.Module or a model name, got {type(model).__name__}.")

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a folder of lm-eval task YAML files (local data) for --zero-shot; repeatable")
     parser.add_argument("--json", default="bench/leaderboard.json",
                         help="output; .csv and .md are written beside it, and every row's plan in a folder <name>_plans/")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars (table build, calibration, the search): for logs and CI")
     parser.add_argument("--seed", type=int, default=None,
                         help="calibration seed: picks the proxy's text (default: the preset's env_kwargs.seed, else 0); "
                              "also seeds the random allocator")
@@ -190,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         label = type(model).__name__ if len(args.policy) == 1 else f"{type(model).__name__} ({Path(path).parent.name})"
         policies[f"{type(model).__name__} ({path})" if label in policies else label] = model
     env_kwargs.update({"proxy_metric": args.proxy_metric} if args.proxy_metric else {})
-    env = gym.make(ENV_ID, model=args.model, seed=seed, **env_kwargs)
+    env = gym.make(ENV_ID, model=args.model, seed=seed, progress=args.progress, **env_kwargs)
     problem = env.unwrapped.problem
     policy_views = {label: _policy_view(env, model, path) for (label, model), path in zip(policies.items(), args.policy)}
     if args.eval_split == "eval":
@@ -239,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for seed in args.search_seeds:
                     label = name if args.search_start == "knapsack" else f"{name} (from {args.search_start})"
                     for budget, result in _search_rows(env, label, SEARCH_FITNESS[name], seed, args.evaluations, held_out,
-                                                       args.search_start):
+                                                       args.search_start, progress=args.progress):
                         record(result, seed, budget)
                 continue
             episodes = args.random_episodes if name == "random" else 1
@@ -298,11 +300,12 @@ class _Fixed(PlannedAllocator):
 
 
 def _search_rows(env, name: str, fitness: str, seed: int, budgets: List[float], held_out,
-                 start: str = "knapsack") -> List[Tuple[float, EpisodeResult]]:
+                 start: str = "knapsack", progress: bool = True) -> List[Tuple[float, EpisodeResult]]:
     """``(budget, result)`` per budget: the search runs once at the largest; smaller budgets get
     its snapshots (each what a run with that budget returns, replayed and measured)."""
     budgets = sorted(set(budgets))
-    search = SearchAllocator(_search_config(fitness, budgets[-1]), seed=seed, snapshot_at=budgets[:-1], start=start)
+    search = SearchAllocator(_search_config(fitness, budgets[-1]), seed=seed, snapshot_at=budgets[:-1], start=start,
+                             progress=progress)
     (final,) = run_allocator(env, search, heldout=held_out, name=name)
     results = []
     for budget in budgets[:-1]:

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
@@ -129,20 +130,24 @@ PRESETS: Dict[str, Callable[[torch.dtype], Tuple[torch.nn.Module, object]]] = {
 }
 
 
-def load_model(name_or_path: str, device: str | torch.device = "auto", dtype: torch.dtype | None = None):
+def load_model(name_or_path: str, device: str | torch.device = "auto", dtype: torch.dtype | None = None,
+               progress: bool = True):
     """Load ``(model, tokenizer)`` in eval mode on ``device``.
 
     ``name_or_path``: a preset (``"smollm2-135m"``, ``"tiny-llama"``), a local Hugging Face
     folder, or a hub id (when a hub is reachable). ``dtype`` defaults to float32 on CPU and
-    bfloat16 on CUDA.
+    bfloat16 on CUDA. ``progress=False`` hides transformers' own bars (``Loading weights``)
+    while this call loads, and leaves them as they were after it.
     """
     device = resolve_device(device)
     dtype = dtype or _default_dtype(device)
     key = str(name_or_path).lower()
     if key in PRESETS:
-        model, tokenizer = PRESETS[key](dtype)
+        with _transformers_bars(progress):
+            model, tokenizer = PRESETS[key](dtype)
     elif Path(name_or_path).exists() or "/" in str(name_or_path):
-        model, tokenizer = _from_pretrained(str(name_or_path), dtype)
+        with _transformers_bars(progress):
+            model, tokenizer = _from_pretrained(str(name_or_path), dtype)
     else:
         raise UnknownNameError(
             f"Unknown model {name_or_path!r}: choose a preset ({', '.join(sorted(PRESETS))}), a local "
@@ -152,3 +157,21 @@ def load_model(name_or_path: str, device: str | torch.device = "auto", dtype: to
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@contextmanager
+def _transformers_bars(enabled: bool):
+    """transformers' progress bars on (as the user set them) or off inside the block; its setting
+    is process-wide, so it is restored afterwards, also on errors."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
