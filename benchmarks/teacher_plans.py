@@ -1,0 +1,56 @@
+"""A training run's teacher plans at 2.0 / 2.5 / 3.0 bits, as plan files to replay on held-out text.
+
+The warm start calibrates its teacher once (``calibrate_at``: 2.0 bits for ``cpu-quick-kv``) and uses
+those scales at every curriculum target. This rebuilds the teacher's plans from the scales in the run's
+``summary.json`` (no proxy pass) on the env of the preset that trained it, so that the start a run had
+at each budget can be measured beside the teacher calibrated at that budget (``windquant bench``'s own
+calibrated-knapsack rows calibrate at each target):
+
+    python benchmarks/teacher_plans.py RUN_DIR OUT_DIR --preset cpu-quick-kv
+    windquant bench --preset cpu --target-bits 2.5 --allocators calibrated-knapsack \\
+        --plan OUT_DIR/teacher_at_2_scales_2.5.json ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import gymnasium as gym
+
+import windquant_gym  # noqa: F401 (registers WindQuant-v0)
+from windquant_gym.agents.hyperparams import load_hyperparams
+from windquant_gym.allocators.calibrated_knapsack import calibrated_knapsack
+from windquant_gym.plan import QuantPlan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a windquant train run folder (its summary.json names the teacher and scales)")
+    parser.add_argument("out", type=Path, help="folder for the plan files")
+    parser.add_argument("--preset", default="cpu-quick-kv", help="the preset that trained the run (its env)")
+    parser.add_argument("--targets", type=float, nargs="+", default=[2.0, 2.5, 3.0])
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args()
+    warm = json.loads((args.run / "summary.json").read_text())["warm_start"]
+    if not warm or "scales" not in warm:
+        raise SystemExit(f"{args.run}/summary.json: the warm start has no calibrated teacher (no 'scales'); pass a run "
+                         "warm-started on calibrated-knapsack or calibrated-knapsack-kv.")
+    hp = load_hyperparams(args.preset)
+    kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
+    base = gym.make("WindQuant-v0", model=args.model, seed=hp["env_kwargs"].get("seed", 0), progress=False, **kwargs).unwrapped
+    teacher = calibrated_knapsack(warm["demonstrations"], calibrate_at=warm["calibrate_at"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    for target in args.targets:
+        plan = teacher.plan_at(base, target, scales=warm["scales"])
+        bits = base.problem.table.plan_bits(plan)
+        label = f"{warm['demonstrations']} (scales of {warm['calibrate_at']:g} bits)"
+        path = QuantPlan.from_problem(base.problem, plan, allocator=label, target_bits=target,
+                                      effective_bits=bits["effective_bits"], storage_bits=bits["storage_bits"]
+                                      ).save(args.out / f"teacher_at_{warm['calibrate_at']:g}_scales_{target:g}.json")
+        print(f"{target:g} bits: {bits['effective_bits']:.4f} effective, scales {warm['scales']} -> {path}")
+
+
+if __name__ == "__main__":
+    main()
