@@ -1,8 +1,9 @@
 """A training run's teacher plans at 2.0 / 2.5 / 3.0 bits, as plan files to replay on held-out text.
 
 The warm start calibrates its teacher once (``calibrate_at``: 2.0 bits for ``cpu-quick-kv``) and uses
-those scales at every curriculum target. This rebuilds the teacher's plans from the scales in the run's
-``summary.json`` (no proxy pass) on the env of the preset that trained it, so that the start a run had
+those scales at every curriculum target. A run folder keeps those plans in ``warm_start_plans.json``; for a
+folder stored without it, this rebuilds them from the scales in the run's ``summary.json`` (no proxy
+pass) on the env of the preset that trained it, so that the start a run had
 at each budget can be measured beside the teacher calibrated at that budget (``windquant bench``'s own
 calibrated-knapsack rows calibrate at each target):
 
