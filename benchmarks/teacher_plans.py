@@ -1,9 +1,9 @@
 """A training run's teacher plans at 2.0 / 2.5 / 3.0 bits, as plan files to replay on held-out text.
 
 The warm start calibrates its teacher once (``calibrate_at``: 2.0 bits for ``cpu-quick-kv``) and uses
-those scales at every curriculum target. A run folder keeps those plans in ``warm_start_plans.json``; for a
-folder stored without it, this rebuilds them from the scales in the run's ``summary.json`` (no proxy
-pass) on the env of the preset that trained it, so that the start a run had
+those scales at every curriculum target. This writes those plans as plan files: read from the run folder's
+``warm_start_plans.json`` where it was kept, else rebuilt from the scales in the run's ``summary.json``
+(no proxy pass) on the env of the preset that trained it, so that the start a run had
 at each budget can be measured beside the teacher calibrated at that budget (``windquant bench``'s own
 calibrated-knapsack rows calibrate at each target):
 
@@ -22,6 +22,7 @@ import gymnasium as gym
 
 import windquant_gym  # noqa: F401 (registers WindQuant-v0)
 from windquant_gym.agents.hyperparams import load_hyperparams
+from windquant_gym.agents.train import _start_plans
 from windquant_gym.allocators.calibrated_knapsack import calibrated_knapsack
 from windquant_gym.plan import QuantPlan
 
@@ -42,9 +43,10 @@ def main() -> None:
     kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
     base = gym.make("WindQuant-v0", model=args.model, seed=hp["env_kwargs"].get("seed", 0), progress=False, **kwargs).unwrapped
     teacher = calibrated_knapsack(warm["demonstrations"], calibrate_at=warm["calibrate_at"])
+    kept = _start_plans(args.run, None)  # the run folder's warm_start_plans.json, when it was stored
     args.out.mkdir(parents=True, exist_ok=True)
     for target in args.targets:
-        plan = teacher.plan_at(base, target, scales=warm["scales"])
+        plan = kept[target] if target in kept else teacher.plan_at(base, target, scales=warm["scales"])
         bits = base.problem.table.plan_bits(plan)
         label = f"{warm['demonstrations']} (scales of {warm['calibrate_at']:g} bits)"
         path = QuantPlan.from_problem(base.problem, plan, allocator=label, target_bits=target,

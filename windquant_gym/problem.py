@@ -180,7 +180,7 @@ class ProblemSpec:
             )
         from .models import load_model
 
-        model, tokenizer = load_model(self.model, device=device)
+        model, tokenizer = load_model(self.model, device=device, progress=build_kwargs.get("progress", True))
         return QuantProblem.build(model, tokenizer, self.calibration, self.quant_config, n_samples=self.n_samples,
                                   seq_len=self.seq_len, seed=self.seed, proxy_dtype=self.proxy_dtype,
                                   model_name=self.model, **build_kwargs)

@@ -142,17 +142,16 @@ def load_model(name_or_path: str, device: str | torch.device = "auto", dtype: to
     device = resolve_device(device)
     dtype = dtype or _default_dtype(device)
     key = str(name_or_path).lower()
-    if key in PRESETS:
-        with _transformers_bars(progress):
+    with _transformers_bars(progress):
+        if key in PRESETS:
             model, tokenizer = PRESETS[key](dtype)
-    elif Path(name_or_path).exists() or "/" in str(name_or_path):
-        with _transformers_bars(progress):
+        elif Path(name_or_path).exists() or "/" in str(name_or_path):
             model, tokenizer = _from_pretrained(str(name_or_path), dtype)
-    else:
-        raise UnknownNameError(
-            f"Unknown model {name_or_path!r}: choose a preset ({', '.join(sorted(PRESETS))}), a local "
-            "folder, or a hub id such as 'HuggingFaceTB/SmolLM2-135M'."
-        )
+        else:
+            raise UnknownNameError(
+                f"Unknown model {name_or_path!r}: choose a preset ({', '.join(sorted(PRESETS))}), a local "
+                "folder, or a hub id such as 'HuggingFaceTB/SmolLM2-135M'."
+            )
     model = model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
