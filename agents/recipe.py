@@ -19,7 +19,7 @@ import inspect
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from ..errors import ConfigError
 from ..allocators.calibrated_knapsack import CALIBRATED_KNAPSACKS
@@ -33,6 +33,8 @@ DEMONSTRATIONS = ("knapsack", *CALIBRATED_KNAPSACKS)
 LR_SCHEDULES = ("constant", "linear")
 HELDOUT_SUMMARIES = ("full", "returned")
 ADVANTAGES = ("gae", "episode-baseline")
+CALIBRATE_EACH = "each"
+"""``warm_start.calibrate_at: each``: the teacher calibrated at every curriculum target."""
 
 
 def _refuse_unknown(section: str, given: Mapping[str, Any], known) -> None:
@@ -134,15 +136,27 @@ class WarmStartRecipe(CloneRecipe):
     ``calibrated-knapsack-kv`` (10: the key and value projections' errors calibrated too)."""
     fit_critic: bool = True
     """Fit the critic to measured walks through the teacher's plans (one pass per target)."""
-    calibrate_at: Optional[float] = None
-    """Target the calibrated knapsack's layer factors are chosen at (default: the final one)."""
+    calibrate_at: Optional[Union[float, str]] = None
+    """Target the calibrated knapsack's layer factors are chosen at, once, its scales then serving
+    every target (default: the final one); ``each``: calibrated anew at every curriculum target,
+    each target then keeping the best on the proxy of every target's scales
+    (:func:`~windquant_gym.allocators.calibrated_knapsack.calibrate_each`: 30 passes for
+    ``calibrated-knapsack-kv`` over three targets, plus one per other distinct set at each)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice(self._section, "demonstrations", self.demonstrations, DEMONSTRATIONS)
         _flag(self._section, "fit_critic", self.fit_critic)
-        if self.calibrate_at is not None:
-            check_bits(self.calibrate_at, "warm_start.calibrate_at", "calibrate_at: 2.0")
+        if isinstance(self.calibrate_at, str):
+            if self.calibrate_at != CALIBRATE_EACH:
+                raise ConfigError(f"warm_start.calibrate_at must be a number of bits or {CALIBRATE_EACH!r}, got "
+                                  f"{self.calibrate_at!r} (hyperparameter YAML); e.g. calibrate_at: 2.0 or calibrate_at: each.")
+        elif self.calibrate_at is not None:
+            check_bits(self.calibrate_at, "warm_start.calibrate_at", "calibrate_at: 2.0 (or each)")
+        if self.calibrate_at is not None and self.demonstrations not in CALIBRATED_KNAPSACKS:
+            raise ConfigError(f"warm_start.calibrate_at is set ({self.calibrate_at!r}) but the teacher "
+                              f"{self.demonstrations!r} is not calibrated; use demonstrations: calibrated-knapsack "
+                              "(or -kv), or drop calibrate_at.")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,10 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     quick_kv = load_hyperparams("cpu-quick-kv")
     assert quick_kv == {**quick, "warm_start": {**quick["warm_start"], "demonstrations": "calibrated-knapsack-kv"}}
     assert load_hyperparams("cpu-quick-kv-no-ppo") == {**quick_kv, "ppo_updates": False}
+    # the teacher calibrated at each target, 132 episodes for at most cpu-quick-kv's passes, and its control
+    each = load_hyperparams("cpu-quick-kv-each")
+    assert each == {**quick_kv, "episodes": 132, "warm_start": {**quick_kv["warm_start"], "calibrate_at": "each"}}
+    assert load_hyperparams("cpu-quick-kv-each-no-ppo") == {**each, "ppo_updates": False}
     assert load_hyperparams("cpu-bf16") == {**readme, "env_kwargs": {**readme["env_kwargs"], "proxy_dtype": "bfloat16"}}
     kv_teacher = load_hyperparams("cpu-kv-teacher")  # cpu-engine-both's recipe but for its teacher
     assert kv_teacher == {**both, "warm_start": {**both["warm_start"], "demonstrations": "calibrated-knapsack-kv"}}

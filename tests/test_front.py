@@ -5,6 +5,7 @@ budgets (TargetSampler, the front files and plot), and the control with PPO's up
 import csv
 import json
 import math
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -128,6 +129,73 @@ def test_a_training_runs_proxy_passes_are_what_its_summary_says(tmp_path, monkey
     assert summary["policy_evaluations"] == 3 + summary["warm_start"]["evaluations"] + targets  # episodes, warm start, rollouts
     assert summary["baseline_evaluations"] == summary["evaluations"] - summary["policy_evaluations"] >= 1
     assert summary["warm_start"]["evaluations"] == summary["warm_start"]["calibration_evaluations"] + targets
+
+
+def test_a_teacher_calibrated_at_each_target_keeps_each_targets_best_scales(tmp_path, monkeypatch):
+    """warm_start.calibrate_at: each: the teacher calibrated anew at every target (7 passes each),
+    each target then keeping the best on the proxy of every target's scales, so that its plan is no
+    worse on the proxy than its own calibration's nor than any other target's scales; every pass
+    counted by a forward hook in the summary."""
+    from windquant_gym.allocators import CalibratedKnapsack
+
+    hp = load_hyperparams("smoke-front")
+    seen = _count_smoke_passes(monkeypatch, "smoke-front")
+    run = tmp_path / "run"
+    summary = train(TrainArgs(model="tiny-llama", preset="smoke-front", out=str(run), episodes=3, progress=False,
+                              overrides={"warm_start": {**hp["warm_start"], "calibrate_at": "each"}}))
+    problem = wq.plan.QuantPlan.load(run / "returned_plan.json").problem_spec().build()
+    counted = _passes_on(seen, problem.blocks)
+    targets = sorted(float(t) for t in hp["sampled_targets"])
+    warm = summary["warm_start"]
+    assert warm["calibrate_at"] == "each" and sorted(warm["scales"]) == sorted(f"{t:g}" for t in targets)
+    assert counted == summary["evaluations"]
+    assert summary["policy_evaluations"] == 3 + warm["evaluations"] + len(targets)
+    kept = {float(t): p for t, p in json.loads((run / "warm_start_plans.json").read_text()).items()}
+    base = gym.make("WindQuant-v0", model="tiny-llama", progress=False,
+                    **{k: v for k, v in hp["env_kwargs"].items() if k != "seed"}).unwrapped
+    alone = {t: CalibratedKnapsack(calibrate_at=t) for t in targets}
+    for teacher in alone.values():
+        teacher.calibrate(base)
+    distinct = []
+    for teacher in alone.values():
+        if teacher.scales not in distinct:
+            distinct.append(teacher.scales)
+    assert len(distinct) > 1  # else the scales compete with themselves only and nothing below could fail
+    # 7 per target, and at each target one pass per other distinct set of scales
+    assert warm["calibration_evaluations"] == 7 * len(targets) + len(targets) * (len(distinct) - 1)
+    assert warm["evaluations"] == warm["calibration_evaluations"] + len(targets)  # + one measured walk each
+    for target in targets:
+        chosen = warm["scales"][f"{target:g}"]
+        assert chosen in distinct and kept[target] == alone[target].plan_at(base, target, chosen).tolist()
+        nll = base.problem.proxy_nll(np.asarray(kept[target]))
+        for scales in distinct:  # the best of every target's scales at this target, by the proxy
+            assert nll <= base.problem.proxy_nll(alone[target].plan_at(base, target, scales)) + 1e-9
+        assert math.log(warm["teacher_proxy_ppl"][f"{target:g}"]) == pytest.approx(nll, rel=1e-6)
+    # a front row's teacher costs every target's calibration and the other scales measured at its own
+    teachers = [r for r in read_front(run) if r["allocator"] == "calibrated-knapsack"]
+    assert sorted(r["target_bits"] for r in teachers) == targets
+    assert all(r["evaluations"] == 7 * len(targets) + len(distinct) - 1 for r in teachers)
+    # benchmarks/teacher_plans.py writes those plans: read where kept, rebuilt from the scales where not,
+    # from warm_start.json where the run stopped before its summary
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_plans.py"
+    spec = importlib.util.spec_from_file_location("teacher_plans_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (run / "warm_start_plans.json").unlink()
+    (run / "summary.json").unlink()
+    args = [str(run), str(tmp_path / "teacher"), "--preset", "smoke-front", "--model", "tiny-llama",
+            "--targets", *(f"{t:g}" for t in targets)]
+    monkeypatch.setattr(sys, "argv", ["teacher_plans.py", *args])
+    module.main()
+    for target in targets:
+        saved = wq.plan.QuantPlan.load(tmp_path / "teacher" / f"teacher_each_scales_{target:g}.json")
+        assert list(saved.actions) == kept[target] and saved.metrics["target_bits"] == target
+    (run / "warm_start.json").unlink()
+    with pytest.raises(SystemExit, match="neither summary.json nor warm_start.json"):
+        module.main()
 
 
 def test_a_returned_only_summary_measures_two_plans_on_held_out_text(tmp_path, monkeypatch):

@@ -298,6 +298,40 @@ def test_calibrated_knapsack_spends_what_it_says_and_keeps_its_best(tiny_problem
         CalibratedKnapsack(factors={"keys-values": (0.5, 1)})  # the group is not calibrated by default
     with pytest.raises(wq.ConfigError, match="Unknown layer groups"):
         CalibratedKnapsack(groups=("middle",))
+    from windquant_gym.allocators.calibrated_knapsack import calibrate_each
+
+    with pytest.raises(wq.ConfigError, match="at least one target"):
+        calibrate_each("calibrated-knapsack", None, [])
+
+
+def test_calibrate_each_lets_a_target_take_another_targets_better_scales(monkeypatch):
+    """The coordinate search can stop short at one budget; calibrate_each measures every target's
+    scales at every other (once per distinct set) and keeps each target's best, counting each pass."""
+    from types import SimpleNamespace
+
+    from windquant_gym.allocators import CalibratedKnapsack
+    from windquant_gym.allocators.calibrated_knapsack import calibrate_each
+
+    a, b = {"first": 8.0, "last": 1.0}, {"first": 2.0, "last": 4.0}
+    own = {2.0: a, 2.5: b, 3.0: a}  # what the search finds at each target alone
+    nll = {(2.0, "a"): 5.0, (2.0, "b"): 5.2, (2.5, "a"): 4.0, (2.5, "b"): 4.3, (3.0, "a"): 3.5, (3.0, "b"): 3.1}
+    name = lambda scales: "a" if scales == a else "b"
+    passes = []
+
+    def calibrate(self, env):
+        self.evaluations, self.scales = 7.0, own[self.calibrate_at]
+        return self.scales, nll[(self.calibrate_at, name(self.scales))]
+
+    monkeypatch.setattr(CalibratedKnapsack, "calibrate", calibrate)
+    monkeypatch.setattr(CalibratedKnapsack, "plan_at", lambda self, env, target, scales=None: (target, name(scales)))
+    env = SimpleNamespace(problem=SimpleNamespace(proxy_nll=lambda plan: passes.append(plan) or nll[plan]))
+    found = calibrate_each("calibrated-knapsack", env, [2.0, 2.5, 3.0])
+    assert found.scales == {2.0: a, 2.5: a, 3.0: b}  # 2.5 takes a (4.0 < 4.3), 3.0 takes b (3.1 < 3.5)
+    assert found.plans == {2.0: (2.0, "a"), 2.5: (2.5, "a"), 3.0: (3.0, "b")}
+    assert found.proxy_nll == {2.0: 5.0, 2.5: 4.0, 3.0: 3.1}
+    assert sorted(passes) == [(2.0, "b"), (2.5, "a"), (3.0, "b")]  # one pass per other distinct set
+    assert found.evaluations == 3 * 7 + len(passes)
+    assert found.evaluations_per_target == {2.0: 22.0, 2.5: 22.0, 3.0: 22.0}
 
 
 def test_training_warm_starts_on_the_key_value_calibrated_teacher(tmp_path, monkeypatch):

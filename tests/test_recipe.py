@@ -66,6 +66,9 @@ def test_an_unknown_key_is_refused_by_name(block, names):
     ({"ppo_updates": "no"}, "ppo_updates must be true or false"),
     ({"warm_start": {"demonstrations": "oracle"}}, "warm_start.demonstrations must be one of"),
     ({"warm_start": {"calibrate_at": 0.5}}, "warm_start.calibrate_at must lie in [1, 16]"),
+    ({"warm_start": {"demonstrations": "calibrated-knapsack", "calibrate_at": "every"}},
+     "warm_start.calibrate_at must be a number of bits or 'each', got 'every'"),
+    ({"warm_start": {"demonstrations": "knapsack", "calibrate_at": "each"}}, "the teacher 'knapsack' is not calibrated"),
     ({"version": 2}, "Recipe version 2"),
 ])
 def test_a_bad_value_is_named(block, says):
