@@ -283,8 +283,9 @@ def _warm_start(model: MaskablePPO, view: gym.Env, recipe: Recipe, targets: List
     """Behaviour cloning of the fresh policy on a teacher's plans at the curriculum's targets:
     the knapsack's (no proxy pass), or the calibrated knapsack's (its scales chosen once, at
     ``calibrate_at`` or the final target: 7 proxy passes, 10 for ``-kv``; ``calibrate_at: each``:
-    at every target, each keeping the best of all targets' scales). With ``fit_critic`` the critic is fitted to the returns of measured
-    walks through those plans (one proxy pass per target); the measured plans count as seen."""
+    at every target, each keeping the best of all targets' scales). With ``fit_critic`` the critic
+    is fitted to the returns of measured walks through those plans (one proxy pass per target);
+    the measured plans count as seen."""
     settings = recipe.warm_start  # validated: the teacher is one of recipe.DEMONSTRATIONS
     source, fit_critic = settings.demonstrations, settings.fit_critic
     started = time.perf_counter()

@@ -213,7 +213,7 @@ def calibrate_each(name: str, env, targets: Sequence[float]) -> EachCalibration:
         calibrated[float(target)] = teacher.calibrate(env)
         calibration += teacher.evaluations
     rule = calibrated_knapsack(name)  # plan_at with explicit scales: the rule alone
-    found = EachCalibration({}, {}, {}, calibration, {})
+    scales, plans, nlls, per_target = {}, {}, {}, {}
     cross = 0  # other targets' scales measured at a target
     for target, (own, own_nll) in calibrated.items():
         best, best_nll = own, own_nll
@@ -225,11 +225,10 @@ def calibrate_each(name: str, env, targets: Sequence[float]) -> EachCalibration:
             nll = env.problem.proxy_nll(rule.plan_at(env, target, other))
             if nll < best_nll:
                 best, best_nll = other, nll
-        found.scales[target], found.plans[target] = dict(best), rule.plan_at(env, target, best)
-        found.proxy_nll[target] = best_nll
-        found.evaluations_per_target[target] = calibration + len(tried) - 1
+        scales[target], plans[target], nlls[target] = dict(best), rule.plan_at(env, target, best), best_nll
         cross += len(tried) - 1
-    return found._replace(evaluations=calibration + cross)
+        per_target[target] = calibration + len(tried) - 1  # every calibration, and the others' scales here
+    return EachCalibration(scales, plans, nlls, calibration + cross, per_target)
 
 
 __all__ = ["CALIBRATED_KNAPSACKS", "CalibratedKnapsack", "EachCalibration", "calibrate_each", "calibrated_knapsack", "DEFAULT_GROUPS", "GROUP_FACTORS", "KEY_VALUE_KINDS", "LAYER_GROUPS", "group_masks", "lagrange_rule_plan"]
