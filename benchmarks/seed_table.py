@@ -43,15 +43,12 @@ def _run_of(plan_file: str) -> Tuple[str, int]:
     return kind, int(match.group(2))
 
 
-def read(replays: List[Path], searches: List[Path], search_start: str = "calibrated-knapsack"):
-    """``{target: {(kind, seed): windows}}`` and the unquantized windows (checked equal). The search
-    from ``search_start`` is kind ``search`` (each run is compared with it); a search from another
-    start is a kind of its own, ``search (from START)``."""
-    table: Dict[float, Dict[Tuple[str, int], np.ndarray]] = {}
+def window_rows(paths: List[Path]):
+    """``(path, row, per-window NLLs)`` of every row of these ``windquant bench`` JSONs that kept its
+    windows, the unquantized rows included; refuses files measured on other held-out windows."""
     reference = None
-    for path in [*replays, *searches]:
-        rows = json.loads(path.read_text())["episodes"]
-        for row in rows:
+    for path in paths:
+        for row in json.loads(Path(path).read_text())["episodes"]:
             windows = row.get("heldout_window_nll")
             if windows is None:
                 continue
@@ -60,22 +57,34 @@ def read(replays: List[Path], searches: List[Path], search_start: str = "calibra
                 if reference is not None and not np.allclose(reference, windows, rtol=1e-6):
                     raise SystemExit(f"{path}: measured on other held-out windows than the first file")
                 reference = windows
-                continue
-            target = float(row["target_bits"])
-            if path in replays and row["allocator"].startswith("plan:"):
-                key = _run_of(row["plan_file"])
-            elif path in replays and row["allocator"] not in ("calibrated-knapsack", *RULES):
-                continue  # a replay's reference rows count (a search file's, read later, replace them)
-            elif row["allocator"].startswith(SEARCH_PREFIX):
-                start = row["allocator"][len(SEARCH_PREFIX):].rstrip(")")
-                key = ("search" if start == search_start else f"search (from {start})", int(row["seed"]))
-            elif row["allocator"] == "calibrated-knapsack":
-                key = ("calibrated-knapsack", 0)
-            elif row["allocator"] in RULES:  # another rule measured beside it, e.g. the key-and-value teacher
-                key = (row["allocator"], 0)
-            else:
-                continue
-            table.setdefault(target, {})[key] = windows
+            yield path, row, windows
+
+
+def read(replays: List[Path], searches: List[Path], search_start: str = "calibrated-knapsack"):
+    """``{target: {(kind, seed): windows}}`` and the unquantized windows (checked equal). The search
+    from ``search_start`` is kind ``search`` (each run is compared with it); a search from another
+    start is a kind of its own, ``search (from START)``."""
+    table: Dict[float, Dict[Tuple[str, int], np.ndarray]] = {}
+    reference = None
+    for path, row, windows in window_rows([*replays, *searches]):
+        if row["allocator"] == "unquantized":
+            reference = windows
+            continue
+        target = float(row["target_bits"])
+        if path in replays and row["allocator"].startswith("plan:"):
+            key = _run_of(row["plan_file"])
+        elif path in replays and row["allocator"] not in ("calibrated-knapsack", *RULES):
+            continue  # a replay's reference rows count (a search file's, read later, replace them)
+        elif row["allocator"].startswith(SEARCH_PREFIX):
+            start = row["allocator"][len(SEARCH_PREFIX):].rstrip(")")
+            key = ("search" if start == search_start else f"search (from {start})", int(row["seed"]))
+        elif row["allocator"] == "calibrated-knapsack":
+            key = ("calibrated-knapsack", 0)
+        elif row["allocator"] in RULES:  # another rule measured beside it, e.g. the key-and-value teacher
+            key = (row["allocator"], 0)
+        else:
+            continue
+        table.setdefault(target, {})[key] = windows
     return table, reference
 
 

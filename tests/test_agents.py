@@ -56,6 +56,10 @@ def test_hyperparams_follow_the_paper_and_merge_over_default():
     quick_kv = load_hyperparams("cpu-quick-kv")
     assert quick_kv == {**quick, "warm_start": {**quick["warm_start"], "demonstrations": "calibrated-knapsack-kv"}}
     assert load_hyperparams("cpu-quick-kv-no-ppo") == {**quick_kv, "ppo_updates": False}
+    # the Fisher-weighted teacher, and its control: nothing else differs
+    fisher = load_hyperparams("cpu-quick-fisher")
+    assert fisher == {**quick_kv, "warm_start": {**quick_kv["warm_start"], "demonstrations": "calibrated-knapsack-fisher"}}
+    assert load_hyperparams("cpu-quick-fisher-no-ppo") == {**fisher, "ppo_updates": False}
     # the teacher calibrated at each target, 132 episodes for at most cpu-quick-kv's passes, and its control
     each = load_hyperparams("cpu-quick-kv-each")
     assert each == {**quick_kv, "episodes": 132, "warm_start": {**quick_kv["warm_start"], "calibrate_at": "each"}}

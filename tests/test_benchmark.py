@@ -172,12 +172,12 @@ def test_bench_leaderboard_on_tiny_llama(tmp_path, monkeypatch, capsys):
     board = data["leaderboard"]
     names = [row["allocator"] for row in board]
     assert names == (["unquantized", "uniform-2b", "uniform-3b", "random", "heuristic", "knapsack", "calibrated-knapsack",
-                      "calibrated-knapsack-kv"] + ["search-nll"] * 3)
-    assert [r["episodes"] for r in board] == [1, 1, 1, 2, 1, 1, 1, 1, 2, 2, 2]
+                      "calibrated-knapsack-kv", "calibrated-knapsack-fisher"] + ["search-nll"] * 3)
+    assert [r["episodes"] for r in board] == [1, 1, 1, 2, 1, 1, 1, 1, 1, 2, 2, 2]
     # grouped by the budget asked for; evaluations is what was spent: the start (1), then generations of 4
-    # (the calibrated knapsack: 1 + 2 groups x 3 other factors; with the keys-values group 3 more)
+    # (the calibrated knapsack: 1 + 2 groups x 3 other factors; with the keys-values group 3 more, Fisher-weighted too)
     assert [r["budget"] for r in board[-3:]] == [3, 4, 8]
-    assert [r["evaluations"] for r in board] == [None, 1, 1, 1, 1, 1, 7, 10, 1, 1, 5]
+    assert [r["evaluations"] for r in board] == [None, 1, 1, 1, 1, 1, 7, 10, 10, 1, 1, 5]
     for row in board[1:]:
         assert row["effective_bits"] <= 2.5 + 1e-9 and row["heldout_ppl"] > 1
     # A row of several episodes shows the median, the held-out range, and its plan with the lowest proxy PPL.
@@ -189,7 +189,7 @@ def test_bench_leaderboard_on_tiny_llama(tmp_path, monkeypatch, capsys):
     assert board[-1]["plan_file"] == min(episodes, key=lambda r: r["proxy_ppl"])["plan_file"]
     # Every row's plan is a plan file beside the JSON that replays to the row's figures; none overwrites another.
     files = [row["plan_file"] for row in data["episodes"][1:]]
-    assert len(set(files)) == len(files) == 14
+    assert len(set(files)) == len(files) == 15
     for row in data["episodes"][1:]:
         saved = QuantPlan.load(out.parent / row["plan_file"])
         assert saved.metrics["heldout_ppl"] == row["heldout_ppl"] and saved.metrics["evaluations"] == row["evaluations"]

@@ -26,6 +26,7 @@ from .memory import check_memory, resolve_stream
 from .eval.divergence import DEFAULT_TOPK, TopKReference
 from .eval.perplexity import TokenLosses, block_nlls, mean_nll, token_losses, topk_reference
 from .eval.prefix_reuse import PrefixReuse
+from .eval.sensitivity import fisher_sensitivity
 from .fingerprint import tensors_fingerprint
 from .paths import cache_dir
 from .quant.apply import WeightAssembler, quantized_weights, streamed_quantized_weights
@@ -214,12 +215,16 @@ class QuantProblem:
     pass's (:class:`~windquant_gym.eval.prefix_reuse.PrefixReuse`): a search's offspring, which
     change a unit or two, skip the layers in front of it. Same NLL (bit for bit on the same
     batches); off for a streamed problem or where the stored states would pass 1 GiB."""
+    statistics_blocks: Optional[torch.Tensor] = None
+    """The statistics set's ``[n, L]`` token blocks (:attr:`QuantConfig.hessian_blocks`), where
+    :meth:`module_sensitivity` is measured; None: the proxy's :attr:`blocks` serve."""
     # Not constructor arguments: dataclasses.replace() must give a copy its own buffers and
     # baseline (the copy may hold another table or other blocks).
     _assembler: Optional[WeightAssembler] = field(default=None, init=False, repr=False, compare=False)
     _baseline_nll: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _kl_reference: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _prefix: Optional[PrefixReuse] = field(default=None, init=False, repr=False, compare=False)
+    _sensitivity: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     last_timing: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     proxy_passes: float = field(default=0.0, init=False, repr=False, compare=False)
     """Proxy passes made on this problem since it was made, in full-pass equivalents (a pass on
@@ -288,18 +293,20 @@ class QuantProblem:
         check_memory(needed, device)
         documents = load_texts(texts, split="calibration") if isinstance(texts, (str, Path)) else texts
         stream_of_tokens = token_stream(documents, tokenizer) if config.hessian_blocks else None  # tokenized once
+        statistics_set = None
         blocks = sample_token_blocks(documents, tokenizer, spec.n_samples, spec.seq_len, spec.seed, stream=stream_of_tokens)
         calibration = _cached_calibration(model, units, blocks, batch_size, cache, progress)
         if config.hessian_blocks:
             # scales and Hessians from their own, larger text; the proxy's NLL stays the proxy's. (The
             # statistics pass runs before the table exists, so it adds nothing to the estimated peak.)
-            statistics = _cached_calibration(model, units, statistics_blocks(
-                documents, tokenizer, config.hessian_blocks, config.hessian_seq_len, (spec.n_samples, spec.seq_len, spec.seed),
-                stream=stream_of_tokens), batch_size, cache, progress)
+            statistics_set = statistics_blocks(documents, tokenizer, config.hessian_blocks, config.hessian_seq_len,
+                                               (spec.n_samples, spec.seq_len, spec.seed), stream=stream_of_tokens)
+            statistics = _cached_calibration(model, units, statistics_set, batch_size, cache, progress)
             calibration = replace(statistics, nll=calibration.nll, n_tokens=calibration.n_tokens)
         table = build_table(model, calibration.act_scales, config, hessians=calibration.hessians, cache=cache, progress=progress,
                             storage_device=table_device, units=units)
-        return cls(model, tokenizer, units, blocks, calibration, table, batch_size, stream, proxy_dtype, spec)
+        return cls(model, tokenizer, units, blocks, calibration, table, batch_size, stream, proxy_dtype, spec,
+                   statistics_blocks=statistics_set)
 
     @property
     def baseline_nll(self) -> float:
@@ -450,3 +457,17 @@ class QuantProblem:
         """Mean KL divergence (nats per position) of the plan's next-token distributions from
         the unquantized model's on the calibration blocks; 0 for ``plan=None``."""
         return self.proxy_losses(plan, kl=True, progress=progress).kl
+
+    def module_sensitivity(self, label_samples: int = 2, seed: int = 0, progress: bool = False) -> Dict[str, float]:
+        """Each quantized module's Fisher sensitivity ``S_m``, the loss growth per unit of its
+        relative output error (:func:`~windquant_gym.eval.sensitivity.fisher_sensitivity`), keyed
+        by module name: measured once per problem, on the statistics set (:attr:`statistics_blocks`;
+        the proxy's blocks where there is none), with the model's own weights (do not call it inside
+        a ``quantized_weights`` block). Costs one forward and ``label_samples`` backward passes over
+        that text, at the proxy's precision; no proxy pass. ``seed`` draws the labels."""
+        if (label_samples, seed) not in self._sensitivity:
+            blocks = self.blocks if self.statistics_blocks is None else self.statistics_blocks
+            self._sensitivity[label_samples, seed] = fisher_sensitivity(
+                self.model, module_names(self.units), blocks, label_samples=label_samples, seed=seed,
+                dtype=self.proxy_dtype, progress=progress)
+        return self._sensitivity[label_samples, seed]

@@ -8,6 +8,11 @@ more bits for this reason, and the search's plans do too (benchmarks/RESULTS.md)
 table errors of each layer *group* are multiplied by a factor chosen by coordinate search on
 the proxy loss (a few evaluations), and the plan is the sequential Lagrangian rule at the
 exact budget (:func:`lagrange_rule_plan`).
+
+``calibrated-knapsack-fisher`` first weights every unit's error by its module's sensitivity as
+the model measures it (the Fisher information at the module's output,
+:mod:`windquant_gym.eval.sensitivity`), so that the three groups' factors only correct what that
+first-order measure misses.
 """
 
 from __future__ import annotations
@@ -62,6 +67,15 @@ def lagrange_rule_plan(cost: np.ndarray, error: np.ndarray, allowed: np.ndarray,
     return plan
 
 
+def unit_sensitivity(problem, units: Sequence, seed: int = 0) -> np.ndarray:
+    """``[N]`` each unit's module's Fisher sensitivity (measured once per problem; ``seed`` draws
+    its labels), over its mean (the rule's price absorbs any common factor; this keeps the errors
+    near their table scale)."""
+    measured = problem.module_sensitivity(seed=seed)
+    weights = np.array([measured[u.module] for u in units], dtype=np.float64)
+    return weights / max(float(weights.mean()), 1e-30)
+
+
 def group_masks(units: Sequence) -> Dict[str, np.ndarray]:
     """Units of each of :data:`LAYER_GROUPS`, from the units' decoder-layer indices and module names."""
     layers = np.array([u.layer for u in units])
@@ -69,16 +83,35 @@ def group_masks(units: Sequence) -> Dict[str, np.ndarray]:
     return {"first": layers == layers.min(), "last": layers == layers.max(), "keys-values": keys_values}
 
 
-CALIBRATED_KNAPSACKS = {"calibrated-knapsack": DEFAULT_GROUPS, "calibrated-knapsack-kv": LAYER_GROUPS}
-"""The named variants (``windquant bench --allocators``, a preset's ``warm_start.demonstrations``)
-and the groups each calibrates: 7 and 10 proxy passes."""
+SENSITIVITIES = ("table", "fisher")
+"""What a unit's table error is weighted by before the rule: 'table', nothing (the table's relative
+error as it is); 'fisher', its module's Fisher sensitivity measured by the model
+(:meth:`~windquant_gym.problem.QuantProblem.module_sensitivity`: one forward and two backward
+passes over the statistics set, no proxy pass)."""
+
+
+class KnapsackVariant(NamedTuple):
+    """A named calibrated knapsack: the groups it calibrates and the sensitivity it weights by."""
+
+    groups: Tuple[str, ...]
+    sensitivity: str = "table"
+
+
+CALIBRATED_KNAPSACKS = {
+    "calibrated-knapsack": KnapsackVariant(DEFAULT_GROUPS),
+    "calibrated-knapsack-kv": KnapsackVariant(LAYER_GROUPS),
+    "calibrated-knapsack-fisher": KnapsackVariant(LAYER_GROUPS, "fisher"),
+}
+"""The named variants (``windquant bench --allocators``, a preset's ``warm_start.demonstrations``,
+``--search-start``): 7, 10 and 10 proxy passes."""
 
 
 def calibrated_knapsack(name: str = "calibrated-knapsack", calibrate_at: Optional[float] = None) -> "CalibratedKnapsack":
     """The variant ``name`` of :data:`CALIBRATED_KNAPSACKS`, with the default factors."""
     if name not in CALIBRATED_KNAPSACKS:
         raise ConfigError(f"Unknown calibrated knapsack {name!r}; choose from {sorted(CALIBRATED_KNAPSACKS)}.")
-    return CalibratedKnapsack(groups=CALIBRATED_KNAPSACKS[name], calibrate_at=calibrate_at, name=name)
+    variant = CALIBRATED_KNAPSACKS[name]
+    return CalibratedKnapsack(groups=variant.groups, calibrate_at=calibrate_at, name=name, sensitivity=variant.sensitivity)
 
 
 def _checked_factors(group: str, factors: Sequence[float]) -> Tuple[float, ...]:
@@ -99,14 +132,23 @@ class CalibratedKnapsack(PlannedAllocator):
     :data:`GROUP_FACTORS`).
 
     ``calibrate_at``: target bits to calibrate at, once, the scales then serving every target
-    (:meth:`plan_at`); default None: at each episode's own target."""
+    (:meth:`plan_at`); default None: at each episode's own target.
+
+    ``sensitivity``: one of :data:`SENSITIVITIES`; with 'fisher' every unit's error is first
+    weighted by its module's measured Fisher sensitivity (``calibrated-knapsack-fisher``), and the
+    groups' factors correct what that first-order measure still misses; ``sensitivity_seed`` draws
+    the labels of that measurement."""
 
     exact = True
 
     def __init__(self, factors: Optional[Sequence[float] | Mapping[str, Sequence[float]]] = None,
                  groups: Sequence[str] = DEFAULT_GROUPS, calibrate_at: Optional[float] = None,
-                 name: str = "calibrated-knapsack"):
+                 name: str = "calibrated-knapsack", sensitivity: str = "table", sensitivity_seed: int = 0):
         super().__init__()
+        if sensitivity not in SENSITIVITIES:
+            raise ConfigError(f"sensitivity must be one of {list(SENSITIVITIES)}, got {sensitivity!r}; 'table' is the "
+                              "calibrated knapsack of the presets, 'fisher' weights by the model's measured sensitivity.")
+        self.sensitivity, self.sensitivity_seed = sensitivity, sensitivity_seed
         unknown = sorted(set(groups) - set(LAYER_GROUPS))
         if unknown:
             raise ConfigError(f"Unknown layer groups {unknown}; choose from {list(LAYER_GROUPS)}.")
@@ -130,6 +172,8 @@ class CalibratedKnapsack(PlannedAllocator):
 
     def _scaled_error(self, env, scales: Dict[str, float]) -> np.ndarray:
         error = env.table.module_normalized_error().copy()
+        if self.sensitivity == "fisher":
+            error *= unit_sensitivity(env.problem, env.units, self.sensitivity_seed)[:, None]
         masks = group_masks(env.units)
         for group, factor in scales.items():
             error[masks[group]] *= factor
@@ -231,4 +275,4 @@ def calibrate_each(name: str, env, targets: Sequence[float]) -> EachCalibration:
     return EachCalibration(scales, plans, nlls, calibration + cross, per_target)
 
 
-__all__ = ["CALIBRATED_KNAPSACKS", "CalibratedKnapsack", "EachCalibration", "calibrate_each", "calibrated_knapsack", "DEFAULT_GROUPS", "GROUP_FACTORS", "KEY_VALUE_KINDS", "LAYER_GROUPS", "group_masks", "lagrange_rule_plan"]
+__all__ = ["CALIBRATED_KNAPSACKS", "CalibratedKnapsack", "KnapsackVariant", "SENSITIVITIES", "unit_sensitivity", "EachCalibration", "calibrate_each", "calibrated_knapsack", "DEFAULT_GROUPS", "GROUP_FACTORS", "KEY_VALUE_KINDS", "LAYER_GROUPS", "group_masks", "lagrange_rule_plan"]
