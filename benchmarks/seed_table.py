@@ -29,7 +29,7 @@ import numpy as np
 from windquant_gym.eval.bootstrap import paired_bootstrap
 
 SEARCH_PREFIX = "search-nll (from "
-RULES = ("calibrated-knapsack-kv",)
+RULES = ("calibrated-knapsack-kv", "calibrated-knapsack-fisher")
 
 
 def _run_of(plan_file: str) -> Tuple[str, int]:

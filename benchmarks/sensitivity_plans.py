@@ -63,11 +63,13 @@ def main() -> None:
         last_plan = plan
     # what a proxy pass costs beside it: full passes (no prefix reuse) of a real plan, after a warm-up
     reuse, problem.reuse_prefix = problem.reuse_prefix, False
-    problem.proxy_nll(last_plan)
-    started = time.perf_counter()
-    for _ in range(3):
+    try:
         problem.proxy_nll(last_plan)
-    problem.reuse_prefix = reuse
+        started = time.perf_counter()
+        for _ in range(3):
+            problem.proxy_nll(last_plan)
+    finally:
+        problem.reuse_prefix = reuse
     record["proxy_pass_seconds"] = pass_seconds = (time.perf_counter() - started) / 3
     for seed, row in record["seeds"].items():
         row["pass_equivalents"] = row["sensitivity_seconds"] / pass_seconds

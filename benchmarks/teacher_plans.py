@@ -50,7 +50,7 @@ def main() -> None:
         raise SystemExit(f"{args.run}: neither summary.json nor warm_start.json; pass a windquant train run folder.")
     if not warm or "scales" not in warm:
         raise SystemExit(f"{args.run}: the warm start has no calibrated teacher (no 'scales'); pass a run "
-                         "warm-started on calibrated-knapsack or calibrated-knapsack-kv.")
+                         "warm-started on a calibrated knapsack (calibrated-knapsack, -kv or -fisher).")
     hp = load_hyperparams(args.preset)
     kwargs = {k: v for k, v in hp["env_kwargs"].items() if k != "seed"}
     base = gym.make("WindQuant-v0", model=args.model, seed=hp["env_kwargs"].get("seed", 0), progress=False, **kwargs).unwrapped

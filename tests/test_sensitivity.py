@@ -77,6 +77,26 @@ def test_sensitivity_leaves_the_model_as_it_was(tiny_problem):
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
 
 
+def test_sensitivity_of_a_frozen_model_leaves_it_frozen(tiny_problem):
+    """A model whose parameters require no gradient (frozen for inference) is measured the same,
+    and stays frozen; a forward pass that fails leaves no hook behind."""
+    model, modules = tiny_problem.model, module_names(tiny_problem.units)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    free = fisher_sensitivity(model, modules, tiny_problem.blocks, seed=1)
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    try:
+        model.requires_grad_(False)
+        frozen = fisher_sensitivity(model, modules, tiny_problem.blocks, seed=1)
+        assert all(not p.requires_grad for p in model.parameters())
+        with pytest.raises(Exception):
+            fisher_sensitivity(model, modules, tiny_problem.blocks + 10**9, seed=1)  # token ids past the vocabulary
+        assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+    assert frozen == pytest.approx(free, rel=1e-5)
+
+
 def test_sensitivity_refuses_bad_input(tiny_problem):
     model, modules = tiny_problem.model, module_names(tiny_problem.units)
     with pytest.raises(ConfigError, match="label_samples must be a positive integer"):
@@ -85,6 +105,8 @@ def test_sensitivity_refuses_bad_input(tiny_problem):
         fisher_sensitivity(model, modules, tiny_problem.blocks[0])
     with pytest.raises(ConfigError, match="not nn.Linear modules"):
         fisher_sensitivity(model, ["model.nope"], tiny_problem.blocks)
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        fisher_sensitivity(model, modules, tiny_problem.blocks, batch_size=0)
     with pytest.raises(ConfigError, match="proxy_dtype|float16|bfloat16"):
         fisher_sensitivity(model, modules, tiny_problem.blocks, dtype="float8")
 

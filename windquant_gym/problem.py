@@ -459,8 +459,9 @@ class QuantProblem:
         return self.proxy_losses(plan, kl=True, progress=progress).kl
 
     def module_sensitivity(self, label_samples: int = 2, seed: int = 0, progress: bool = False) -> Dict[str, float]:
-        """Each quantized module's Fisher sensitivity ``S_m``, the loss growth per unit of its
-        relative output error (:func:`~windquant_gym.eval.sensitivity.fisher_sensitivity`), keyed
+        """Each quantized module's Fisher sensitivity ``S_m``: twice the KL growth (summed over the
+        measured positions) per unit of its relative output error
+        (:func:`~windquant_gym.eval.sensitivity.fisher_sensitivity`), keyed
         by module name: measured once per problem, on the statistics set (:attr:`statistics_blocks`;
         the proxy's blocks where there is none), with the model's own weights (do not call it inside
         a ``quantized_weights`` block). Costs one forward and ``label_samples`` backward passes over
@@ -470,4 +471,4 @@ class QuantProblem:
             self._sensitivity[label_samples, seed] = fisher_sensitivity(
                 self.model, module_names(self.units), blocks, label_samples=label_samples, seed=seed,
                 dtype=self.proxy_dtype, progress=progress)
-        return self._sensitivity[label_samples, seed]
+        return dict(self._sensitivity[label_samples, seed])  # a copy: the kept one stays as measured

@@ -12,7 +12,7 @@ exact budget (:func:`lagrange_rule_plan`).
 ``calibrated-knapsack-fisher`` first weights every unit's error by its module's sensitivity as
 the model measures it (the Fisher information at the module's output,
 :mod:`windquant_gym.eval.sensitivity`), so that the three groups' factors only correct what that
-first-order measure misses.
+second-order measure misses.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class CalibratedKnapsack(PlannedAllocator):
 
     ``sensitivity``: one of :data:`SENSITIVITIES`; with 'fisher' every unit's error is first
     weighted by its module's measured Fisher sensitivity (``calibrated-knapsack-fisher``), and the
-    groups' factors correct what that first-order measure still misses; ``sensitivity_seed`` draws
+    groups' factors correct what that second-order measure still misses; ``sensitivity_seed`` draws
     the labels of that measurement."""
 
     exact = True

@@ -15,10 +15,13 @@ next-token distributions is ``1/2 sum dY^T F dY`` with ``F`` the Fisher informat
 output. Its diagonal is measured as the mean squared gradient of the NLL of labels *sampled
 from the model's own distribution* (the true Fisher, not the empirical one: unbiased for the
 KL, and the sampled labels at different positions are independent, so one backward pass of
-the summed loss estimates the sum over positions). An error of relative size ``e`` spread over
-the module's outputs like their energy has per element ``e * mean(Y^2)``, so
+the summed loss estimates the sum over positions). An error of relative size ``e`` spread
+uniformly over the module's output elements has per element ``e * mean(Y^2)``, so
 
-    S_m = sum_positions,channels E[g^2] * mean(Y_m^2)        (predicted loss growth: S_m * e / 2)
+    S_m = sum_positions,channels E[g^2] * mean(Y_m^2)    (the KL summed over the positions grows by ~S_m * e / 2)
+
+(A quantization error grows with each position's activations rather than uniformly; weighting
+each position's squared gradient by its own ``||Y_t||^2`` is the refinement not made here.)
 
 A knapsack on ``S_m * e`` (:mod:`windquant_gym.allocators.calibrated_knapsack`'s
 ``calibrated-knapsack-fisher``) spends its bits where the model, not the table, says they
@@ -54,8 +57,10 @@ def fisher_sensitivity(model: nn.Module, modules: Sequence[str], blocks: torch.T
     missing = [m for m in modules if not isinstance(named.get(m), nn.Linear)]
     if missing:
         raise ConfigError(f"modules {missing[:3]} are not nn.Linear modules of this model; pass the units' module names.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}; 2 is the default.")
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generators: Dict[torch.device, torch.Generator] = {}  # on the logits' device (a model may span devices)
     squared_gradient = {m: 0.0 for m in modules}
     output_energy = {m: 0.0 for m in modules}
     output_size = {m: 0 for m in modules}
@@ -67,7 +72,8 @@ def fisher_sensitivity(model: nn.Module, modules: Sequence[str], blocks: torch.T
         return hook
 
     handles = [named[m].register_forward_hook(keep(m)) for m in modules]
-    # the graph starts at the embeddings' output, so no parameter gradient is ever computed
+    # autograd.grad(inputs=outputs) computes no parameter gradient and writes no .grad; the graph
+    # starts at the embeddings' output so that a frozen model (requires_grad False) has one too
     handles.append(model.get_input_embeddings().register_forward_hook(
         lambda module, inputs, output: output.detach().requires_grad_(True)))
     starts = range(0, len(blocks), batch_size)
@@ -87,12 +93,17 @@ def fisher_sensitivity(model: nn.Module, modules: Sequence[str], blocks: torch.T
                 for m, y in zip(modules, tensors):
                     output_energy[m] += float(y.detach().float().pow(2).sum())
                     output_size[m] += y.numel()
+                if probs.device not in generators:  # seeded once: the draws run on across batches
+                    generators[probs.device] = torch.Generator(device=probs.device).manual_seed(seed)
+                generator = generators[probs.device]
                 for draw in range(label_samples):
                     labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
                     loss = nn.functional.cross_entropy(flat, labels, reduction="sum")
                     grads = torch.autograd.grad(loss, tensors, retain_graph=draw < label_samples - 1)
                     for m, g in zip(modules, grads):
                         squared_gradient[m] += float(g.float().pow(2).sum()) / label_samples
+                del logits, flat, probs, tensors, grads, loss  # freed before the next batch's forward pass
+                outputs.clear()
     finally:
         for handle in handles:
             handle.remove()
